@@ -12,6 +12,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -34,6 +35,27 @@ class LaunchError(RuntimeError):
 
 class LaunchTimeout(LaunchError):
     """The group did not finish within `timeout_s`; every rank was killed."""
+
+
+class _Tee:
+    """A text stream writing to two others (the terminal and a rank's log file)."""
+
+    def __init__(self, primary: Any, copy: Any) -> None:
+        self.primary, self.copy = primary, copy
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.primary.write(text)
+
+    def flush(self) -> None:
+        self.primary.flush()
+        self.copy.flush()
+
+    def isatty(self) -> bool:
+        return self.primary.isatty()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.primary, name)
 
 
 def free_port() -> int:
@@ -82,6 +104,7 @@ def _worker(
     timeout_s: float,
     threads: int,
     log_dir: str | None,
+    console_rank: int | None,
     results: Any,
     parent_env: dict[str, str],
 ) -> None:
@@ -99,8 +122,12 @@ def _worker(
     if log_dir is not None:  # per-rank logs: stdout and stderr of this rank
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         log = open(Path(log_dir) / f"rank{rank}.log", "a", buffering=1)  # noqa: SIM115
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+        if rank == console_rank:  # this rank also stays on the terminal (progress bars, prints)
+            sys.stdout = _Tee(sys.stdout, log)
+            sys.stderr = _Tee(sys.stderr, log)
+        else:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
     try:
         init_process_group(rank, world_size, backend=backend, timeout_s=timeout_s)
         value = fn(*args)
@@ -138,10 +165,12 @@ def launch(
     timeout_s: float = 120.0,
     threads: int = 1,
     log_dir: str | os.PathLike | None = None,
+    console_rank: int | None = 0,
 ) -> list[Any]:
     """Call `fn(*args)` on `world_size` ranks and return their results in rank order.
 
-    `fn` must be a module-level function. Raises `LaunchError` with the first failing rank's
+    `fn` must be a module-level function. With `log_dir`, each rank's output goes to
+    log_dir/rank<N>.log, and `console_rank`'s is also kept on this terminal. Raises `LaunchError` with the first failing rank's
     traceback, or `LaunchTimeout` when the group runs past `timeout_s` (all ranks are killed).
     """
     if not callable(fn):
@@ -178,6 +207,7 @@ def launch(
                 timeout_s,
                 threads,
                 None if log_dir is None else str(log_dir),
+                console_rank,
                 results,
                 dict(os.environ),
             ),

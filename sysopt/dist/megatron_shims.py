@@ -1,0 +1,74 @@
+"""Let megatron-core 0.16.1 run on a CPU-only torch: shims applied only inside `megatron_cpu_shims()`.
+
+megatron-core allocates buffers with `device=torch.cuda.current_device()` and, in its schedules,
+`torch.zeros(..., device="cuda")`. Inside the context manager (and only when CUDA is absent) the
+first answers "cpu" and the second lands on the CPU; on exit every patched attribute is restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand")
+_lock = threading.RLock()
+_depth = 0
+_saved: dict[str, Any] = {}
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    return False
+
+
+def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(factory)
+    def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return wrapper
+
+
+def _install() -> None:
+    _saved["current_device"] = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    for name in _FACTORIES:
+        _saved[name] = getattr(torch, name)
+        setattr(torch, name, _on_cpu(_saved[name]))
+
+
+def _uninstall() -> None:
+    torch.cuda.current_device = _saved.pop("current_device")
+    for name in _FACTORIES:
+        setattr(torch, name, _saved.pop(name))
+
+
+@contextlib.contextmanager
+def megatron_cpu_shims() -> Iterator[None]:
+    """Run megatron-core calls inside this block on a machine without CUDA (re-entrant; a no-op
+    when CUDA is available, so GPU runs use megatron-core unchanged)."""
+    global _depth
+    if torch.cuda.is_available():
+        yield
+        return
+    with _lock:
+        if _depth == 0:
+            _install()
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _uninstall()

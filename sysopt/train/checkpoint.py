@@ -1,0 +1,76 @@
+"""Atomic, resumable checkpoints: a crash mid-save leaves the last good checkpoint intact.
+
+Each checkpoint is one directory `step_<N>/` written under a temporary name and renamed into place;
+`latest` is a small text file replaced atomically after the rename. Everything loads with
+torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or does not match the job."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, files: dict[str, Any]) -> Path:
+    """Write `files` ({name: state}) as root/step_<step>/<name>.pt, then point `latest` at it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, state in files.items():
+        with open(tmp / f"{name}.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write_text(root / LATEST, final.name)
+    return final
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The directory `latest` names, or None when there is no checkpoint yet."""
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{pointer} names {path.name}, which does not exist; delete {pointer} to start over"
+        )
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, names: list[str]) -> dict[str, Any]:
+    """{name: state} for the given files of one checkpoint directory, loaded with weights_only=True."""
+    out = {}
+    for name in names:
+        file = Path(path) / f"{name}.pt"
+        if not file.exists():
+            raise CheckpointError(f"checkpoint {path} has no {name}.pt; it is incomplete or from another job")
+        try:
+            out[name] = torch.load(file, weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+            raise CheckpointError(
+                f"checkpoint file {file} cannot be read ({exc}); it is corrupt: "
+                f"delete {Path(path)} and the run resumes from the one before"
+            ) from exc
+    return out
