@@ -1,0 +1,661 @@
+"""OffloadAdamW: torch's AdamW with each subgroup's optimizer state (fp32 master, moments) on the host or
+the device as a PlacementPlan says. Host subgroups copy gradients out during backward (post-accumulate-grad
+hooks), update on the host with the fused CPU kernel, and copy parameters back behind an explicit wait."""
+
+from __future__ import annotations
+
+import sys
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sysopt.offload.costs import (
+    CostInputs,
+    cost_inputs_from_profile,
+    default_cost_inputs,
+    free_device_bytes,
+    measure_cost_inputs,
+)
+from sysopt.offload.measure import Measurements, drifted
+from sysopt.offload.placement import (
+    DEVICE,
+    HOST,
+    STRATEGIES,
+    PhaseTimes,
+    PlacementPlan,
+    check_plan,
+    make_plan,
+    predict_iteration,
+)
+from sysopt.offload.subgroups import DEFAULT_SUBGROUP_BYTES, Subgroup, partition
+from sysopt.offload.transfers import make_transfers
+from sysopt.offload.update import bf16_state_adamw_, fused_adamw_
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sysopt.hardware.profile import HardwareProfile
+
+
+@dataclass
+class OffloadStats:
+    """Counters of what the optimizer did (read by tests and benchmarks)."""
+
+    steps: int = 0
+    grad_copies_started: int = 0  # from post-accumulate-grad hooks, during backward
+    grad_copies_redone: int = 0  # at step(): the gradient changed after its copy (e.g. clipping)
+    param_copies_started: int = 0
+    param_waits: int = 0
+    replans: int = 0
+    host_update_s: float = 0.0
+    device_update_s: float = 0.0
+    replan_reasons: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class _GradCopy:
+    grad: torch.Tensor
+    version: int
+    handle: Any  # None when the copy was synchronous
+
+
+def _on_grad_ready(ref: weakref.ref, p: torch.Tensor) -> None:
+    opt = ref()
+    if opt is not None:
+        opt._grad_ready(p)
+
+
+def _before_forward(ref: weakref.ref, params: list[torch.Tensor]) -> None:
+    opt = ref()
+    if opt is not None:
+        opt._wait_params_of(params)
+
+
+class OffloadAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, torch's fused kernel) with per-subgroup host/device placement.
+
+    strategy: 'device' (no offload), 'host' (ZeRO-Offload: all state on the host), 'fraction' (a fixed
+    `fraction` of the state bytes stays on the device, as megatron-core's HybridDeviceOptimizer and
+    DeepSpeed Twin-Flow), 'interleaved' (Deep Optimizer States: placement chosen by the performance model
+    from `profile` or a quick self-measurement, re-planned when measured timings drift).
+    device_budget_bytes: most bytes of optimizer state kept on the device (None: the free device memory).
+    plan: an explicit PlacementPlan (overrides the strategy's planner; checked against the budget).
+    state_dtype: torch.bfloat16 keeps host moments in bf16 with stochastic rounding (fp32 master kept).
+    Until forward/backward times are measured (or given through observe()), the interleaved planner takes
+    them as 0, i.e. assumes no gradient copy hides under backward: a conservative first plan.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        strategy: str = "interleaved",
+        device_budget_bytes: int | None = None,
+        profile: HardwareProfile | None = None,
+        fraction: float = 0.5,
+        plan: PlacementPlan | None = None,
+        costs: CostInputs | None = None,
+        subgroup_bytes: int = DEFAULT_SUBGROUP_BYTES,
+        state_dtype: torch.dtype = torch.float32,
+        replan_interval_steps: int | None = 10,
+        replan_tolerance: float = 0.25,
+        measure: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr={lr} must be >= 0")
+        if not eps >= 0.0:
+            raise ValueError(f"eps={eps} must be >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas={betas} must each be in [0, 1)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype={state_dtype} must be torch.float32 or torch.bfloat16")
+        if device_budget_bytes is not None and device_budget_bytes < 0:
+            raise ValueError(f"device_budget_bytes={device_budget_bytes} must be >= 0 (or None for no limit)")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=False,
+            maximize=False,
+            foreach=None,
+            capturable=False,
+            differentiable=False,
+            fused=True,
+        )
+        self._built = False
+        super().__init__(params, defaults)
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        devices = {p.device for p in all_params}
+        if len(devices) != 1:
+            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        self.strategy = strategy
+        self.fraction = fraction
+        self.subgroup_bytes = subgroup_bytes
+        self.state_dtype = state_dtype
+        self.replan_interval_steps = replan_interval_steps
+        self.replan_tolerance = replan_tolerance
+        self.stats = OffloadStats()
+        self.measured = Measurements()
+        self._measure = measure
+        self._given_plan = plan
+        self._transfers = make_transfers(self.device)
+        self._generator = torch.Generator().manual_seed(seed)
+        self.costs = self._resolve_costs(costs, profile)
+        self._free_device_bytes = (
+            self.costs.free_device_bytes
+            if self.costs and self.costs.free_device_bytes is not None
+            else free_device_bytes(self.device)
+        )
+        self.device_budget_bytes = device_budget_bytes
+        self._budget_limit = sys.maxsize if device_budget_bytes is None else device_budget_bytes
+        self.phases = PhaseTimes()
+        self._where: dict[torch.Tensor, str] = {}
+        self._host_master: dict[torch.Tensor, torch.Tensor] = {}  # fp32 params: host fp32 copy
+        self._host_grad: dict[torch.Tensor, torch.Tensor] = {}
+        self._grad_copies: dict[torch.Tensor, _GradCopy] = {}
+        self._param_version: dict[torch.Tensor, int] = {}
+        self._pending_params: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # not yet safe to read
+        self._inflight_params: dict[int, Any] = {}  # may still read the host master
+        self._hooks: dict[torch.Tensor, Any] = {}
+        self._attached = False
+        self._module_hooks: list[Any] = []
+        self._first_grad_s: float | None = None
+        self._last_grad_s: float | None = None
+        self._last_step_end_s: float | None = None
+        self._seen_order: list[int] = []
+        self._build()
+
+    # ----------------------------------------------------------------- setup and placement
+
+    def _resolve_costs(self, costs: CostInputs | None, profile: HardwareProfile | None) -> CostInputs | None:
+        if costs is not None:
+            return costs
+        if profile is not None and profile.calibration is not None:
+            return cost_inputs_from_profile(profile, self.device)
+        if self.strategy == "interleaved" or profile is not None:
+            return measure_cost_inputs(self.device)
+        return None
+
+    def _build(self) -> None:
+        """Partition the parameters, plan, place the state, hook the gradients."""
+        self._wait_all_params()
+        for g in self.param_groups:
+            if g.get("amsgrad") or g.get("maximize"):
+                raise ValueError("OffloadAdamW supports amsgrad=False, maximize=False only")
+        groups = [g["params"] for g in self.param_groups]
+        self.subgroups: tuple[Subgroup, ...] = partition(groups, self.subgroup_bytes, self.state_dtype)
+        self._members = [[groups[s.group_index][j] for j in s.param_indices] for s in self.subgroups]
+        self._subgroup_of = {p: s.index for s, ps in zip(self.subgroups, self._members) for p in ps}
+        self._ready_order = list(range(len(self.subgroups)))
+        if self._given_plan is not None:
+            plan = self._given_plan
+        else:
+            budget = self._budget_limit
+            if self.strategy == "interleaved":  # plans within what is free; fixed strategies fail loudly
+                budget = min(budget, self._free_device_bytes)
+            plan = make_plan(
+                self.strategy,
+                self.subgroups,
+                device_budget_bytes=budget,
+                costs=self.costs,
+                phases=self.phases,
+                device_fraction=self.fraction,
+            )
+        self._check(plan, self._free_device_bytes)
+        self._apply_plan(plan)
+        ref = weakref.ref(self)
+        for p in self._subgroup_of:
+            if p.requires_grad and p not in self._hooks:
+                self._hooks[p] = p.register_post_accumulate_grad_hook(lambda t: _on_grad_ready(ref, t))
+        self._built = True
+
+    @property
+    def subgroup_params(self) -> list[list[torch.Tensor]]:
+        """The parameters of each subgroup, in grad-ready order."""
+        return [list(ps) for ps in self._members]
+
+    def _check(self, plan: PlacementPlan, free_bytes: int | None) -> None:
+        # Host memory is checked once, before any state exists (later, our own buffers would count).
+        free_host = None if self._built else free_device_bytes(torch.device("cpu"))
+        check_plan(plan, self.subgroups, self._budget_limit, free_bytes, free_host)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if self._built:
+            if self._given_plan is not None:
+                raise ValueError(
+                    "add_param_group changes the subgroups, so the explicit plan no longer fits; "
+                    "create the optimizer with all param groups, or use a strategy instead of plan="
+                )
+            self._build()
+
+    def _apply_plan(self, plan: PlacementPlan) -> None:
+        self._wait_all_params()
+        for s, members in zip(self.subgroups, self._members):
+            for p in members:
+                self._place(p, plan.placements[s.index])
+        self.plan = plan
+
+    def _alloc(self, where: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if where == DEVICE:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return self._transfers.host_empty(shape, dtype)
+
+    def _place(self, p: torch.Tensor, where: str) -> None:
+        """Move (or create) p's state to `where`, keeping values exactly (fp32 -> bf16 host moments round)."""
+        if self._where.get(p) == where:
+            return
+        st = self.state[p]
+        moment_dtype = torch.float32 if where == DEVICE else self.state_dtype
+
+        def put(old: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+            buf = self._alloc(where, shape, dtype)
+            return buf.zero_() if old is None else buf.copy_(old)
+
+        with torch.no_grad():
+            st["step"] = put(st.get("step"), torch.Size(()), torch.float32)
+            st["exp_avg"] = put(st.get("exp_avg"), p.shape, moment_dtype)
+            st["exp_avg_sq"] = put(st.get("exp_avg_sq"), p.shape, moment_dtype)
+            master = st.pop("master_param", None)
+            master = self._host_master.pop(p, master)
+            if p.dtype != torch.float32:
+                st["master_param"] = put(master if master is not None else p, p.shape, torch.float32)
+            elif where == HOST:
+                self._host_master[p] = put(p, p.shape, torch.float32)
+        rec = self._grad_copies.pop(p, None)
+        if rec is not None and rec.handle is not None:  # never let an old copy land in a reused buffer
+            self._transfers.wait_host(rec.handle)
+        if where == HOST:
+            if p not in self._host_grad:
+                self._host_grad[p] = self._transfers.host_empty(p.shape, p.dtype)
+        else:
+            self._host_grad.pop(p, None)
+        self._param_version[p] = p._version
+        self._where[p] = where
+
+    def _master(self, p: torch.Tensor) -> torch.Tensor:
+        st = self.state[p]
+        if "master_param" in st:
+            return st["master_param"]
+        return self._host_master[p] if self._where[p] == HOST else p
+
+    def sync_master_from_params(self) -> None:
+        """Re-read fp32 masters from the parameters. Needed only after writing parameters through `.data`
+        (writes through the tensor itself, e.g. module.load_state_dict, are noticed automatically)."""
+        self._wait_all_params()
+        with torch.no_grad():
+            for p in self._subgroup_of:
+                if self._master(p) is not p:
+                    self._master(p).copy_(p)
+                self._param_version[p] = p._version
+
+    # ----------------------------------------------------------------- backward side
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: start the gradient's copy to the host while backward continues."""
+        now = time.perf_counter()
+        if self._first_grad_s is None:
+            self._first_grad_s = now
+        self._last_grad_s = now
+        i = self._subgroup_of[p]
+        if i not in self._seen_order:
+            self._seen_order.append(i)
+        g = p.grad
+        if self._where[p] != HOST or g is None or g.is_sparse:
+            return
+        handle = self._transfers.d2h([self._host_grad[p]], [g])
+        self._grad_copies[p] = _GradCopy(g, g._version, handle)
+        self.stats.grad_copies_started += 1
+
+    def _host_grad_current(self, p: torch.Tensor) -> torch.Tensor:
+        """The host copy of p.grad, re-copied if the gradient changed after its early copy."""
+        rec, g = self._grad_copies.get(p), p.grad
+        if rec is not None and rec.handle is not None:
+            self._transfers.wait_host(rec.handle)
+            rec.handle = None
+        if rec is None or rec.grad is not g or rec.version != g._version:
+            self._host_grad[p].copy_(g)
+            self._grad_copies[p] = _GradCopy(g, g._version, None)
+            self.stats.grad_copies_redone += 1
+        return self._host_grad[p]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False):
+        """torch.nn.utils.clip_grad_norm_ over this optimizer's parameters, bit for bit, that also scales
+        the host gradient copies already made, so they need not be copied again."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+        if not grads:
+            return total_norm
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        current = {}
+        for p in params:
+            rec = self._grad_copies.get(p)
+            if rec is not None and rec.grad is p.grad and rec.version == p.grad._version:
+                if rec.handle is not None:  # the copy must read the gradient before it is scaled
+                    self._transfers.wait_host(rec.handle)
+                    rec.handle = None
+                current[p] = rec
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        host = []
+        for p, rec in current.items():
+            rec.version = p.grad._version
+            host.append(self._host_grad[p])
+        if host:
+            torch._foreach_mul_(host, coef.to(host[0].device))
+        return total_norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for rec in self._grad_copies.values():
+            if rec.handle is not None:
+                self._transfers.wait_host(rec.handle)
+        self._grad_copies.clear()
+
+    # ----------------------------------------------------------------- forward side
+
+    def attach(self, module: nn.Module) -> None:
+        """Wait for each module's updated parameters right before its forward, instead of for all of them
+        at the end of step(), so parameter copies overlap the next forward. Assumes a module's forward
+        reads only its own parameters (recurse=False) plus those of modules that ran before it."""
+        ref = weakref.ref(self)
+        for m in module.modules():
+            own = [p for p in m.parameters(recurse=False) if p in self._subgroup_of]
+            if own:
+                hook = m.register_forward_pre_hook(lambda mod, args, own=own: _before_forward(ref, own))
+                self._module_hooks.append(hook)
+        self._attached = True
+
+    def detach(self) -> None:
+        for h in self._module_hooks:
+            h.remove()
+        self._module_hooks.clear()
+        self._attached = False
+        self.wait_for_params()
+
+    def _wait_params(self, i: int) -> None:
+        pending = self._pending_params.pop(i, None)
+        if pending is None:
+            return
+        handle, params = pending
+        self._transfers.wait_device(handle)
+        for p in params:
+            self._param_version[p] = p._version
+        self.stats.param_waits += 1
+
+    def _wait_params_of(self, params: list[torch.Tensor]) -> None:
+        for i in {self._subgroup_of[p] for p in params}:
+            self._wait_params(i)
+
+    def wait_for_params(self) -> None:
+        """The explicit wait: every updated parameter is back on the device for work queued after this."""
+        for i in list(self._pending_params):
+            self._wait_params(i)
+
+    def _wait_all_params(self) -> None:
+        self.wait_for_params()
+        for handle in self._inflight_params.values():
+            self._transfers.wait_host(handle)
+        self._inflight_params.clear()
+
+    # ----------------------------------------------------------------- step
+
+    def _group_args(self, group_index: int) -> dict[str, Any]:
+        g = self.param_groups[group_index]
+        lr = g["lr"]
+        return dict(
+            lr=float(lr) if isinstance(lr, torch.Tensor) else lr,
+            betas=tuple(g["betas"]),
+            weight_decay=g["weight_decay"],
+            eps=g["eps"],
+        )
+
+    def _refresh_master(self, p: torch.Tensor, master: torch.Tensor) -> None:
+        """A parameter written from outside since our last update (e.g. a model checkpoint) wins."""
+        if master is not p and p._version != self._param_version[p]:
+            master.copy_(p)
+
+    def _update_device(self, i: int) -> int:
+        ps, gs, ms, vs, steps, cast_back = [], [], [], [], [], []
+        for p in self._members[i]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("OffloadAdamW does not support sparse gradients")
+            st, master = self.state[p], self._master(p)
+            self._refresh_master(p, master)
+            ps.append(master)
+            gs.append(p.grad if master is p else p.grad.float())
+            ms.append(st["exp_avg"])
+            vs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+            if master is not p:
+                cast_back.append((p, master))
+        fused_adamw_(ps, gs, ms, vs, steps, **self._group_args(self.subgroups[i].group_index))
+        for p, master in cast_back:
+            p.copy_(master)
+            self._param_version[p] = p._version
+        return sum(p.numel() for p in ps)
+
+    def _update_host(self, i: int) -> int:
+        inflight = self._inflight_params.pop(i, None)
+        if inflight is not None:  # last step's copy back may still be reading the masters
+            self._transfers.wait_host(inflight)
+        params, masters, gs, ms, vs, steps = [], [], [], [], [], []
+        for p in self._members[i]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("OffloadAdamW does not support sparse gradients")
+            st, master = self.state[p], self._master(p)
+            self._refresh_master(p, master)
+            g = self._host_grad_current(p)
+            params.append(p)
+            masters.append(master)
+            gs.append(g if g.dtype == torch.float32 else g.float())
+            ms.append(st["exp_avg"])
+            vs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        if not params:
+            return 0
+        args = self._group_args(self.subgroups[i].group_index)
+        if self.state_dtype == torch.float32:
+            fused_adamw_(masters, gs, ms, vs, steps, **args)
+        else:
+            bf16_state_adamw_(masters, gs, ms, vs, steps, **args, generator=self._generator)
+        # Low-precision parameters are rounded on the host (as p.copy_(master) would round on the device)
+        # into their now-consumed gradient buffer, so only their own bytes cross the link.
+        srcs = []
+        for p, master in zip(params, masters):
+            if p.dtype == torch.float32:
+                srcs.append(master)
+            else:
+                srcs.append(self._host_grad[p].copy_(master))
+                self._grad_copies.pop(p, None)  # the buffer no longer holds the gradient
+        handle = self._transfers.h2d(params, srcs)
+        self._pending_params[i] = (handle, params)
+        self._inflight_params[i] = handle
+        self.stats.param_copies_started += 1
+        return sum(p.numel() for p in params)
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        start_s = time.perf_counter()
+        self.wait_for_params()
+        self._transfers.poll()
+        with torch.no_grad():
+            device_numel = sum(self._update_device(i) for i in self.plan.device_subgroups)
+            device_s = time.perf_counter() - start_s
+            host_start_s = time.perf_counter()
+            host_numel = sum(self._update_host(i) for i in self.plan.transfer_order)
+            host_s = time.perf_counter() - host_start_s
+        if not self._attached:
+            self.wait_for_params()
+        self.stats.steps += 1
+        self.stats.host_update_s += host_s
+        self.stats.device_update_s += device_s
+        self._after_step(start_s, host_numel, host_s, device_numel, device_s)
+        return loss
+
+    # ----------------------------------------------------------------- measurement and re-planning
+
+    def observe(self, **values: float) -> None:
+        """Report measured model inputs (forward_s, backward_s, host_params_per_s, device_params_per_s,
+        d2h_bytes_per_s, h2d_bytes_per_s), e.g. from a trainer that times its phases on the device."""
+        for k, v in values.items():
+            self.measured.set(k, v)
+
+    def _after_step(self, start_s: float, host_numel: int, host_s: float, device_numel: int, device_s: float):
+        if self._measure and self.stats.steps > 1:  # the first step allocates and warms up: not measured
+            m = self.measured
+            if self._first_grad_s is not None and self._last_step_end_s is not None:
+                m.add("forward_s", max(self._first_grad_s - self._last_step_end_s, 0.0))
+                m.add("backward_s", self._last_grad_s - self._first_grad_s)
+            if host_numel and host_s > 0:
+                m.add("host_params_per_s", host_numel / host_s)
+            if device_numel and device_s > 0 and self.device.type == "cpu":  # CUDA updates are asynchronous
+                m.add("device_params_per_s", device_numel / device_s)
+            d2h, h2d = self._transfers.stats.take()
+            if d2h:
+                m.add("d2h_bytes_per_s", d2h)
+            if h2d:
+                m.add("h2d_bytes_per_s", h2d)
+        if len(self._seen_order) == len(self.subgroups):
+            self._ready_order = list(self._seen_order)
+        self._seen_order = []
+        self._first_grad_s = self._last_grad_s = None
+        interval = self.replan_interval_steps
+        replanning = self.strategy == "interleaved" and self._given_plan is None and interval
+        if replanning and self.stats.steps % interval == 0:
+            self.replan()
+        self._last_step_end_s = time.perf_counter()
+
+    def replan(self, force: bool = False) -> bool:
+        """Re-plan from the measured inputs if they drifted beyond `replan_tolerance` (or `force`); move the
+        subgroups whose placement changed. Returns whether the placement changed."""
+        costs = self.measured.costs(self.costs)
+        phases = self.measured.phases(self.phases)
+        reasons = drifted(self.costs, self.phases, costs, phases, self.replan_tolerance)
+        host_order = tuple(i for i in self._ready_order if self.plan.placements[i] == HOST)
+        if host_order != self.plan.transfer_order:
+            reasons.append("ready_order")
+        if not (reasons or force):
+            return False
+        in_use = self.plan.device_state_bytes
+        free = (free_device_bytes(self.device) + in_use) if self._measure else self._free_device_bytes
+        plan = make_plan(
+            self.strategy,
+            self.subgroups,
+            device_budget_bytes=min(self._budget_limit, free),
+            costs=costs,
+            phases=phases,
+            device_fraction=self.fraction,
+            ready_order=self._ready_order,
+        )
+        self.costs, self.phases = costs, phases
+        changed = (plan.placements, plan.transfer_order) != (self.plan.placements, self.plan.transfer_order)
+        if changed:
+            self._apply_plan(plan)
+            self.stats.replans += 1
+            self.stats.replan_reasons.append(reasons)
+        else:
+            self.plan = plan
+        return changed
+
+    def predict(self) -> float:
+        """The performance model's iteration time for the current plan and the measured inputs (where a
+        rate was never measured nor given, the documented defaults stand in)."""
+        base = self.costs if self.costs is not None else default_cost_inputs(self.device)
+        costs, phases = self.measured.costs(base), self.measured.phases(self.phases)
+        prediction = predict_iteration(self.subgroups, self.plan.placements, costs, phases, self._ready_order)
+        return prediction.iteration_s
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's AdamW layout (step, exp_avg, exp_avg_sq per parameter; 'master_param' for non-fp32
+        parameters), wherever the state lives. Loads with torch.load(weights_only=True)."""
+        self._wait_all_params()
+        sd = super().state_dict()
+        if self.state_dtype != torch.float32:
+            sd["offload_rng_state"] = self._generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Copy saved state into this optimizer's buffers, wherever its own plan puts them, so a checkpoint
+        from any strategy continues bit-exactly under any other."""
+        self._wait_all_params()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, the optimizer {len(self.param_groups)}"
+            )
+        for i, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"param group {i}: state_dict has {len(sg['params'])} parameters, "
+                    f"the optimizer {len(g['params'])}"
+                )
+        saved_state = state_dict["state"]
+        with torch.no_grad():
+            for g, sg in zip(self.param_groups, saved_groups):
+                for saved_id, p in zip(sg["params"], g["params"]):
+                    self._load_param_state(p, saved_state.get(saved_id))
+                for k, v in sg.items():
+                    if k != "params":
+                        g[k] = v
+        if "offload_rng_state" in state_dict:
+            self._generator.set_state(state_dict["offload_rng_state"])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_param_state(self, p: torch.Tensor, saved: dict[str, Any] | None) -> None:
+        st = self.state[p]
+        if saved is None:
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                st[k].zero_()
+            saved = {}
+        else:
+            for k in ("exp_avg", "exp_avg_sq"):
+                if tuple(saved[k].shape) != tuple(p.shape):
+                    shape = tuple(saved[k].shape)
+                    raise ValueError(f"saved {k} has shape {shape} but the parameter {tuple(p.shape)}")
+                st[k].copy_(saved[k])
+            st["step"].copy_(torch.as_tensor(saved["step"], dtype=torch.float32))
+        master = self._master(p)
+        if master is not p:
+            master.copy_(saved.get("master_param", p))
+        self._param_version[p] = p._version
+
+    def close(self) -> None:
+        """Finish outstanding copies, remove hooks and stop the copy thread."""
+        self._wait_all_params()
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks.clear()
+        for h in self._module_hooks:
+            h.remove()
+        self._module_hooks.clear()
+        self._transfers.close()
