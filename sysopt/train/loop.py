@@ -9,6 +9,7 @@ losses equal single-process training on the global batch up to float summation o
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from sysopt.train.checkpoint import latest_checkpoint, load_checkpoint, save_che
 from sysopt.train.config import JobConfig
 from sysopt.train.lr import warmup_cosine_lr
 from sysopt.train.metrics import MetricsLog, write_json_atomic
+
+FAULT_ENV = "SYSOPT_FAIL_AT_STEP"  # fault injection for resume tests: raise before this step runs
 
 
 def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -121,6 +124,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
             dynamic_ncols=True,
             mininterval=1.0,
         )
+    fail_at_step = int(os.environ.get(FAULT_ENV, -1))
     model.train()
     step_times: list[float] = []
     tokens_per_step = 0
@@ -136,6 +140,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         )
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if step == fail_at_step:
+            raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV}={fail_at_step})")
         global_batch = sampler.global_batch(step)
         local = global_batch.shard(dp_rank, dp_size)
         normalizer = global_batch.answer_token_count().clamp(min=1.0)

@@ -1,0 +1,66 @@
+"""sysopt-train rejects bad configurations before any rank starts, with messages that name the fix."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from sysopt.cli.train import config_dir
+from sysopt.train import ConfigError, build_job
+
+
+def job_from(overrides):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return build_job(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_default_config_is_valid_and_data_parallel():
+    job = job_from([])
+    assert (job.parallel.dp, job.parallel.tp, job.parallel.pp) == (2, 1, 1)
+    assert job.world_size == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.nproc=3"], r"train.nproc=3 but parallel.tp\*pp\*dp = 1\*1\*2 = 2"),
+        (["parallel.tp=3", "parallel.dp=1"], r"model.heads=4 is not divisible by parallel.tp=3"),
+        (["data.name=imagenet"], r"data.name='imagenet' is not an embedded dataset"),
+        (["train.global_batch=63"], r"train.global_batch=63 is not divisible by parallel.dp=2"),
+        (["parallel.dp=0"], r"parallel.dp=0 must be a positive integer"),
+        (["model.max_seq=8"], r"raise model.max_seq to"),
+    ],
+)
+def test_bad_values_name_the_key_and_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        job_from(overrides)
+
+
+@pytest.mark.parametrize("overrides", [["parallel.nonsense=1"], ["model=does_not_exist"]])
+def test_unknown_options_are_rejected_by_composition(overrides):
+    with pytest.raises(ConfigCompositionException):
+        job_from(overrides)
+
+
+def test_cli_fails_fast_without_starting_ranks(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sysopt.cli.train", "data.name=imagenet", f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        "data.name='imagenet' is not an embedded dataset (available: digits); use data=digits" in proc.stderr
+    )
+    assert not (tmp_path / "run" / "logs").exists()  # no rank was launched
+    assert time.monotonic() - start < 60
