@@ -131,11 +131,11 @@ def _worker(
     try:
         init_process_group(rank, world_size, backend=backend, timeout_s=timeout_s)
         value = fn(*args)
-        try:
-            pickle.dumps(value)
+        try:  # plain pickle: tensors travel by value, not as shared-memory handles that die with us
+            payload = pickle.dumps(value)
         except Exception as exc:  # report instead of dying in the queue's feeder thread
             raise TypeError(f"rank {rank}: return value of {fn.__name__} is not picklable: {exc}") from exc
-        results.put((rank, "ok", value))
+        results.put((rank, "ok", payload))
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -244,7 +244,7 @@ def launch(
                 raise LaunchError(
                     f"rank {rank} of {fn.__name__} failed:\n{payload}", rank=rank, remote_traceback=payload
                 )
-            values[rank] = payload
+            values[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5.0 if len(values) == world_size else 0.1)

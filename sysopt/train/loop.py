@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from sysopt.data import TASKS, BatchSampler, DigitsDataset, eval_batches, evaluate
-from sysopt.dist import ParallelGroups, build_groups, launch
+from sysopt.dist import BucketedGradSync, ParallelGroups, build_groups, launch
 from sysopt.models import VLM, vlm_loss
 from sysopt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sysopt.train.config import JobConfig
@@ -44,15 +43,6 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
         log_dir=out_dir / "logs",
     )
     return results[0]
-
-
-def _allreduce_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None) -> None:
-    """Sum every gradient over the data-parallel group in one flat buffer."""
-    grads = [p.grad for p in params]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(reduced)
 
 
 def _dp_coords(groups: ParallelGroups | None) -> tuple[int, int]:
@@ -111,6 +101,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         start_step = int(state["trainer"]["step"])
         torch.set_rng_state(state["trainer"]["rng"])
 
+    grad_sync = BucketedGradSync(params, groups.dp_group) if groups is not None and dp_size > 1 else None
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step) if is_main else None
     progress = None
     if is_main:
@@ -148,8 +139,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         loss = vlm_loss(model(local), local, normalizer)
         loss.backward()
         loss_sum = loss.detach().clone()
-        if groups is not None and dp_size > 1:
-            _allreduce_grads(params, groups.dp_group)
+        if grad_sync is not None:  # buckets were reduced during backward; finish and write back
+            grad_sync.wait()
             dist.all_reduce(loss_sum, group=groups.dp_group)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip) if o.grad_clip > 0 else torch.nan
         optimizer.step()
