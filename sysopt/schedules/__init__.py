@@ -1,0 +1,29 @@
+"""Pipeline schedules as data: build by name, validate, lower to comms, simulate, render, partition."""
+
+from sysopt.schedules.builders import BUILDERS, build, loop_placement, register, v_placement
+from sysopt.schedules.ir import Action, Kind, Schedule, ScheduleError, validate
+from sysopt.schedules.lower import add_comms
+from sysopt.schedules.partition import Partition, partition
+from sysopt.schedules.render import render
+from sysopt.schedules.simulate import Costs, Simulation, Span, simulate
+
+__all__ = [
+    "BUILDERS",
+    "Action",
+    "Costs",
+    "Kind",
+    "Partition",
+    "Schedule",
+    "ScheduleError",
+    "Simulation",
+    "Span",
+    "add_comms",
+    "build",
+    "loop_placement",
+    "partition",
+    "register",
+    "render",
+    "simulate",
+    "v_placement",
+    "validate",
+]
