@@ -1,0 +1,123 @@
+"""Static facts about the machine: CPU model, cores, ISA flags, host memory (from /proc), and GPUs
+through NVML (nvidia-ml-py). No GPU and no NVML is the normal case, not an error."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+from sysopt.hardware.profile import ISA_FLAGS, CPUInfo, GPUInfo, HardwareProfile
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def parse_cpuinfo(text: str) -> tuple[str, int, set[str]]:
+    """(model name, physical cores, flags) from /proc/cpuinfo text; cores 0 when not stated."""
+    model, flags, cores = "", set(), set()
+    physical_id = core_id = None
+    for line in text.splitlines() + [""]:
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name" and not model:
+            model = value
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "physical id":
+            physical_id = value
+        elif key == "core id":
+            core_id = value
+        elif not key:  # blank line ends one logical CPU's block
+            if core_id is not None:
+                cores.add((physical_id, core_id))
+            physical_id = core_id = None
+    return model, len(cores), flags
+
+
+def host_memory_bytes() -> int:
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def probe_cpu() -> CPUInfo:
+    model, cores, flags = parse_cpuinfo(_read("/proc/cpuinfo"))
+    threads = os.cpu_count() or 1
+    return CPUInfo(
+        model=model or platform.processor() or platform.machine() or "unknown",
+        cores=cores or threads,
+        threads=threads,
+        isa=tuple(f for f in ISA_FLAGS if f in flags),
+        host_memory_bytes=host_memory_bytes(),
+    )
+
+
+def _nvml_value(fn, *args):
+    """One NVML query; None when the driver or device does not support it."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001 - pynvml raises many NVMLError subclasses
+        return None
+
+
+def _nvlink_links(nvml, handle) -> int:
+    links = 0
+    for link in range(getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18)):
+        state = _nvml_value(nvml.nvmlDeviceGetNvLinkState, handle, link)
+        if state is None:
+            break
+        links += int(state == getattr(nvml, "NVML_FEATURE_ENABLED", 1))
+    return links
+
+
+def probe_gpus() -> tuple[GPUInfo, ...]:
+    """One GPUInfo per NVML device; () when nvidia-ml-py is missing or NVML cannot start."""
+    try:
+        import pynvml as nvml
+
+        nvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver / no library: a CPU machine
+        return ()
+    try:
+        gpus = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            h = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = nvml.nvmlDeviceGetName(h)
+            mem = nvml.nvmlDeviceGetMemoryInfo(h)
+            gpus.append(
+                GPUInfo(
+                    index=index,
+                    name=name.decode() if isinstance(name, bytes) else str(name),
+                    memory_total_bytes=int(mem.total),
+                    memory_free_bytes=int(mem.free),
+                    # max = what the link trains to under load (idle links drop to gen 1)
+                    pcie_gen=_nvml_value(nvml.nvmlDeviceGetMaxPcieLinkGeneration, h),
+                    pcie_width=_nvml_value(nvml.nvmlDeviceGetMaxPcieLinkWidth, h),
+                    nvlink_links=_nvlink_links(nvml, h),
+                    sm_clock_mhz=_nvml_value(nvml.nvmlDeviceGetMaxClockInfo, h, nvml.NVML_CLOCK_SM),
+                    memory_clock_mhz=_nvml_value(nvml.nvmlDeviceGetMaxClockInfo, h, nvml.NVML_CLOCK_MEM),
+                )
+            )
+        return tuple(gpus)
+    except Exception:  # noqa: BLE001 - a broken driver must not break a CPU-side probe
+        return ()
+    finally:
+        _nvml_value(nvml.nvmlShutdown)
+
+
+def probe() -> HardwareProfile:
+    """The machine's static facts, without calibration (fast: no benchmarks run)."""
+    return HardwareProfile(cpu=probe_cpu(), gpus=probe_gpus(), calibration=None, created=now_iso())

@@ -1,0 +1,221 @@
+"""sysopt.benchmark and sysopt-bench: the result JSON shape, goal targets, measure(), atomic
+result files, and the CLI running the real calibrate suite in quick mode."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from sysopt import benchmark
+from sysopt.benchmark import (
+    BenchContext,
+    Goal,
+    Record,
+    SuiteResult,
+    goal,
+    goal_ratio,
+    load_result,
+    measure,
+    parse_target,
+    write_result,
+)
+from sysopt.cli import bench as bench_cli
+
+REPO_BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def sample_result() -> SuiteResult:
+    a = Record(
+        "interleaved_1f1b/multimodal/measured_step_s", 0.412, "s", 5, 0.405, 0.431, {"pp": 4, "vpp": 2}
+    )
+    b = Record("megatron/multimodal/measured_step_s", 0.425, "s", 5, 0.42, 0.44, {"pp": 4})
+    c = Record("matmul/int8/1024/flops_per_s", 1.8e12, "FLOP/s", 3, 1.7e12, 1.9e12, {})
+    goals = (goal_ratio("interleaved_1f1b vs megatron-core", a, b, "<= 1.0"),)
+    return SuiteResult(
+        "schedules", "2025-01-01T00:00:00+00:00", {"cpu": {"cores": 2}}, {"torch": "2.13.0"}, (a, b, c), goals
+    )
+
+
+def test_suite_result_json_shape_and_round_trip():
+    result = sample_result()
+    d = json.loads(result.to_json())
+    assert list(d) == ["suite", "created", "profile", "versions", "records", "goals"]
+    assert list(d["records"][0]) == ["name", "value", "unit", "repeats", "min", "max", "config"]
+    assert list(d["goals"][0]) == ["name", "value", "target", "met", "from"]
+    assert d["goals"][0]["from"] == [d["records"][0]["name"], d["records"][1]["name"]]
+    assert SuiteResult.from_json(result.to_json()) == result
+    assert result.record("matmul/int8/1024/flops_per_s").unit == "FLOP/s"
+
+
+def test_suite_result_rejects_inconsistent_goals_and_records():
+    r = sample_result()
+    with pytest.raises(ValueError, match="unique"):
+        SuiteResult("s", r.created, {}, {}, r.records + r.records[:1], ())
+    orphan = goal("orphan", 1.0, ">= 1", ["no/such/record"])
+    with pytest.raises(ValueError, match="no/such/record"):
+        SuiteResult("s", r.created, {}, {}, r.records, (orphan,))
+
+
+@pytest.mark.parametrize(
+    "value, target, met",
+    [
+        (1.0, "<= 1.0", True),
+        (1.0, "< 1.0", False),
+        (1.031, "<= 1.03", False),
+        (1.3, ">= 1.3", True),
+        (1.29, ">=1.3", False),
+        (2.0, "> 1.5e0", True),
+        (-0.5, "> -1", True),
+        (0.999, "== 1", False),
+        (float("nan"), "<= 1.0", False),
+    ],
+)
+def test_goal_target_parsing(value, target, met):
+    assert goal("g", value, target, []).met is met
+
+
+@pytest.mark.parametrize("bad", ["1.03", "<= ", "=< 1", "<= abc", "~ 1", ""])
+def test_malformed_targets_are_rejected(bad):
+    with pytest.raises(ValueError, match="target"):
+        parse_target(bad)
+    with pytest.raises(ValueError, match="target"):
+        Goal("g", 1.0, bad, True, ())
+
+
+def test_goal_ratio_value_and_met():
+    fast = Record("a", 2.0, "s", 1, 2.0, 2.0)
+    slow = Record("b", 2.6, "s", 1, 2.6, 2.6)
+    speedup = goal_ratio("speed-up", slow, fast, ">= 1.3")
+    assert speedup.value == pytest.approx(2.6 / 2.0) and speedup.met and speedup.from_ == ("b", "a")
+    assert not goal_ratio("slow-down", fast, slow, ">= 1.3").met
+    with pytest.raises(ValueError, match="value 0"):
+        goal_ratio("x", fast, Record("zero", 0.0, "s", 1, 0.0, 0.0), ">= 1")
+
+
+def test_measure_takes_median_min_max_after_warmup(monkeypatch):
+    durations = [3.0, 1.0, 2.0, 5.0, 4.0]
+    clock = iter(x for d in durations for x in (0.0, d))  # start/stop pairs of a fake perf_counter
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(clock))
+    calls = []
+    rec = measure(lambda: calls.append(1), repeats=5, warmup=2, name="op", config={"n": 1})
+    assert len(calls) == 7
+    assert (rec.value, rec.min, rec.max) == (statistics.median(durations), min(durations), max(durations))
+    assert (rec.name, rec.unit, rec.repeats, rec.config) == ("op", "s", 5, {"n": 1})
+    with pytest.raises(ValueError, match="repeats"):
+        measure(lambda: None, repeats=0, name="op")
+
+
+def _no_tmp_left(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_write_result_writes_json_and_png_atomically(tmp_path, monkeypatch):
+    import matplotlib.image
+
+    result = sample_result()
+    json_path, png_path = write_result(result, tmp_path / "results" / "schedules.json")
+    assert png_path == tmp_path / "results" / "schedules.png"
+    assert load_result(json_path) == result
+    height, width = matplotlib.image.imread(png_path).shape[:2]
+    assert height > 100 and width > 100
+    assert _no_tmp_left(json_path.parent)
+    old_json, old_png = json_path.read_bytes(), png_path.read_bytes()
+
+    bad = SuiteResult("schedules", "t", {}, {}, (Record("x", 1.0, "s", 1, 1.0, 1.0, {"obj": object()}),), ())
+    with pytest.raises(TypeError):  # not JSON-serialisable: nothing is touched
+        write_result(bad, json_path)
+
+    def broken_plot(result, path):
+        Path(path).write_bytes(b"half a png")
+        raise RuntimeError("renderer crashed")
+
+    monkeypatch.setattr(benchmark, "plot_result", broken_plot)
+    newer = SuiteResult.from_dict({**result.to_dict(), "created": "2026-01-01T00:00:00+00:00"})
+    with pytest.raises(RuntimeError, match="renderer"):  # the PNG failed: the JSON is not replaced either
+        write_result(newer, json_path)
+    assert (json_path.read_bytes(), png_path.read_bytes()) == (old_json, old_png)
+    assert _no_tmp_left(json_path.parent)
+
+
+TOY_SUITE = """
+from sysopt.benchmark import Record, goal_ratio, register_suite
+
+@register_suite("{name}")
+def run(ctx):
+    if {fail}:
+        raise RuntimeError("toy failure")
+    steps = list(ctx.track(range(3), "toy"))
+    a = Record("toy/a", 2.0, "s", ctx.repeats, 1.5, 2.5, {{"steps": len(steps)}})
+    b = Record("toy/b", 1.0, "s", ctx.repeats, 1.0, 1.0)
+    return ctx.result("{name}", [a, b], [goal_ratio("a over b", a, b, ">= 1.5")])
+"""
+
+
+def test_cli_lists_and_runs_all_suites_in_a_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "toy.py").write_text(TOY_SUITE.format(name="toy", fail=False))
+    (tmp_path / "broken.py").write_text(TOY_SUITE.format(name="broken", fail=True))
+    (tmp_path / "_helpers.py").write_text("raise AssertionError('helpers are not suites')\n")
+    monkeypatch.setenv("SYSOPT_BENCH_DIR", str(tmp_path))
+    monkeypatch.setenv("SYSOPT_CACHE_DIR", str(tmp_path / "cache"))
+    assert bench_cli.main(["list"]) == 0
+    assert capsys.readouterr().out.split() == ["broken", "toy"]
+    with pytest.raises(SystemExit, match="available: broken, toy"):
+        bench_cli.main(["nosuch"])
+    assert bench_cli.main(["all", "--repeats", "2"]) == 1  # broken failed, toy still ran
+    toy = load_result(tmp_path / "results" / "toy.json")
+    assert (tmp_path / "results" / "toy.png").is_file() and not (
+        tmp_path / "results" / "broken.json"
+    ).exists()
+    assert toy.record("toy/a").repeats == 2 and toy.record("toy/a").config == {"steps": 3}
+    assert toy.goals[0].value == 2.0 and toy.goals[0].met
+    assert toy.profile["cpu"]["cores"] >= 1  # the probed profile rides along
+    assert toy.versions["torch"] == importlib.metadata.version("torch")
+
+
+@pytest.mark.timeout(120)
+def test_cli_runs_calibrate_suite_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYSOPT_BENCH_DIR", str(REPO_BENCH))
+    monkeypatch.setenv("SYSOPT_CACHE_DIR", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steadier on a shared 2-core machine
+    try:
+        out = tmp_path / "calibrate.json"
+        assert bench_cli.main(["calibrate", "--quick", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = load_result(out)
+    assert out.with_suffix(".png").is_file() and _no_tmp_left(tmp_path)
+    assert result.suite == "calibrate" and result.versions["python"]
+    cal = result.profile["calibration"]
+    records = {r.name: r for r in result.records}
+    for p in cal["matmul"]:  # each calibrated point appears as a FLOP/s record with its spread
+        r = records[f"matmul/{p['dtype']}/{p['m']}x{p['n']}x{p['k']}/flops_per_s"]
+        assert r.value == pytest.approx(p["flops_per_s"]) and r.min <= r.value <= r.max and r.unit == "FLOP/s"
+    for prefix, fit in [
+        ("copy/memcpy", cal["copy"]["memcpy"]),
+        ("p2p", cal["p2p"]),
+        ("allreduce", cal["allreduce"]),
+    ]:
+        assert records[f"{prefix}/latency_s"].value == fit["latency_s"] > 0
+        assert records[f"{prefix}/bytes_per_s"].value == fit["bytes_per_s"] > 0
+    assert records["optimizer/host/params_per_s"].value == pytest.approx(
+        cal["optimizer_params_per_s"]["host"]
+    )
+    assert {g.name.split()[0] for g in result.goals} >= {"bf16", "int8"}
+    for g in result.goals:  # each goal is the ratio of the two records it names
+        num, den = (records[n].value for n in g.from_)
+        assert g.value == pytest.approx(num / den) and g.met == (g.value >= 1.0)
+
+
+def test_bench_context_result_stamps_profile_and_versions():
+    ctx = BenchContext(repeats=1, quick=True, out_dir=Path("."), profile=None)
+    r = Record("x", 1.0, "s", 1, 1.0, 1.0)
+    result = ctx.result("toy", [r], [])
+    assert result.profile == {} and result.versions["sysopt"] and result.records == (r,)
+    assert datetime.datetime.fromisoformat(result.created).tzinfo is not None

@@ -1,0 +1,352 @@
+"""sysopt.hardware: profile JSON round trip, probing without a GPU, a fake NVML, the alpha-beta fit,
+a real quick calibration, and the profile cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from sysopt.hardware import (
+    ISA_FLAGS,
+    Calibration,
+    CPUInfo,
+    GPUInfo,
+    HardwareProfile,
+    LinkFit,
+    MatmulPoint,
+    calibrate,
+    fit_alpha_beta,
+    load_or_calibrate,
+    probe,
+)
+from sysopt.hardware import cache as cache_module
+from sysopt.hardware import calibration as calibration_module
+from sysopt.hardware.probe import parse_cpuinfo
+
+
+def handmade_profile() -> HardwareProfile:
+    points = (
+        MatmulPoint("fp32", 512, 512, 512, 2.0e-3, 2 * 512**3 / 2.0e-3),
+        MatmulPoint("fp32", 1024, 1024, 1024, 1.0e-2, 2 * 1024**3 / 1.0e-2),
+        MatmulPoint("bf16", 1024, 1024, 1024, 2.5e-3, 2 * 1024**3 / 2.5e-3),
+    )
+    cal = Calibration(
+        device="cuda:0",
+        matmul=points,
+        matmul_flops_per_s={"fp32": points[1].flops_per_s, "bf16": points[2].flops_per_s},
+        copy={k: LinkFit(1e-5, 2.5e10) for k in ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")},
+        p2p=None,
+        allreduce=LinkFit(3.0e-5, 1.2e10),
+        collective_world_size=2,
+        collective_backend="nccl",
+        optimizer_params_per_s={"host": 2.0e8, "device": 5.0e9},
+        created="2025-01-01T00:00:00+00:00",
+    )
+    gpu = GPUInfo(0, "Fake H100", 80 << 30, 79 << 30, 5, 16, 18, 1980, None)
+    cpu = CPUInfo("Fake Xeon", 8, 16, ("avx2", "avx512f"), 64 << 30)
+    return HardwareProfile(cpu=cpu, gpus=(gpu,), calibration=cal, created="2025-01-01T00:00:00+00:00")
+
+
+# ---- profile JSON -----------------------------------------------------------------------------
+
+
+def test_profile_json_round_trip(tmp_path):
+    profile = handmade_profile()
+    assert HardwareProfile.from_json(profile.to_json()) == profile
+    assert HardwareProfile.load(profile.save(tmp_path / "p.json")) == profile
+    uncalibrated = dataclasses.replace(profile, calibration=None, gpus=())
+    assert HardwareProfile.from_json(uncalibrated.to_json()) == uncalibrated
+    d = json.loads(profile.to_json())
+    assert set(d) == {"cpu", "gpus", "calibration", "created"}
+    assert set(d["calibration"]["copy"]["h2d_pinned"]) == {"latency_s", "bytes_per_s"}
+    assert [f.name for f in dataclasses.fields(GPUInfo)] == list(d["gpus"][0])
+
+
+def test_cost_queries_follow_the_calibration():
+    profile = handmade_profile()
+    cal = profile.calibration
+    # at a measured shape the model returns the measured time
+    assert profile.matmul_time_s(1024, 1024, 1024, "bf16") == pytest.approx(2.5e-3, rel=1e-12)
+    assert profile.matmul_time_s(512, 512, 512) == pytest.approx(2.0e-3, rel=1e-12)
+    # a dtype never calibrated falls back to fp32
+    assert profile.matmul_time_s(1024, 1024, 1024, "int8") == profile.matmul_time_s(1024, 1024, 1024, "fp32")
+    assert profile.copy_time_s(1 << 20, pinned=False, direction="d2h") == pytest.approx(
+        1e-5 + (1 << 20) / 2.5e10
+    )
+    assert profile.allreduce_time_s(4096) == pytest.approx(3.0e-5 + 4096 / 1.2e10)
+    assert profile.optimizer_update_time_s(10**9, where="device") == pytest.approx(10**9 / 5.0e9)
+    with pytest.raises(ValueError, match="world_size"):
+        profile.p2p_time_s(4096)  # p2p is None in this profile
+    with pytest.raises(ValueError, match="where='gpu'"):
+        profile.optimizer_update_time_s(10, where="gpu")
+    bare = dataclasses.replace(profile, calibration=None)
+    with pytest.raises(ValueError, match="calibration is None"):
+        bare.matmul_time_s(8, 8, 8)
+    assert cal.matmul_flops_per_s["fp32"] == max(p.flops_per_s for p in cal.matmul if p.dtype == "fp32")
+
+
+# ---- probe ------------------------------------------------------------------------------------
+
+
+def test_probe_without_gpu_or_nvml(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
+    profile = probe()
+    assert profile.gpus == ()
+    assert profile.calibration is None
+    cpu = profile.cpu
+    assert 1 <= cpu.cores <= cpu.threads
+    assert cpu.threads == os.cpu_count()
+    assert cpu.model
+    sysconf_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert cpu.host_memory_bytes == pytest.approx(sysconf_bytes, rel=0.01)
+    assert set(cpu.isa) <= set(ISA_FLAGS)
+    if Path("/proc/cpuinfo").is_file():  # independent parse: any "flags" line, word-split
+        text = Path("/proc/cpuinfo").read_text()
+        flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split())
+        assert set(cpu.isa) == {f for f in ISA_FLAGS if f in flags}
+
+
+def test_parse_cpuinfo_counts_physical_cores():
+    blocks = []
+    for socket in range(2):
+        for core in range(4):
+            for _thread in range(2):  # hyper-threads share a core id
+                blocks.append(
+                    f"processor\t: {len(blocks)}\nmodel name\t: Test CPU\nphysical id\t: {socket}\n"
+                    f"core id\t\t: {core}\nflags\t\t: fpu avx2 avx512f amx_tile\n"
+                )
+    model, cores, flags = parse_cpuinfo("\n".join(blocks))
+    assert (model, cores) == ("Test CPU", 2 * 4)
+    assert {"avx2", "avx512f", "amx_tile"} <= flags and "avx512_vnni" not in flags
+
+
+def _fake_nvml(init_error: bool = False) -> types.ModuleType:
+    class NVMLError(Exception):
+        pass
+
+    devices = [
+        {
+            "name": b"Fake A100",
+            "total": 40 << 30,
+            "free": 39 << 30,
+            "gen": 4,
+            "width": 16,
+            "links": 12,
+            "sm": 1410,
+        },
+        {
+            "name": "Fake L4",
+            "total": 24 << 30,
+            "free": 20 << 30,
+            "gen": None,
+            "width": None,
+            "links": 0,
+            "sm": None,
+        },
+    ]
+
+    def query(key):
+        def get(handle, *rest):
+            value = devices[handle][key]
+            if value is None:
+                raise NVMLError("not supported")
+            return value
+
+        return get
+
+    def init():
+        if init_error:
+            raise NVMLError("driver not loaded")
+
+    def nvlink_state(handle, link):
+        if link >= 18:
+            raise NVMLError("invalid link")
+        return 1 if link < devices[handle]["links"] else 0
+
+    nvml = types.ModuleType("pynvml")
+    nvml.NVML_CLOCK_SM, nvml.NVML_CLOCK_MEM, nvml.NVML_FEATURE_ENABLED, nvml.NVML_NVLINK_MAX_LINKS = (
+        0,
+        2,
+        1,
+        18,
+    )
+    nvml.nvmlInit = init
+    nvml.nvmlShutdown = lambda: None
+    nvml.nvmlDeviceGetCount = lambda: len(devices)
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: i
+    nvml.nvmlDeviceGetName = query("name")
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
+        total=devices[h]["total"], free=devices[h]["free"]
+    )
+    nvml.nvmlDeviceGetMaxPcieLinkGeneration = query("gen")
+    nvml.nvmlDeviceGetMaxPcieLinkWidth = query("width")
+    nvml.nvmlDeviceGetNvLinkState = nvlink_state
+    nvml.nvmlDeviceGetMaxClockInfo = lambda h, clock: query("sm")(h) if clock == 0 else 1593
+    return nvml
+
+
+def test_probe_reads_gpus_through_nvml(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml())
+    gpus = probe().gpus
+    assert gpus == (
+        GPUInfo(0, "Fake A100", 40 << 30, 39 << 30, 4, 16, 12, 1410, 1593),
+        GPUInfo(1, "Fake L4", 24 << 30, 20 << 30, None, None, 0, None, 1593),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(init_error=True))
+    assert probe().gpus == ()
+
+
+# ---- alpha-beta fit ---------------------------------------------------------------------------
+
+
+def test_fit_alpha_beta_recovers_exact_line_and_clamps():
+    sizes = [1 << 10, 1 << 16, 1 << 20, 1 << 24]
+    fit = fit_alpha_beta(sizes, [5e-6 + n / 2e9 for n in sizes])
+    assert fit.latency_s == pytest.approx(5e-6, rel=1e-9)
+    assert fit.bytes_per_s == pytest.approx(2e9, rel=1e-9)
+    # a line through the origin minus noise: the intercept would be negative -> clamped positive
+    noisy = fit_alpha_beta([1e3, 1e6, 1e7], [1e-7, 1e-3, 1.1e-2])
+    assert noisy.latency_s > 0 and noisy.bytes_per_s > 0
+    # time falling with size (pure noise): slope <= 0 -> bandwidth from the best observed n/t
+    flat = fit_alpha_beta([1e3, 1e6], [2e-3, 1e-3])
+    assert flat.latency_s > 0 and flat.bytes_per_s == pytest.approx(1e6 / 1e-3)
+    with pytest.raises(ValueError, match="distinct sizes"):
+        fit_alpha_beta([4096, 4096], [1e-5, 2e-5])
+    with pytest.raises(ValueError, match=">= 2"):
+        fit_alpha_beta([4096], [1e-5])
+
+
+# ---- real quick calibration -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    samples = []
+    steps = []
+
+    def progress(items, description):
+        for item in items:
+            steps.append(item[0])
+            yield item
+
+    profile = calibrate(quick=True, world_size=2, threads=1, progress=progress, samples=samples)
+    return profile, samples, steps
+
+
+@pytest.mark.timeout(120)
+def test_quick_calibration_fits_are_positive(calibrated):
+    profile, samples, steps = calibrated
+    cal = profile.calibration
+    assert steps == ["matmul", "copy", "collectives", "optimizer"]
+    assert cal.device == "cpu" and set(cal.copy) == {"memcpy"}
+    fits = [*cal.copy.values(), cal.p2p, cal.allreduce]
+    assert all(f is not None and f.latency_s > 0 and f.bytes_per_s > 0 for f in fits)
+    assert (cal.collective_world_size, cal.collective_backend) == (2, "gloo")
+    assert cal.optimizer_params_per_s["host"] > 0
+    assert cal.optimizer_params_per_s["device"] == cal.optimizer_params_per_s["host"]  # CPU-only
+    assert HardwareProfile.from_json(profile.to_json()) == profile
+    # every figure is backed by raw samples; the point's time is their median
+    by_name = {s.name: s for s in samples}
+    for p in cal.matmul:
+        secs = sorted(by_name[f"matmul/{p.dtype}/{p.m}x{p.n}x{p.k}"].seconds)
+        assert p.seconds == secs[len(secs) // 2]
+        assert p.flops_per_s == pytest.approx(2 * p.m * p.n * p.k / p.seconds)
+
+
+@pytest.mark.timeout(120)
+def test_quick_calibration_matmul_time_scales_with_size(calibrated):
+    profile, _, _ = calibrated
+    cal = profile.calibration
+    assert {"fp32", "bf16", "int8"} <= set(cal.matmul_flops_per_s)
+    for dtype, best in cal.matmul_flops_per_s.items():
+        points = [p for p in cal.matmul if p.dtype == dtype]
+        assert best == max(p.flops_per_s for p in points)
+        for p in points:  # the model reproduces each measurement at its own shape
+            assert profile.matmul_time_s(p.m, p.n, p.k, dtype) == pytest.approx(p.seconds, rel=1e-9)
+        sizes = [64, 128, 256, 512, 1024, 2048, 4096]
+        times = [profile.matmul_time_s(s, s, s, dtype) for s in sizes]
+        assert all(a < b for a, b in zip(times, times[1:])), (dtype, times)
+        largest = max(p.m for p in points)  # beyond the measured range the rate is held: time ~ FLOPs
+        t1, t2 = (
+            profile.matmul_time_s(largest, largest, largest, dtype),
+            profile.matmul_time_s(*[2 * largest] * 3, dtype),
+        )
+        assert t2 / t1 == pytest.approx(8.0, rel=1e-9)
+
+
+# ---- cache ------------------------------------------------------------------------------------
+
+
+def test_cache_is_used_on_second_call(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_calibrate(**kwargs):
+        calls.append(kwargs)
+        return handmade_profile()
+
+    monkeypatch.setattr(calibration_module, "calibrate", fake_calibrate)
+    path = tmp_path / "profile.json"
+    first = load_or_calibrate(path, quick=True)
+    second = load_or_calibrate(path, quick=True)
+    assert len(calls) == 1 and calls[0]["quick"] is True
+    assert first == second == HardwareProfile.load(path)
+    load_or_calibrate(path, refresh=True)
+    assert len(calls) == 2
+    path.write_text("{not json")  # a corrupt cache is recalibrated, with a warning
+    with pytest.warns(UserWarning, match="unreadable profile cache"):
+        assert load_or_calibrate(path) == first
+    assert len(calls) == 3
+
+
+def test_default_cache_paths_separate_quick_from_full(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYSOPT_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(calibration_module, "calibrate", lambda **kw: calls.append(kw) or handmade_profile())
+    assert cache_module.default_cache_path().parent == tmp_path
+    load_or_calibrate(quick=True)
+    assert cache_module.default_cache_path(quick=True).is_file()
+    assert not cache_module.default_cache_path(quick=False).exists()
+    load_or_calibrate(quick=False)  # a quick calibration never stands in for a full one
+    assert len(calls) == 2 and cache_module.default_cache_path(quick=False).is_file()
+    load_or_calibrate(quick=True)  # ... but a full one serves a quick request
+    assert len(calls) == 2
+
+
+# ---- sysopt-probe -----------------------------------------------------------------------------
+
+
+def test_probe_cli_json_and_cached_calibration(tmp_path, monkeypatch, capsys):
+    from sysopt.cli import probe as probe_cli
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert probe_cli.main(["--json"]) == 0
+    printed = HardwareProfile.from_json(capsys.readouterr().out)
+    assert printed.calibration is None and printed.cpu == probe().cpu
+
+    calls = []
+    monkeypatch.setattr(calibration_module, "calibrate", lambda **kw: calls.append(kw) or handmade_profile())
+    cache = tmp_path / "p.json"
+    for argv in (["--calibrate", "--json"], ["--calibrate", "--json"], ["--refresh", "--json"]):
+        assert probe_cli.main([*argv, "--quick", "--cache", str(cache)]) == 0
+        assert HardwareProfile.from_json(capsys.readouterr().out) == handmade_profile()
+    assert len(calls) == 2  # the second run used the cache; --refresh recalibrated
+
+
+def test_probe_cli_table_shows_gpus_and_calibration():
+    from rich.console import Console
+
+    from sysopt.cli.probe import render
+
+    console = Console(record=True, width=120)
+    render(handmade_profile(), console)
+    text = console.export_text()
+    for expected in ("Fake Xeon", "Fake H100", "gen5 x16", "h2d_pinned", "all-reduce", "bf16", "p2p"):
+        assert expected in text
+    assert f"{handmade_profile().calibration.matmul_flops_per_s['bf16'] / 1e9:.1f}" in text
