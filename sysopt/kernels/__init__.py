@@ -1,0 +1,73 @@
+"""Low-precision kernels: fused amax/scale/cast to fp8 and int8, and scaled GEMMs with dequantising epilogues.
+
+Each operation has a torch reference (`*_ref`) and a Triton twin (`*_triton`) with the same signature; the
+functions here dispatch per device (Triton on GPUs, torch on CPU; see dispatch.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import backend_for, kernel_module, triton_available
+from .formats import DEFAULT_BLOCK, GRANULARITIES, QMAX, dequantize, expand_scale
+
+
+def quantize(
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    granularity: str,
+    block: tuple[int, int] | None = None,
+    *,
+    power_of_two: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise x to `dtype` (float8_e4m3fn, float8_e5m2, int8) with scales from its own amax.
+
+    granularity: 'tensorwise' (scale shape ()), 'rowwise' (one per row over the last dim: (*lead, 1)) or
+    'blockwise' (2-D x, block=(rows, cols), default (1, 128); scale shape (ceil(M/rows), ceil(K/cols))).
+    Returns (q, scale) with x ~= q.float() * scale (blockwise: scale expanded over blocks, see expand_scale).
+    power_of_two rounds scales up to powers of two (exact rescaling).
+    """
+    return kernel_module("quantize", x.device).quantize(
+        x, dtype, granularity, block, power_of_two=power_of_two
+    )
+
+
+def quantize_with_amax(
+    x: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor, *, power_of_two: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensorwise quantisation with the scale from a given amax (delayed scaling); values beyond it saturate.
+
+    Returns (q, scale, amax of x); x's amax is non-finite when x holds inf or NaN.
+    """
+    return kernel_module("quantize", x.device).quantize_with_amax(x, dtype, amax, power_of_two=power_of_two)
+
+
+def scaled_mm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    *,
+    a_block: tuple[int, int] | None = None,
+    b_block: tuple[int, int] | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(a * a_scale) @ (b * b_scale).T + bias for quantised a (M, K), b (N, K); int32/fp32 accumulation."""
+    return kernel_module("gemm", a.device).scaled_mm(
+        a, a_scale, b, b_scale, a_block=a_block, b_block=b_block, out_dtype=out_dtype, bias=bias
+    )
+
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "GRANULARITIES",
+    "QMAX",
+    "backend_for",
+    "dequantize",
+    "expand_scale",
+    "quantize",
+    "quantize_with_amax",
+    "scaled_mm",
+    "triton_available",
+]

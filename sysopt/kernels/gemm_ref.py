@@ -1,0 +1,88 @@
+"""Torch reference scaled GEMM: out = (a * a_scale) @ (b * b_scale).T with a dequantising epilogue.
+
+int8 operands multiply in int32 (torch._int_mm: the fast CPU path, VNNI/AMX), fp8 operands in fp32 (every
+product of two fp8 values is exact in fp32, so this is fp32 accumulation as on tensor cores). Blockwise scales
+are applied per K block to the partial sums; tensorwise and rowwise scales once, in the epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .scales import BLOCK, ROW, TENSOR, ScaleLayout, check_operands, k_block, scale_layout
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T in the accumulation type: int32 for int8, fp32 for fp8."""
+    if a.dtype != torch.int8:
+        return a.float() @ b.float().t()
+    m, k = a.shape
+    if a.is_cuda and (m <= 16 or k % 8 or b.shape[0] % 8):
+        # torch._int_mm's CUDA shape limits; float64 sums of int8 products are exact for any practical K
+        return (a.double() @ b.double().t()).to(torch.int32)
+    return torch._int_mm(a, b.t())
+
+
+def _epilogue_scale(scale: torch.Tensor, layout: ScaleLayout, as_columns: bool) -> torch.Tensor | None:
+    """A tensorwise/rowwise scale shaped to broadcast over the output ((M, 1) rows or (1, N) columns)."""
+    if layout.mode == TENSOR:
+        return scale.reshape(())
+    if layout.mode == ROW:
+        return scale.reshape(1, -1) if as_columns else scale.reshape(-1, 1)
+    return None
+
+
+def _block_column(scale: torch.Tensor, layout: ScaleLayout, j: int, rows: int) -> torch.Tensor:
+    """Scales of K block j for each of `rows` operand rows."""
+    return scale[:, j].float().repeat_interleave(layout.block[0])[:rows]
+
+
+def scaled_mm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    *,
+    a_block: tuple[int, int] | None = None,
+    b_block: tuple[int, int] | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(a * a_scale) @ (b * b_scale).T + bias for a (M, K) and b (N, K) as returned by quantize().
+
+    Scales: one element (tensorwise), (rows, 1) (rowwise), or blockwise with `a_block` / `b_block` given
+    (both blockwise operands share the K block size).
+    """
+    check_operands(a, b)
+    la = scale_layout("a", a, a_scale, a_block)
+    lb = scale_layout("b", b, b_scale, b_block)
+    kb = k_block(la, lb)
+    m, k = a.shape
+    n = b.shape[0]
+    if kb is None:
+        out = _mm(a, b)
+    else:
+        out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+        for j, k0 in enumerate(range(0, k, kb)):
+            part = _mm(a[:, k0 : k0 + kb], b[:, k0 : k0 + kb]).float()
+            if la.mode == BLOCK:
+                part.mul_(_block_column(a_scale, la, j, m)[:, None])
+            if lb.mode == BLOCK:
+                part.mul_(_block_column(b_scale, lb, j, n)[None, :])
+            out.add_(part)
+    sa = _epilogue_scale(a_scale.float(), la, as_columns=False)
+    sb = _epilogue_scale(b_scale.float(), lb, as_columns=True)
+    if out.dtype == torch.int32:
+        # convert the fresh int32 accumulator to fp32 in its own memory (same size, element i to element i):
+        # saves allocating and page-faulting a second output-sized buffer; then scale in place
+        acc, out = out, out.view(torch.float32)
+        out.copy_(acc)
+    if sa is not None and sb is not None and (la.mode == TENSOR or lb.mode == TENSOR):
+        out.mul_(sa * sb)
+    else:
+        for s in (sa, sb):
+            if s is not None:
+                out.mul_(s)
+    if bias is not None:
+        out.add_(bias.float())
+    return out if out_dtype == torch.float32 else out.to(out_dtype)

@@ -1,0 +1,157 @@
+"""The low-precision linear: an autograd function running each GEMM in the recipe's formats, and its module.
+
+Quantised operands are reused across GEMMs where the quantisation is the same (tensorwise scales, or square
+weight blocks, transpose exactly), so e.g. a tensorwise weight is quantised once per step and saved in 8 bits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sysopt import kernels
+
+from .recipe import HIGH_FORMATS, Recipe
+from .scaling import Quantized, ScalingState
+
+
+def _high_mm(a: torch.Tensor, b: torch.Tensor, fmt: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b.T in high precision: bf16 GEMM or the operands' own dtype.
+
+    For bf16, `a` is cast into a row-major copy: oneDNN's bf16 GEMM with a transposed left operand (dy.T in
+    grad-weight) runs ~1.8x slower on CPU than the transposing cast costs."""
+    if fmt == "bf16":
+        a = a.to(torch.bfloat16, memory_format=torch.contiguous_format)
+        b = b.to(torch.bfloat16)
+    return (a @ b.t()).to(out_dtype)
+
+
+def _low_mm(
+    a: Quantized, b: Quantized, out_dtype: torch.dtype, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    return kernels.scaled_mm(
+        a.q, a.scale, b.q, b.scale, a_block=a.block, b_block=b.block, out_dtype=out_dtype, bias=bias
+    )
+
+
+class LowPrecisionLinearFunction(torch.autograd.Function):
+    """y = x @ W.T + b with the forward, grad-input and grad-weight GEMMs in the formats of state.recipe."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, state: ScalingState):  # noqa: D102
+        recipe = state.recipe
+        x2 = x.reshape(-1, x.shape[-1])
+        fx, fw = recipe.forward
+        qx = qw = None
+        if fx in HIGH_FORMATS:
+            y = _high_mm(x2, weight, fx, x.dtype)
+            if bias is not None:
+                y = y + bias
+        else:
+            qx = state.quantize(x2, fx, "input", "forward")
+            qw = state.quantize(weight, fw, "weight", "forward")
+            y = _low_mm(qx, qw, x.dtype, bias)
+        # keep for backward only what it needs: reusable quantised operands, else the tensor itself
+        gi_w, gw_x = recipe.grad_input[1], recipe.grad_weight[1]
+        ctx.qw_t = qw.t() if qw is not None and gi_w == fw and qw.transposable() else None
+        ctx.qx_t = qx.t() if qx is not None and gw_x == fx and qx.transposable() else None
+        x_saved = None
+        if ctx.qx_t is None and ctx.needs_input_grad[1]:
+            x_saved = x2.to(torch.bfloat16) if gw_x == "bf16" else x2
+        ctx.save_for_backward(x_saved, weight if ctx.qw_t is None else None)
+        ctx.state, ctx.has_bias, ctx.x_shape = state, bias is not None, x.shape
+        ctx.weight_dtype = weight.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        state: ScalingState = ctx.state
+        recipe = state.recipe
+        x2, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = db = None
+        qdy = None  # dy quantised for grad_input, reused for grad_weight when transposable
+        if ctx.needs_input_grad[0]:
+            fdy, fw = recipe.grad_input
+            if fdy in HIGH_FORMATS:
+                dx = _high_mm(dy2, weight.t(), fdy, dy.dtype)
+            else:
+                qdy = state.quantize(dy2, fdy, "grad_output", "grad_input")
+                qw_t = ctx.qw_t or state.quantize(weight.t(), fw, "weight", "grad_input", record=False)
+                dx = _low_mm(qdy, qw_t, dy.dtype)
+            dx = dx.reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            fdy, fx = recipe.grad_weight
+            if fdy in HIGH_FORMATS:
+                dw = _high_mm(dy2.t(), x2.t(), fdy, ctx.weight_dtype)
+            else:
+                reuse = qdy is not None and fdy == recipe.grad_input[0] and qdy.transposable()
+                qdy_t = qdy.t() if reuse else state.quantize(dy2.t(), fdy, "grad_output", "grad_weight",
+                                                              record=qdy is None)  # fmt: skip
+                qx_t = ctx.qx_t or state.quantize(x2.t(), fx, "input", "grad_weight", record=False)
+                dw = _low_mm(qdy_t, qx_t, ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db, None
+
+
+class LowPrecisionLinear(nn.Linear):
+    """nn.Linear whose GEMMs follow a Recipe. Buffers: amax_history (3, H) for delayed scaling (saved in
+    checkpoints) and nonfinite (3,) flags per GEMM (read and reset by overflow.check_finite)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 recipe: Recipe) -> None:  # fmt: skip
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.recipe = recipe
+        self._init_state(self.weight.device)
+
+    def _init_state(self, device: torch.device) -> None:
+        history = torch.zeros(3, self.recipe.amax_history_len, dtype=torch.float32, device=device)
+        self.register_buffer("amax_history", history, persistent=self.recipe.scaling == "delayed")
+        self.register_buffer("nonfinite", torch.zeros(3, dtype=torch.bool, device=device), persistent=False)
+        self.scaling_state = ScalingState(self.recipe, self.amax_history, self.nonfinite)
+
+    def _apply(self, fn, recurse=True):  # keep the state's buffer references valid across .to()/.cuda()
+        out = super()._apply(fn, recurse)
+        self.scaling_state.amax_history, self.scaling_state.nonfinite = self.amax_history, self.nonfinite
+        return out
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Recipe) -> LowPrecisionLinear:
+        """A LowPrecisionLinear sharing `linear`'s parameters (optimizers holding them stay valid)."""
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, recipe=recipe)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._init_state(linear.weight.device)
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            with torch.autocast(device_type, enabled=False):
+                return LowPrecisionLinearFunction.apply(x, weight, bias, self.scaling_state)
+        if x.dtype != weight.dtype:
+            raise TypeError(
+                f"LowPrecisionLinear got input dtype {x.dtype} and weight dtype {weight.dtype}; cast the input "
+                "or run under torch.autocast"
+            )
+        return LowPrecisionLinearFunction.apply(x, weight, bias, self.scaling_state)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe.name}"
+
+
+def low_precision_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: ScalingState
+) -> torch.Tensor:
+    """Functional form (for layers that hold their own ScalingState, e.g. tensor-parallel linears)."""
+    return LowPrecisionLinearFunction.apply(x, weight, bias, state)
+
+
+__all__ = ["LowPrecisionLinear", "LowPrecisionLinearFunction", "low_precision_linear"]

@@ -1,0 +1,282 @@
+"""sysopt.kernels: torch references vs Triton twins (interpreter), quantisation error bounds, scaled GEMMs."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+# Triton kernels must be decorated with the interpreter on: set it before (re)importing the kernel modules,
+# whatever other test modules imported before this one.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sysopt import kernels  # noqa: E402
+from sysopt.kernels import gemm_ref, quantize_ref  # noqa: E402
+from sysopt.kernels.formats import MANTISSA_BITS, QMAX, dequantize, expand_scale, ulp_of  # noqa: E402
+
+
+def _triton_module(name: str):
+    module = importlib.import_module(f"sysopt.kernels.{name}")
+    return importlib.reload(module)  # re-decorate the kernels under TRITON_INTERPRET=1
+
+
+quantize_triton = _triton_module("quantize_triton")
+gemm_triton = _triton_module("gemm_triton")
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+DTYPES = (*FP8, torch.int8)
+# (granularity, block, shape): shapes not divisible by the tile or block sizes
+LAYOUTS = [
+    ("tensorwise", None, (19, 200)),
+    ("rowwise", None, (19, 200)),
+    ("blockwise", (1, 128), (5, 200)),
+    ("blockwise", (16, 32), (20, 70)),
+    ("blockwise", (6, 40), (13, 90)),  # block sizes that are not powers of two
+]
+
+
+def _data(shape, seed=0, dtype=torch.float32):
+    """Values over ~6 decades (exercises fp8 subnormals and rounding at every exponent)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[-1])
+    return x.to(dtype)
+
+
+def _bits(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8) if q.dtype in FP8 else q
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("granularity,block,shape", LAYOUTS)
+def test_triton_quantize_matches_torch_bitwise(dtype, granularity, block, shape):
+    x = _data(shape)
+    q_ref, s_ref = quantize_ref.quantize(x, dtype, granularity, block)
+    q_tri, s_tri = quantize_triton.quantize(x, dtype, granularity, block)
+    assert s_tri.shape == s_ref.shape
+    assert torch.equal(s_tri, s_ref)
+    assert torch.equal(_bits(q_tri), _bits(q_ref))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_quantize_pow2_bf16_and_3d_match_torch(dtype):
+    x = _data((2, 7, 96), seed=1, dtype=torch.bfloat16)
+    for granularity in ("tensorwise", "rowwise"):
+        q_ref, s_ref = quantize_ref.quantize(x, dtype, granularity, power_of_two=True)
+        q_tri, s_tri = quantize_triton.quantize(x, dtype, granularity, power_of_two=True)
+        assert torch.equal(s_tri, s_ref) and torch.equal(_bits(q_tri), _bits(q_ref))
+    x2 = x.reshape(14, 96).t()  # non-contiguous input
+    q_ref, s_ref = quantize_ref.quantize(x2, dtype, "blockwise", (32, 8), power_of_two=True)
+    q_tri, s_tri = quantize_triton.quantize(x2, dtype, "blockwise", (32, 8), power_of_two=True)
+    assert torch.equal(s_tri, s_ref) and torch.equal(_bits(q_tri), _bits(q_ref))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_quantize_in_row_chunks_matches_triton(dtype, monkeypatch):
+    """The torch reference casts large tensors in row chunks; force tiny chunks and compare with Triton."""
+    monkeypatch.setattr(quantize_ref, "_CHUNK_ELEMENTS", 100)
+    for x in (_data((3, 10, 48), seed=8), _data((30, 48), seed=9, dtype=torch.bfloat16)):
+        for granularity in ("tensorwise", "rowwise"):
+            q_ref, s_ref = quantize_ref.quantize(x, dtype, granularity)
+            q_tri, s_tri = quantize_triton.quantize(x, dtype, granularity)
+            assert torch.equal(s_tri, s_ref) and torch.equal(_bits(q_tri), _bits(q_ref))
+    x = _data((30, 48), seed=10)
+    q_ref, scale, amax = quantize_ref.quantize_with_amax(x, dtype, x.abs().max() / 2)
+    q_tri, _, _ = quantize_triton.quantize_with_amax(x, dtype, x.abs().max() / 2)
+    assert torch.equal(_bits(q_tri), _bits(q_ref))
+
+
+@pytest.mark.parametrize("dtype", FP8, ids=str)
+def test_fp8_rounding_every_value_and_tie(dtype):
+    """Every finite fp8 value, the midpoints between neighbours (ties to even) and values just off them, cast
+    with scale 1 (amax = qmax): both backends must equal torch's own fp32 -> fp8 cast."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+    grid = torch.unique(codes[torch.isfinite(codes)])
+    mids = (grid[1:] + grid[:-1]) / 2
+    near = torch.cat([torch.nextafter(mids, grid[1:]), torch.nextafter(mids, grid[:-1])])
+    x = torch.cat([grid, mids, near, torch.tensor([7.935, -7.935, 7.97])]).reshape(1, -1)
+    assert x.abs().max() == QMAX[dtype]  # so the tensorwise scale is exactly 1
+    expected = x.to(dtype)
+    for impl in (quantize_ref, quantize_triton):
+        q, scale = impl.quantize(x, dtype, "tensorwise")
+        assert scale.item() == 1.0
+        assert torch.equal(_bits(q), _bits(expected)), impl.__name__
+    if dtype == torch.float8_e4m3fn:
+        assert quantize_triton.quantize(x, dtype, "tensorwise")[0][0, -3].float() == 8.0  # the carry case
+
+
+def test_int8_rounds_half_to_even():
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 3.49, -126.5]])
+    for impl in (quantize_ref, quantize_triton):
+        q, scale = impl.quantize(x, torch.int8, "tensorwise")
+        assert scale.item() == 1.0
+        assert q.tolist() == torch.round(x).to(torch.int8).tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("granularity,block,shape", LAYOUTS)
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_quantize_round_trip_error_bound(dtype, granularity, block, shape, power_of_two):
+    """|x - q * scale| <= scale * ulp(q) / 2 (+ the fp32 rounding of x / scale); the largest element of each
+    group lands on qmax (current scaling uses the full range) unless power-of-two scales shrink it by < 2x."""
+    x = _data(shape, seed=2)
+    q, scale = kernels.quantize(x, dtype, granularity, block, power_of_two=power_of_two)
+    full_scale = expand_scale(scale, shape, block)
+    err = (x - dequantize(q, scale, block)).abs()
+    bound = full_scale * ulp_of(q, dtype) / 2 + x.abs() * 2.0**-22
+    assert (err <= bound).all(), (err - bound).max()
+    qmax = QMAX[dtype]
+    peak = q.float().abs()
+    if granularity == "rowwise":
+        peak = peak.amax(dim=-1)
+    elif granularity == "tensorwise":
+        peak = peak.max()
+    else:
+        peak = quantize_ref.amax_of(q.float(), "blockwise", block)
+    if power_of_two:
+        assert (torch.log2(scale) == torch.round(torch.log2(scale))).all()
+        assert ((peak > qmax / 2 - 1) & (peak <= qmax)).all()
+    else:
+        assert (peak == qmax).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_nonfinite_input_gives_nonfinite_scale(impl):
+    module = quantize_ref if impl == "torch" else quantize_triton
+    x = _data((4, 40))
+    x[1, 3] = float("inf")
+    x[2, 5] = float("nan")
+    _, scale = module.quantize(x, torch.float8_e4m3fn, "rowwise")
+    assert torch.isfinite(scale[[0, 3]]).all() and not torch.isfinite(scale[[1, 2]]).any()
+    _, scale = module.quantize(x, torch.int8, "tensorwise")
+    assert not torch.isfinite(scale)
+    _, _, x_amax = module.quantize_with_amax(x, torch.float8_e4m3fn, torch.tensor(1.0))
+    assert not torch.isfinite(x_amax)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_quantize_with_amax_saturates_and_reports_own_amax(impl):
+    module = quantize_ref if impl == "torch" else quantize_triton
+    x = _data((8, 50), seed=3)
+    given = x.abs().max() / 4  # a history max smaller than this tensor: the top values saturate
+    q, scale, x_amax = module.quantize_with_amax(x, torch.float8_e4m3fn, given)
+    assert scale.item() == pytest.approx(given.item() / 448.0, rel=1e-7)
+    assert x_amax.item() == x.abs().max().item()
+    over = x.abs() > 448.0 * scale
+    assert over.any() and (q.float()[over].abs() == 448.0).all()
+    assert torch.isfinite(q.float()).all()
+
+
+# ---- scaled GEMM --------------------------------------------------------------------------------------------
+
+GEMM_LAYOUTS = [  # (a granularity, a block, b granularity, b block)
+    ("tensorwise", None, "tensorwise", None),
+    ("rowwise", None, "rowwise", None),
+    ("rowwise", None, "tensorwise", None),
+    ("blockwise", (1, 128), "blockwise", (128, 128)),
+    ("blockwise", (1, 32), "rowwise", None),
+]
+GEMM_DTYPES = [
+    (torch.int8, torch.int8),
+    (torch.float8_e4m3fn, torch.float8_e4m3fn),
+    (torch.float8_e5m2, torch.float8_e4m3fn),
+]
+
+
+@pytest.mark.parametrize("a_dtype,b_dtype", GEMM_DTYPES, ids=str)
+@pytest.mark.parametrize("ga,ba,gb,bb", GEMM_LAYOUTS)
+def test_scaled_mm_matches_dequantised_matmul(a_dtype, b_dtype, ga, ba, gb, bb):
+    """Both backends equal the float64 product of the dequantised operands to fp32 accumulation accuracy:
+    |err| <= 2 K eps32 (|A| @ |B|.T) + |bias| eps32."""
+    m, n, k = 40, 36, 200
+    a, a_scale = quantize_ref.quantize(_data((m, k), seed=4), a_dtype, ga, ba)
+    b, b_scale = quantize_ref.quantize(_data((n, k), seed=5), b_dtype, gb, bb)
+    bias = torch.randn(n)
+    deq_a, deq_b = dequantize(a, a_scale, ba).double(), dequantize(b, b_scale, bb).double()
+    exact = deq_a @ deq_b.t() + bias.double()
+    bound = 2 * k * 2.0**-24 * (deq_a.abs() @ deq_b.abs().t()) + bias.double().abs() * 2.0**-24
+    for impl in (gemm_ref, gemm_triton):
+        out = impl.scaled_mm(a, a_scale, b, b_scale, a_block=ba, b_block=bb, bias=bias)
+        assert out.dtype == torch.float32 and out.shape == (m, n)
+        assert ((out.double() - exact).abs() <= bound).all(), impl.__name__
+
+
+@pytest.mark.parametrize("impl", [gemm_ref, gemm_triton], ids=["torch", "triton"])
+def test_scaled_mm_bf16_output_and_transposed_operand(impl):
+    m, n, k = 24, 40, 48
+    a, a_scale = quantize_ref.quantize(_data((m, k), seed=6), torch.int8, "rowwise")
+    w, w_scale = quantize_ref.quantize(_data((k, n), seed=7), torch.int8, "tensorwise")
+    out = impl.scaled_mm(a, a_scale, w.t(), w_scale, out_dtype=torch.bfloat16)  # b given as a transposed view
+    deq_a, deq_w = dequantize(a, a_scale).double(), dequantize(w, w_scale).double()
+    exact = deq_a @ deq_w
+    bound = exact.abs() * 2.0**-8 + 2 * k * 2.0**-24 * (
+        deq_a.abs() @ deq_w.abs()
+    )  # bf16 rounding + fp32 sums
+    assert out.dtype == torch.bfloat16
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+def test_int8_gemm_accumulates_exactly_in_int32():
+    """K large enough that fp32 accumulation of int8 products would round: the int32 path must not."""
+    k = 4096
+    a = torch.full((4, k), 127, dtype=torch.int8)
+    b = torch.full((4, k), 127, dtype=torch.int8)
+    b[0, 0] = 126  # 127*127*4096 - 127 is not representable in fp32 (> 2**24)
+    one = torch.tensor(1.0)
+    for impl in (gemm_ref, gemm_triton):
+        out = impl.scaled_mm(a, one, b, one, out_dtype=torch.float32)
+        assert out[0, 0].item() == float(torch.tensor(127 * 127 * k - 127, dtype=torch.float32))
+        assert out[0, 1].item() == 127 * 127 * k
+
+
+def test_scale_shape_errors_name_the_fix():
+    a, a_scale = quantize_ref.quantize(_data((8, 256)), torch.int8, "blockwise", (1, 128))
+    b, b_scale = quantize_ref.quantize(_data((16, 256)), torch.int8, "rowwise")
+    with pytest.raises(ValueError, match="a_block"):
+        gemm_ref.scaled_mm(a, a_scale, b, b_scale)  # blockwise scale without its block
+    with pytest.raises(ValueError, match=r"needs \(8, 4\)"):
+        gemm_ref.scaled_mm(a, a_scale, b, b_scale, a_block=(1, 64))
+    with pytest.raises(ValueError, match="int8 operands multiply only with int8"):
+        gemm_ref.scaled_mm(a, a_scale, b.view(torch.float8_e4m3fn), b_scale, a_block=(1, 128))
+    with pytest.raises(ValueError, match="not a low-precision format"):
+        kernels.quantize(_data((2, 4)), torch.float16, "rowwise")
+    with pytest.raises(ValueError, match="only applies to granularity='blockwise'"):
+        kernels.quantize(_data((2, 4)), torch.int8, "rowwise", (1, 2))
+
+
+def test_dispatch_picks_torch_on_cpu_and_honours_override(monkeypatch):
+    monkeypatch.delenv("SYSOPT_KERNEL_BACKEND", raising=False)
+    assert kernels.backend_for("cpu") == "torch"
+    monkeypatch.setenv("SYSOPT_KERNEL_BACKEND", "triton")
+    assert kernels.backend_for("cpu") == "triton"
+    x = _data((3, 40))
+    q, s = kernels.quantize(x, torch.int8, "rowwise")  # runs the interpreted Triton kernel
+    q_ref, s_ref = quantize_ref.quantize(x, torch.int8, "rowwise")
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    monkeypatch.setenv("SYSOPT_KERNEL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SYSOPT_KERNEL_BACKEND"):
+        kernels.backend_for("cpu")
+
+
+def test_import_does_not_need_triton():
+    """`import sysopt.kernels` (and a CPU quantise + GEMM) must not import Triton."""
+    code = (
+        "import sys, torch; import sysopt.kernels as k; "
+        "q, s = k.quantize(torch.randn(4, 8), torch.int8, 'rowwise'); k.scaled_mm(q, s, q, s); "
+        "assert 'triton' not in sys.modules, 'triton imported'"
+    )
+    env = {
+        key: v for key, v in os.environ.items() if key not in ("TRITON_INTERPRET", "SYSOPT_KERNEL_BACKEND")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_mantissa_table_matches_torch_finfo():
+    for dtype, m in MANTISSA_BITS.items():
+        assert torch.finfo(dtype).eps == 2.0**-m
+        assert torch.finfo(dtype).max == QMAX[dtype]

@@ -1,0 +1,365 @@
+"""sysopt.precision: recipes, the low-precision linear (numerics per GEMM), delayed scaling, overflow
+detection, convert() and precision='auto'."""
+
+import importlib
+import logging
+import os
+from dataclasses import replace
+
+os.environ["TRITON_INTERPRET"] = "1"  # for the one test that runs the layer on the Triton kernels
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import sysopt.precision as P  # noqa: E402
+from sysopt import kernels  # noqa: E402
+from sysopt.hardware.profile import Calibration, CPUInfo, GPUInfo, HardwareProfile, MatmulPoint  # noqa: E402
+from sysopt.kernels.formats import MANTISSA_BITS, MIN_NORMAL_EXP, QMAX  # noqa: E402
+from sysopt.precision import scaling  # noqa: E402
+
+DTYPE_OF = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "int8": torch.int8}
+
+
+def _layer(recipe, in_features=96, out_features=80, seed=0):
+    torch.manual_seed(seed)
+    return P.LowPrecisionLinear.from_linear(nn.Linear(in_features, out_features), recipe)
+
+
+def _elementwise_error(t: torch.Tensor, fmt: str, pow2: bool) -> torch.Tensor:
+    """Upper bound on |t - dequant(quant(t))| per element for format `fmt`, valid for any scaling group
+    (a group's amax is at most the tensor's) and for power-of-two scales (at most 2x larger)."""
+    a = t.abs().double()
+    if fmt == "high":
+        return torch.zeros_like(a)
+    if fmt == "bf16":
+        return a * 2.0**-9
+    dtype = DTYPE_OF[fmt]
+    scale = a.max() / QMAX[dtype] * (2 if pow2 else 1)
+    fp32_rounding = a * 2.0**-22
+    if dtype == torch.int8:
+        return scale / 2 + fp32_rounding
+    m, e = MANTISSA_BITS[dtype], MIN_NORMAL_EXP[dtype]
+    return torch.maximum(a * 2.0 ** -(m + 1), scale * 2.0 ** (e - m - 1)) + fp32_rounding
+
+
+def _gemm_bound(a, b, formats, pow2):
+    """|low(a @ b.T) - a @ b.T| <= Ea|b| + |a|Eb + EaEb + fp32 accumulation (+ bf16 output rounding)."""
+    ea, eb = _elementwise_error(a, formats[0], pow2), _elementwise_error(b, formats[1], pow2)
+    aa, bb = a.abs().double(), b.abs().double()
+    bound = ea @ bb.t() + aa @ eb.t() + ea @ eb.t() + a.shape[1] * 2.0**-23 * (aa @ bb.t())
+    if formats[0] == "bf16":
+        bound += (a.double() @ b.double().t()).abs() * 2.0**-8
+    return bound
+
+
+@pytest.mark.parametrize("name", sorted(P.RECIPES))
+def test_linear_forward_backward_within_format_bounds(name):
+    recipe = P.recipe(name)
+    layer = _layer(recipe)
+    x = (torch.randn(2, 30, 96) * torch.linspace(0.1, 10, 96)).requires_grad_()
+    dy = torch.randn(2, 30, 80)
+    y = layer(x)
+    y.backward(dy)
+    w, x2, dy2 = layer.weight.detach(), x.detach().reshape(-1, 96), dy.reshape(-1, 80)
+    pow2 = recipe.power_of_two_scales
+    checks = {
+        "forward": (y.detach().reshape(-1, 80) - layer.bias.detach(), x2 @ w.t(), x2, w),
+        "grad_input": (x.grad.reshape(-1, 96), dy2 @ w, dy2, w.t()),
+        "grad_weight": (layer.weight.grad, dy2.t() @ x2, dy2.t(), x2.t()),
+    }
+    for gemm, (got, exact, a, b) in checks.items():
+        err = (got.double() - exact.double()).abs()
+        bound = _gemm_bound(a, b, getattr(recipe, gemm), pow2)
+        assert (err <= bound).all(), f"{name} {gemm}: max excess {(err - bound).max().item():.3g}"
+        if recipe.is_low_precision(gemm):
+            assert err.max() > 0, f"{name} {gemm} was not quantised"
+    assert torch.equal(layer.bias.grad, dy2.sum(0))
+    assert P.check_finite(layer)
+
+
+def _spy(monkeypatch):
+    """Record the dtypes of every scaled GEMM the layer runs."""
+    calls = []
+    real = kernels.scaled_mm
+
+    def spy(a, a_scale, b, b_scale, **kw):
+        calls.append((tuple(a.shape), tuple(b.shape), a.dtype, b.dtype))
+        return real(a, a_scale, b, b_scale, **kw)
+
+    monkeypatch.setattr(kernels, "scaled_mm", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(P.RECIPES))
+def test_recipe_gemm_formats_are_honoured(name, monkeypatch):
+    recipe = P.recipe(name)
+    calls = _spy(monkeypatch)
+    layer = _layer(recipe, 64, 48)
+    x = torch.randn(20, 64, requires_grad=True)
+    layer(x).backward(torch.randn(20, 48))
+    shapes = {
+        "forward": ((20, 64), (48, 64)),
+        "grad_input": ((20, 48), (64, 48)),
+        "grad_weight": ((48, 20), (64, 20)),
+    }
+    expected = [
+        (*shapes[g], DTYPE_OF[getattr(recipe, g)[0]], DTYPE_OF[getattr(recipe, g)[1]])
+        for g in P.GEMMS
+        if recipe.is_low_precision(g)
+    ]
+    assert calls == expected
+
+
+def test_int8_rowwise_grad_weight_is_high_precision():
+    """SwitchBack: the grad-weight GEMM takes no int8 path; given the same grad-output it equals the fp32
+    GEMM exactly (grad_weight='high'), or the bf16 GEMM (the named recipe) to its output rounding."""
+    x = torch.randn(40, 96)
+    dy = torch.randn(40, 80)
+    layer = _layer(replace(P.recipe("int8_rowwise"), grad_weight="high"))
+    layer(x).backward(dy)
+    assert torch.equal(layer.weight.grad, dy.t() @ x)
+    layer = _layer(P.recipe("int8_rowwise"))
+    layer(x).backward(dy)
+    exact = dy.bfloat16().double().t() @ x.bfloat16().double()  # products of bf16 values, summed exactly
+    bound = exact.abs() * 2.0**-8 + 40 * 2.0**-23 * (
+        dy.bfloat16().double().abs().t() @ x.bfloat16().double().abs()
+    )
+    assert ((layer.weight.grad.double() - exact).abs() <= bound).all()
+
+
+def test_high_precision_forward_equals_nn_linear():
+    recipe = P.Recipe(
+        "fwd_high", forward="high", grad_input="int8", grad_weight="int8", granularity="rowwise"
+    )
+    layer = _layer(recipe)
+    x = torch.randn(7, 96)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_delayed_scaling_uses_amax_history(monkeypatch):
+    """Scale at step t comes from max(amax[t-H:t]); a spike saturates its own step (finite output) and
+    raises the scale for the next H steps; the history holds the latest H amaxes."""
+    recipe = replace(P.recipe("fp8_tensorwise_delayed"), amax_history_len=3)
+    layer = _layer(recipe, 32, 16)
+    used = []
+    real = kernels.quantize_with_amax
+
+    def spy(x, dtype, amax, **kw):
+        q, scale, x_amax = real(x, dtype, amax, **kw)
+        if x.shape == (8, 32):  # the input operand
+            used.append((amax.item(), q.float().abs().max().item()))
+        return q, scale, x_amax
+
+    monkeypatch.setattr(kernels, "quantize_with_amax", spy)
+    base = torch.randn(8, 32)
+    base = base / base.abs().max()
+    amaxes = [1.0, 8.0, 2.0, 3.0, 0.5, 0.5]
+    for a in amaxes:
+        y = layer(base * a)
+        assert torch.isfinite(y).all()
+    # step 0 used current scaling; steps 1.. used the history max of the previous (up to) 3 amaxes
+    assert [u[0] for u in used] == [max(amaxes[max(0, t - 3) : t]) for t in range(1, len(amaxes))]
+    assert used[0][1] == 448.0  # the 8x spike saturated at qmax in its own step
+    assert layer.amax_history[0].tolist() == [0.5, 0.5, 3.0]
+    assert torch.allclose(layer.amax_history[1], layer.weight.detach().abs().max().expand(3))
+    # checkpointed (persistent) for delayed scaling only
+    assert "amax_history" in layer.state_dict()
+    assert "amax_history" not in _layer(P.recipe("fp8_rowwise")).state_dict()
+
+
+def test_nonfinite_forward_is_flagged_and_step_skipped(caplog):
+    model = nn.Sequential(nn.Linear(8, 8), _layer(P.recipe("int8_rowwise"), 96, 80))
+    x = torch.randn(4, 96)
+    x[1, 2] = float("inf")
+    model[1](x)
+    assert P.nonfinite_layers(model) == [("1", "forward")]
+    with caplog.at_level(logging.WARNING, logger="sysopt.precision.overflow"):
+        assert P.check_finite(model) is False
+    assert "1.forward" in caplog.text and "skip" in caplog.text
+    assert P.check_finite(model) is True  # flags were reset
+    model[1](torch.randn(4, 96))
+    assert P.check_finite(model) is True
+
+
+def test_nonfinite_gradient_is_flagged_and_can_raise():
+    layer = _layer(P.recipe("fp8_rowwise"))
+    x = torch.randn(4, 96, requires_grad=True)
+    dy = torch.randn(4, 80)
+    dy[0, 0] = float("nan")
+    layer(x).backward(dy)
+    with pytest.raises(P.NonFiniteError) as info:
+        P.check_finite(layer, raise_error=True)
+    assert ("", "grad_input") in info.value.where and ("", "grad_weight") in info.value.where
+
+
+def test_delayed_history_is_not_poisoned_by_inf():
+    layer = _layer(P.recipe("fp8_tensorwise_delayed"), 32, 16)
+    layer(torch.randn(8, 32))
+    bad = torch.randn(8, 32)
+    bad[0, 0] = float("inf")
+    layer(bad)
+    assert not P.check_finite(layer)
+    assert torch.isfinite(layer.amax_history).all()
+    y = layer(torch.randn(8, 32))
+    assert torch.isfinite(y).all() and P.check_finite(layer)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    layer = _layer(P.recipe("int8_rowwise"))
+    x = torch.randn(6, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+
+
+def test_linear_on_triton_backend_matches_torch_backend(monkeypatch):
+    """The layer on the (interpreted) Triton kernels: transposed/strided operands, every recipe family."""
+    for module in ("quantize_triton", "gemm_triton"):
+        importlib.reload(importlib.import_module(f"sysopt.kernels.{module}"))
+    x = torch.randn(24, 64)
+    dy = torch.randn(24, 48)
+    small_blocks = replace(
+        P.recipe("fp8_blockwise"), activation_block=(8, 32), weight_block=(32, 32)
+    )  # fewer
+    for recipe in (P.recipe("int8_rowwise"), small_blocks, P.recipe("fp8_tensorwise_delayed")):  # programs
+        results = []
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("SYSOPT_KERNEL_BACKEND", backend)
+            layer = _layer(recipe, 64, 48)
+            xg = x.clone().requires_grad_()
+            y = layer(xg)
+            y.backward(dy)
+            results.append((y, xg.grad, layer.weight.grad))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- recipes -----------------------------------------------------------------------------------------------
+
+
+def test_recipes_round_trip_json_and_validate():
+    for r in P.RECIPES.values():
+        assert P.Recipe.from_json(r.to_json()) == r
+    assert P.recipe("int8_rowwise").grad_weight == ("bf16", "bf16")
+    assert P.recipe("fp8_tensorwise_delayed").grad_input == ("e5m2", "e4m3")
+    with pytest.raises(ValueError, match="tensorwise"):
+        P.Recipe("x", granularity="rowwise", scaling="delayed")
+    with pytest.raises(ValueError, match="int8 multiplies only with int8"):
+        P.Recipe("x", forward=("int8", "e4m3"))
+    with pytest.raises(ValueError, match="not one of"):
+        P.Recipe("x", forward="fp16")
+    with pytest.raises(ValueError, match="named recipes"):
+        P.recipe("fp4")
+
+
+# ---- convert -----------------------------------------------------------------------------------------------
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+        nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+def _converted(model):
+    return [fqn for fqn, m in model.named_modules() if isinstance(m, P.LowPrecisionLinear)]
+
+
+def test_convert_default_skips_first_last_and_small():
+    model = _mlp()
+    params = [id(p) for p in model.parameters()]
+    x = torch.randn(16, 32)
+    before = model(x)
+    P.convert(model, "int8_rowwise")
+    assert _converted(model) == ["2", "4"]  # not 0 (first), 8 (last) or 6 (64 < MIN_FEATURES outputs)
+    assert [id(p) for p in model.parameters()] == params  # same Parameters: optimizers stay valid
+    after = model(x)
+    assert ((after - before).norm() / before.norm()) < 0.02
+
+
+def test_convert_filter_fn_overrides_default():
+    model = _mlp()
+    seen = []
+
+    def only_first(module, fqn):
+        seen.append(fqn)
+        return fqn == "0"
+
+    P.convert(model, P.recipe("fp8_rowwise"), filter_fn=only_first)
+    assert seen == ["0", "2", "4", "6", "8"]
+    assert _converted(model) == ["0"] and model[0].recipe.name == "fp8_rowwise"
+
+
+def test_convert_swaps_registered_types(monkeypatch):
+    class Proj(nn.Module):  # stands in for a tensor-parallel linear
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(512, 512)
+
+    swaps = importlib.import_module("sysopt.precision.convert")._SWAPS
+    monkeypatch.setitem(swaps, Proj, swaps[nn.Linear])  # removed again after the test
+    P.register_swap(Proj, lambda m, r: P.LowPrecisionLinear.from_linear(m.linear, r), lambda m: (512, 512))
+    model = nn.Sequential(nn.Linear(8, 512), Proj(), nn.Linear(512, 8))
+    P.convert(model, "int8_tensorwise", filter_fn=lambda m, fqn: isinstance(m, Proj))
+    assert isinstance(model[1], P.LowPrecisionLinear) and model[1].recipe.name == "int8_tensorwise"
+
+
+def _profile(isa=("avx2", "avx512f", "avx512_vnni"), gpus=(), rates=None):
+    calibration = None
+    if rates is not None:
+        calibration = Calibration(
+            device="cpu",
+            matmul=tuple(MatmulPoint(d, 1024, 1024, 1024, 2 * 1024**3 / r, r) for d, r in rates.items()),
+            matmul_flops_per_s=dict(rates), copy={}, p2p=None, allreduce=None, collective_world_size=1,
+            collective_backend="gloo", optimizer_params_per_s={"host": 1e9, "device": 1e9}, created="now",
+        )  # fmt: skip
+    cpu = CPUInfo("test cpu", 2, 2, tuple(isa), 24 << 30)
+    return HardwareProfile(cpu=cpu, gpus=tuple(gpus), calibration=calibration, created="now")
+
+
+def _gpu(name):
+    return GPUInfo(0, name, 80 << 30, 80 << 30, 5, 16, 0, 1980, 2619)
+
+
+def test_auto_recipe_per_hardware_and_shape():
+    vnni = _profile()
+    assert P.auto_recipe_for(vnni, 4096, 4096, 4096) == "int8_rowwise"
+    assert P.auto_recipe_for(vnni, 64, 64, 64) is None  # quantisation overhead beats the gain
+    assert P.auto_recipe_for(_profile(isa=("avx2",)), 4096, 4096, 4096) is None
+    hopper = _profile(gpus=[_gpu("NVIDIA H100 80GB HBM3")])
+    assert P.auto_recipe_for(hopper, 8192, 8192, 8192) == "fp8_rowwise"
+    assert P.auto_recipe_for(hopper, 128, 128, 128) is None
+    assert (
+        P.auto_recipe_for(_profile(gpus=[_gpu("NVIDIA A100-SXM4-80GB")]), 8192, 8192, 8192) == "int8_rowwise"
+    )
+    # calibrated throughput decides: int8 no faster than fp32 -> stay in high precision
+    assert P.auto_recipe_for(_profile(rates={"fp32": 2e11, "bf16": 8e11, "int8": 1.8e12}), 4096, 4096, 4096)
+    assert (
+        P.auto_recipe_for(_profile(rates={"fp32": 2e11, "bf16": 2e11, "int8": 2e11}), 4096, 4096, 4096)
+        is None
+    )
+
+
+def test_convert_auto_uses_profile_and_tokens():
+    model = nn.Sequential(nn.Linear(32, 2048), nn.Linear(2048, 2048), nn.Linear(2048, 16), nn.Linear(16, 2048),
+                          nn.Linear(2048, 8))  # fmt: skip
+    with pytest.raises(ValueError, match="tokens="):
+        P.convert(model, "auto")
+    P.convert(model, "auto", profile=_profile(), tokens=4096)
+    assert _converted(model) == ["1"]  # 2 and 3 are too small to gain, 0 and 4 are first/last
+    assert model[1].recipe.name == "int8_rowwise"
+
+
+def test_scaling_state_quantized_transpose_is_exact():
+    """Reusing a transposed quantisation (tensorwise, square blocks) equals quantising the transpose."""
+    w = torch.randn(256, 384)
+    for granularity, block in (("tensorwise", None), ("blockwise", (128, 128))):
+        q, s = kernels.quantize(w, torch.float8_e4m3fn, granularity, block)
+        qt = scaling.Quantized(q, s, block).t()
+        q2, s2 = kernels.quantize(w.t(), torch.float8_e4m3fn, granularity, block)
+        assert torch.equal(qt.q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(qt.scale, s2)
