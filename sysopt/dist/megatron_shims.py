@@ -3,6 +3,7 @@
 megatron-core allocates buffers with `device=torch.cuda.current_device()` and, in its schedules,
 `torch.zeros(..., device="cuda")`. Inside the context manager (and only when CUDA is absent) the
 first answers "cpu" and the second lands on the CPU; on exit every patched attribute is restored.
+Not thread-safe against other threads creating CUDA tensors while the block is active.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ def _uninstall() -> None:
 
 
 @contextlib.contextmanager
-def megatron_cpu_shims() -> Iterator[None]:
-    """Run megatron-core calls inside this block on a machine without CUDA (re-entrant; a no-op
-    when CUDA is available, so GPU runs use megatron-core unchanged)."""
+def megatron_cpu_shims(force: bool = False) -> Iterator[None]:
+    """Run megatron-core calls inside this block on CPU tensors (re-entrant). A no-op when CUDA is
+    available, so GPU runs use megatron-core unchanged, unless `force` (CPU/gloo runs on a GPU host)."""
     global _depth
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force:
         yield
         return
     with _lock:

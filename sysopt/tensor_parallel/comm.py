@@ -1,0 +1,108 @@
+"""Asynchronous collectives over any torch.distributed backend, each returned as a `Pending` whose
+`wait()` yields the result tensor; completions are timed through work futures when recording.
+
+gloo's reduce_scatter blocks the caller for most of its duration (torch 2.13), so on gloo a
+reduce-scatter is an all-to-all (truly asynchronous, same bytes on the wire) plus a local sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from sysopt.tensor_parallel import runtime
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class Pending:
+    """A collective in flight."""
+
+    def __init__(
+        self,
+        work: dist.Work | None,
+        result: torch.Tensor,
+        finish: Callable[[], None] | None = None,
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        self._work, self._result, self._finish = work, result, finish
+        self._done_at_wait = done if not _on_completion(work, done) else None
+        self._waited = False
+
+    def wait(self) -> torch.Tensor:
+        if not self._waited:
+            if self._work is not None:
+                self._work.wait()
+            if self._done_at_wait is not None:  # backend without futures: completion seen at wait
+                self._done_at_wait()
+            if self._finish is not None:
+                self._finish()
+            self._waited = True
+        return self._result
+
+
+def _on_completion(work: dist.Work | None, done: Callable[[], None] | None) -> bool:
+    if work is None or done is None:
+        return False
+    try:
+        future = work.get_future()
+    except RuntimeError:  # "getFuture not implemented" on some backends / ops
+        return False
+    future.then(lambda _: done())
+    return True
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Ranks in `group`; 1 when torch.distributed is not initialised (a single-process run)."""
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup | None, name: str = "all_gather") -> Pending:
+    """Concatenate every rank's `x` along dim 0 (rank order)."""
+    x = x.contiguous()
+    if group_size(group) == 1:
+        return Pending(None, x)
+    out = torch.empty((group_size(group) * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    done = runtime.comm_started(name)
+    return Pending(_all_gather(out, x, group=group, async_op=True), out, done=done)
+
+
+def reduce_scatter(
+    x: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    out: torch.Tensor | None = None,
+    name: str = "reduce_scatter",
+) -> Pending:
+    """Sum `x` over ranks and keep this rank's 1/tp slice of dim 0 (written into `out` if given)."""
+    tp = group_size(group)
+    if x.shape[0] % tp:
+        raise ValueError(f"reduce_scatter: dim 0 of size {x.shape[0]} is not divisible by tp={tp}")
+    x = x.contiguous()
+    shape = (x.shape[0] // tp, *x.shape[1:])
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    if tp == 1:
+        return Pending(None, out.copy_(x))
+    done = runtime.comm_started(name)
+    if x.is_cuda and "nccl" in str(dist.get_backend(group)):
+        return Pending(_reduce_scatter(out, x, group=group, async_op=True), out, done=done)
+    received = torch.empty_like(x)
+    work = dist.all_to_all_single(received, x, group=group, async_op=True)
+    return Pending(work, out, finish=lambda: torch.sum(received.view(tp, *shape), dim=0, out=out), done=done)
+
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, name: str = "all_reduce") -> Pending:
+    """Sum `x` over ranks in place (`x` must be contiguous)."""
+    if not x.is_contiguous():
+        raise ValueError("all_reduce: the tensor must be contiguous (it is reduced in place)")
+    if group_size(group) == 1:
+        return Pending(None, x)
+    done = runtime.comm_started(name)
+    return Pending(dist.all_reduce(x, group=group, async_op=True), x, done=done)

@@ -1,0 +1,288 @@
+"""Column- and row-parallel linears over [sequence, batch, hidden] tensors, with optional sequence
+parallelism and a per-layer overlap policy (none / chunked / auto).
+
+Sharding follows megatron-core: a column layer keeps rows rank*out/tp:(rank+1)*out/tp of the dense
+weight ([out/tp, in]), a row layer keeps those columns of it ([out, in/tp]), and sequence shards are
+contiguous slices of dim 0. Gradients come out complete on every rank (no extra reduction step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sysopt.tensor_parallel import comm, runtime
+from sysopt.tensor_parallel.chunk_model import GemmCollective
+from sysopt.tensor_parallel.overlap import (
+    ChunkPlan,
+    GatheredBlocks,
+    OverlapPolicy,
+    flat,
+    gemm_all_reduce,
+    gemm_reduce_scatter,
+    mm_into,
+    resolve_overlap,
+    rows_of,
+)
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_NO_COMM = ChunkPlan(overlap=False, chunks=1)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The non-tensor arguments of one layer call."""
+
+    group: dist.ProcessGroup | None
+    sequence_parallel: bool
+    forward: ChunkPlan
+    backward: ChunkPlan
+    name: str
+
+
+class _ColumnParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, setup: _Setup):
+        x2 = x.reshape(-1, x.shape[-1])
+        n = weight.shape[0]
+        if setup.sequence_parallel:  # all-gather the sequence, then the GEMM
+            tp = comm.group_size(setup.group)
+            out = x2.new_empty(tp * x2.shape[0], n)
+            out3, w_t = out.view(tp, x2.shape[0], n), weight.t()
+
+            def gemm(first: int, row: int, blocks: torch.Tensor) -> None:
+                mm_into(rows_of(out3, first, row, blocks), flat(blocks), w_t, f"{setup.name}.fwd")
+
+            GatheredBlocks(x2, setup.group, setup.forward, f"{setup.name}.fwd.all_gather").consume(gemm)
+            shape = (tp * x.shape[0], *x.shape[1:-1], n)
+        else:
+            out = runtime.mm(x2, weight.t(), name=f"{setup.name}.fwd")
+            shape = (*x.shape[:-1], n)
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(x, weight)
+        ctx.setup, ctx.has_bias = setup, bias is not None
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        setup: _Setup = ctx.setup
+        x2 = x.reshape(-1, x.shape[-1])
+        g2 = grad.reshape(-1, weight.shape[0]).contiguous()
+        if setup.sequence_parallel:
+            # re-gather the input for wgrad while dgrad runs; dgrad chunks feed the reduce-scatter
+            gathered = GatheredBlocks(x2, setup.group, setup.forward, f"{setup.name}.bwd.all_gather")
+            dx = gemm_reduce_scatter(g2, weight, setup.group, setup.backward, f"{setup.name}.dgrad")
+            dw = torch.zeros_like(weight)
+            g3 = g2.view(comm.group_size(setup.group), -1, g2.shape[1])
+
+            def wgrad(first: int, row: int, blocks: torch.Tensor) -> None:
+                g = flat(rows_of(g3, first, row, blocks))
+                runtime.addmm_(dw, g.t(), flat(blocks), name=f"{setup.name}.wgrad")
+
+            gathered.consume(wgrad)  # overlaps the reduce-scatter still in flight
+        else:
+            dx = gemm_all_reduce(g2, weight, setup.group, setup.backward, f"{setup.name}.dgrad")
+            dw = runtime.mm(g2.t(), x2, name=f"{setup.name}.wgrad")  # overlaps the all-reduce
+        db = g2.sum(0) if ctx.has_bias else None
+        return dx.wait().view(x.shape), dw, db, None
+
+
+class _RowParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, bias, setup: _Setup):
+        y2 = y.reshape(-1, y.shape[-1])
+        n = weight.shape[0]
+        if setup.sequence_parallel:  # the GEMM, then reduce-scatter the sequence
+            tp = comm.group_size(setup.group)
+            out = gemm_reduce_scatter(y2, weight.t(), setup.group, setup.forward, f"{setup.name}.fwd").wait()
+            shape = (y.shape[0] // tp, *y.shape[1:-1], n)
+        else:
+            out = gemm_all_reduce(y2, weight.t(), setup.group, setup.forward, f"{setup.name}.fwd").wait()
+            shape = (*y.shape[:-1], n)
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(y, weight)
+        ctx.setup, ctx.has_bias = setup, bias is not None
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weight = ctx.saved_tensors
+        setup: _Setup = ctx.setup
+        y2 = y.reshape(-1, y.shape[-1])
+        g2 = grad.reshape(-1, weight.shape[0]).contiguous()
+        db = None
+        if setup.sequence_parallel:  # all-gather the output gradient; dgrad and wgrad per block
+            tp = comm.group_size(setup.group)
+            dy = y2.new_empty(y2.shape)
+            dy3, y3 = dy.view(tp, -1, dy.shape[1]), y2.reshape(tp, -1, y2.shape[1])
+            dw = torch.zeros_like(weight)
+            db = torch.zeros(weight.shape[0], dtype=g2.dtype, device=g2.device) if ctx.has_bias else None
+
+            def grads(first: int, row: int, blocks: torch.Tensor) -> None:
+                g = flat(blocks)
+                mm_into(rows_of(dy3, first, row, blocks), g, weight, f"{setup.name}.dgrad")
+                runtime.addmm_(dw, g.t(), flat(rows_of(y3, first, row, blocks)), name=f"{setup.name}.wgrad")
+                if db is not None:
+                    db.add_(g.sum(0))
+
+            GatheredBlocks(g2, setup.group, setup.backward, f"{setup.name}.bwd.all_gather").consume(grads)
+        else:  # the output gradient is replicated: no communication
+            dy = runtime.mm(g2, weight, name=f"{setup.name}.dgrad")
+            dw = runtime.mm(g2.t(), y2, name=f"{setup.name}.wgrad")
+            db = g2.sum(0) if ctx.has_bias else None
+        return dy.view(y.shape), dw, db, None
+
+
+class _ParallelLinear(nn.Module):
+    """Shared set-up of the column and row layers."""
+
+    partition_dim: int  # dim of the dense weight that is split across ranks
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        group: dist.ProcessGroup | None = None,
+        sequence_parallel: bool = False,
+        overlap: str | OverlapPolicy = "none",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Initialised like nn.Linear(in_features, out_features) from the current RNG state, then
+        sharded: with the same seed on every rank the layer equals that dense layer."""
+        super().__init__()
+        self._configure(in_features, out_features, group, sequence_parallel, overlap)
+        self._take_shards(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype))
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        *,
+        group: dist.ProcessGroup | None = None,
+        sequence_parallel: bool = False,
+        overlap: str | OverlapPolicy = "none",
+    ):
+        """This rank's shard of an existing dense nn.Linear (copied, not shared)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._configure(linear.in_features, linear.out_features, group, sequence_parallel, overlap)
+        layer._take_shards(linear)
+        return layer
+
+    def _configure(self, in_features, out_features, group, sequence_parallel, overlap) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.group, self.sequence_parallel = group, bool(sequence_parallel)
+        self.overlap = resolve_overlap(overlap)
+        self.tp_size, self.tp_rank = comm.group_size(group), comm.group_rank(group)
+        split = out_features if self.partition_dim == 0 else in_features
+        if split % self.tp_size:
+            side = "out_features" if self.partition_dim == 0 else "in_features"
+            raise ValueError(
+                f"{type(self).__name__}: {side}={split} is not divisible by tp={self.tp_size}; "
+                f"choose {side} as a multiple of {self.tp_size}"
+            )
+        self._plans: dict[tuple, tuple[ChunkPlan, ChunkPlan]] = {}
+        self.last_plans: dict[str, ChunkPlan] = {}
+
+    def _take_shards(self, linear: nn.Linear) -> None:
+        w = linear.weight.detach()
+        part = w.shape[self.partition_dim] // self.tp_size
+        shard = w.narrow(self.partition_dim, self.tp_rank * part, part)
+        self.weight = nn.Parameter(shard.clone())
+        if linear.bias is None:
+            self.bias = None
+        else:
+            b = linear.bias.detach()
+            self.bias = nn.Parameter(
+                (b[self.tp_rank * part : (self.tp_rank + 1) * part] if self.partition_dim == 0 else b).clone()
+            )
+
+    def _ops(self, rows: int, dtype: str) -> tuple[GemmCollective | None, GemmCollective | None]:
+        raise NotImplementedError
+
+    def _setup(self, x: torch.Tensor, local_rows: int) -> _Setup:
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._plans:
+            fwd_op, bwd_op = self._ops(local_rows, _DTYPE_NAMES.get(x.dtype, "fp32"))
+            plan = (
+                _NO_COMM if fwd_op is None or self.tp_size == 1 else self.overlap.plan(fwd_op),
+                _NO_COMM if bwd_op is None or self.tp_size == 1 else self.overlap.plan(bwd_op),
+            )
+            self._plans[key] = plan
+        fwd, bwd = self._plans[key]
+        self.last_plans = {"forward": fwd, "backward": bwd}
+        return _Setup(self.group, self.sequence_parallel, fwd, bwd, type(self).__name__)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, tp={self.tp_size}, "
+            f"bias={self.bias is not None}, sequence_parallel={self.sequence_parallel}, overlap={self.overlap}"
+        )
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """y = x @ W.T + b with W split by output rows: [out/tp, in] per rank; the output stays split
+    along its last dim. With sequence parallelism the input is this rank's sequence shard
+    [S/tp, B, in] and is all-gathered (overlapped per the policy); otherwise the input is the full,
+    replicated [S, B, in] and its gradient is all-reduced in backward."""
+
+    partition_dim = 0
+
+    def _ops(self, rows, dtype):
+        n, k, tp = self.weight.shape[0], self.in_features, self.tp_size
+        if self.sequence_parallel:
+            return (
+                GemmCollective("all_gather", rows, n, k, tp, dtype),
+                GemmCollective("reduce_scatter", rows, k, n, tp, dtype),
+            )
+        return None, GemmCollective("all_reduce", rows, k, n, tp, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"ColumnParallelLinear: input last dim {x.shape[-1]} != in_features={self.in_features}"
+            )
+        return _ColumnParallel.apply(x, self.weight, self.bias, self._setup(x, x.numel() // x.shape[-1]))
+
+
+class RowParallelLinear(_ParallelLinear):
+    """y = x @ W.T + b with W split by input columns: [out, in/tp] per rank; the input is split
+    along its last dim (a column layer's output). Partial products are reduce-scattered to this
+    rank's sequence shard [S/tp, B, out] with sequence parallelism, else all-reduced to the full
+    [S, B, out]; the collective is overlapped with the GEMM per the policy."""
+
+    partition_dim = 1
+
+    def _ops(self, rows, dtype):
+        n, k, tp = self.out_features, self.weight.shape[1], self.tp_size
+        if self.sequence_parallel:
+            return (
+                GemmCollective("reduce_scatter", rows, n, k, tp, dtype),
+                GemmCollective("all_gather", rows, k, n, tp, dtype, gemms_per_block=2),
+            )
+        return GemmCollective("all_reduce", rows, n, k, tp, dtype), None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] * self.tp_size != self.in_features:
+            raise ValueError(
+                f"RowParallelLinear: input last dim {x.shape[-1]} should be in_features/tp = "
+                f"{self.in_features}/{self.tp_size} (the output of a ColumnParallelLinear)"
+            )
+        rows = x.numel() // x.shape[-1]
+        if self.sequence_parallel:
+            if x.shape[0] % self.tp_size:
+                raise ValueError(
+                    f"RowParallelLinear: sequence length {x.shape[0]} is not divisible by tp={self.tp_size}; "
+                    f"sequence parallelism needs whole shards: pad the sequence to a multiple of {self.tp_size}"
+                )
+            rows //= self.tp_size
+        return _RowParallel.apply(x, self.weight, self.bias, self._setup(x, rows))

@@ -1,0 +1,247 @@
+"""Overlap policies (`none`, `chunked`, `auto`) and the GEMM+collective kernels they drive.
+
+`chunked` is T3 in software: a GEMM feeding a reduce-scatter / all-reduce runs in k row chunks
+and each chunk's asynchronous collective starts as soon as its rows exist; an all-gather feeding
+a GEMM starts on the local shard while the remote shards arrive in k asynchronous all-gathers.
+`none` runs the collective and the GEMM one after the other. `auto` picks k per GEMM from the
+HardwareProfile (see chunk_model). Every rank must resolve the same plan (same profile, shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sysopt.hardware.profile import HardwareProfile
+from sysopt.tensor_parallel import comm, runtime
+from sysopt.tensor_parallel.chunk_model import CHUNK_OVERHEAD_S, GemmCollective, choose_chunks_for
+
+STRATEGIES = ("none", "chunked", "auto")
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How one GEMM+collective runs: overlapped or not, in how many chunks."""
+
+    overlap: bool
+    chunks: int
+    predicted_s: float | None = None  # auto: modelled pipeline time
+    serial_s: float | None = None  # auto: modelled time without overlap
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "overlap": self.overlap,
+            "chunks": self.chunks,
+            "predicted_s": self.predicted_s,
+            "serial_s": self.serial_s,
+        }
+
+
+@dataclass(frozen=True)
+class OverlapPolicy:
+    """strategy: "none" | "chunked" | "auto"; chunks: k for "chunked"; max_chunks: the largest k
+    "auto" considers; chunk_overhead_s: host cost per chunk in auto's model; profile: the
+    calibrated HardwareProfile "auto" reads (default: the cached one)."""
+
+    strategy: str = "none"
+    chunks: int = 4
+    max_chunks: int = 16
+    chunk_overhead_s: float = CHUNK_OVERHEAD_S
+    profile: HardwareProfile | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"overlap strategy={self.strategy!r} is not one of {STRATEGIES}")
+        for name in ("chunks", "max_chunks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"OverlapPolicy.{name}={value!r} must be a positive integer")
+
+    def plan(self, op: GemmCollective) -> ChunkPlan:
+        if self.strategy == "none":
+            return ChunkPlan(overlap=False, chunks=1)
+        if self.strategy == "chunked":
+            if self.chunks > op.rows:
+                raise ValueError(
+                    f"overlap chunks={self.chunks} cannot split the {op.rows} rows (sequence x batch on "
+                    f"each rank) of a GEMM feeding {op.kind}: use chunks <= {op.rows}, a longer "
+                    f"sequence, or overlap='auto'"
+                )
+            return ChunkPlan(overlap=True, chunks=self.chunks)
+        choice = choose_chunks_for(self._profile(), op, self.max_chunks, self.chunk_overhead_s)
+        return ChunkPlan(
+            overlap=True, chunks=choice.chunks, predicted_s=choice.predicted_s, serial_s=choice.serial_s
+        )
+
+    def _profile(self) -> HardwareProfile:
+        if self.profile is not None:
+            return self.profile
+        from sysopt.hardware.cache import load_cached
+
+        profile = load_cached()
+        if profile is None:
+            raise ValueError(
+                "overlap='auto' needs a calibrated HardwareProfile and none is cached; pass "
+                "OverlapPolicy('auto', profile=sysopt.hardware.load_or_calibrate()) or calibrate once "
+                "with sysopt.hardware.load_or_calibrate(quick=True)"
+            )
+        object.__setattr__(self, "profile", profile)  # cache on the (frozen) policy
+        return profile
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "chunks": self.chunks,
+            "max_chunks": self.max_chunks,
+            "chunk_overhead_s": self.chunk_overhead_s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OverlapPolicy:
+        return cls(d["strategy"], int(d["chunks"]), int(d["max_chunks"]), float(d["chunk_overhead_s"]))
+
+
+def resolve_overlap(overlap: str | OverlapPolicy) -> OverlapPolicy:
+    """A policy from a policy or a name: "none", "chunked" (k=4), "chunked:<k>", "auto"."""
+    if isinstance(overlap, OverlapPolicy):
+        return overlap
+    if isinstance(overlap, str):
+        name, _, k = overlap.partition(":")
+        if name == "chunked" and k:
+            if not k.isdigit():
+                raise ValueError(
+                    f"overlap={overlap!r}: the chunk count after ':' must be an integer, e.g. 'chunked:8'"
+                )
+            return OverlapPolicy("chunked", chunks=int(k))
+        if name in STRATEGIES and not k:
+            return OverlapPolicy(name)
+    raise ValueError(
+        f"overlap={overlap!r} must be an OverlapPolicy or one of 'none', 'chunked', 'chunked:<k>', 'auto'"
+    )
+
+
+def chunk_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
+    """`chunks` contiguous row ranges covering 0..rows, sizes differing by at most one."""
+    if not 1 <= chunks <= rows:
+        raise ValueError(f"cannot split {rows} rows into chunks={chunks}; use 1 <= chunks <= {rows}")
+    base, extra = divmod(rows, chunks)
+    bounds, start = [], 0
+    for i in range(chunks):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+class InFlight:
+    """Collectives launched for one result; wait() completes them all and returns the result."""
+
+    def __init__(self, pending: list[comm.Pending], result: torch.Tensor) -> None:
+        self.pending, self.result = pending, result
+
+    def wait(self) -> torch.Tensor:
+        for p in self.pending:
+            p.wait()
+        return self.result
+
+
+# consumer(first_rank, row, blocks): blocks[i] holds rows row:row+blocks.shape[1] of rank
+# first_rank+i's shard (blocks is [ranks, rows, k], contiguous)
+Consumer = Callable[[int, int, torch.Tensor], None]
+
+
+class GatheredBlocks:
+    """All-gather of each rank's [rows, k] shard, consumed in blocks.
+
+    Overlapped: k asynchronous all-gathers start at construction, so the caller can do other work
+    before `consume`, which hands over the local shard first and then, as each chunk arrives, the
+    remote ranks' rows of it (in at most two contiguous runs: ranks before and after this one).
+    Not overlapped: one blocking all-gather, then the whole gathered tensor as one block.
+    """
+
+    def __init__(
+        self, local: torch.Tensor, group: dist.ProcessGroup | None, plan: ChunkPlan, name: str
+    ) -> None:
+        self.local, self.group, self.plan = local.contiguous(), group, plan
+        self.tp, self.rank, self.rows = comm.group_size(group), comm.group_rank(group), local.shape[0]
+        if plan.overlap:
+            self.bounds = chunk_bounds(self.rows, plan.chunks)
+            self.pending = [
+                comm.all_gather(self.local[a:b], group, f"{name}[{i}]")
+                for i, (a, b) in enumerate(self.bounds)
+            ]
+        else:
+            self.full = comm.all_gather(self.local, group, name).wait()
+
+    def consume(self, consumer: Consumer) -> None:
+        shape = self.local.shape[1:]
+        if not self.plan.overlap:
+            consumer(0, 0, self.full.view(self.tp, self.rows, *shape))
+            return
+        consumer(self.rank, 0, self.local.view(1, self.rows, *shape))
+        for (a, b), pending in zip(self.bounds, self.pending):
+            blocks = pending.wait().view(self.tp, b - a, *shape)
+            if self.rank > 0:
+                consumer(0, a, blocks[: self.rank])
+            if self.rank < self.tp - 1:
+                consumer(self.rank + 1, a, blocks[self.rank + 1 :])
+
+
+def rows_of(t3: torch.Tensor, first_rank: int, row: int, blocks: torch.Tensor) -> torch.Tensor:
+    """The [ranks, rows, ...] view of per-rank tensor `t3` matching a consumer's `blocks`."""
+    return t3[first_rank : first_rank + blocks.shape[0], row : row + blocks.shape[1]]
+
+
+def flat(blocks: torch.Tensor) -> torch.Tensor:
+    """[ranks, rows, k] -> [ranks*rows, k] (a copy only when not contiguous)."""
+    return blocks.reshape(-1, blocks.shape[-1])
+
+
+def mm_into(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    """target[...] = a @ b for a [ranks, rows, n] view `target` (a 2-D `a`); written in place when
+    the view is contiguous, else through a temporary."""
+    if target.is_contiguous():
+        runtime.mm(a, b, out=target.view(-1, target.shape[-1]), name=name)
+    else:
+        target.copy_(runtime.mm(a, b, name=name).view(target.shape))
+
+
+def gemm_reduce_scatter(
+    a: torch.Tensor, b: torch.Tensor, group: dist.ProcessGroup | None, plan: ChunkPlan, name: str
+) -> InFlight:
+    """Reduce-scatter of a @ b over dim 0 (a: [tp*rows, k], rank-major rows) -> [rows, n]."""
+    tp = comm.group_size(group)
+    if not plan.overlap:
+        full = runtime.mm(a, b, name=f"{name}.gemm")
+        return InFlight([], comm.reduce_scatter(full, group, name=name).wait())
+    rows = a.shape[0] // tp
+    out = torch.empty(rows, b.shape[1], dtype=a.dtype, device=a.device)
+    per_rank = a.reshape(tp, rows, a.shape[1])
+    pending = []
+    for i, (lo, hi) in enumerate(
+        chunk_bounds(rows, plan.chunks)
+    ):  # chunk i: rows lo:hi of every rank's shard
+        block = runtime.mm(
+            per_rank[:, lo:hi].reshape(tp * (hi - lo), a.shape[1]), b, name=f"{name}.gemm[{i}]"
+        )
+        pending.append(comm.reduce_scatter(block, group, out=out[lo:hi], name=f"{name}[{i}]"))
+    return InFlight(pending, out)
+
+
+def gemm_all_reduce(
+    a: torch.Tensor, b: torch.Tensor, group: dist.ProcessGroup | None, plan: ChunkPlan, name: str
+) -> InFlight:
+    """All-reduce of a @ b (a: [rows, k]) -> [rows, n]."""
+    if not plan.overlap:
+        full = runtime.mm(a, b, name=f"{name}.gemm")
+        return InFlight([], comm.all_reduce(full, group, name=name).wait())
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    pending = []
+    for i, (lo, hi) in enumerate(chunk_bounds(a.shape[0], plan.chunks)):
+        runtime.mm(a[lo:hi], b, out=out[lo:hi], name=f"{name}.gemm[{i}]")
+        pending.append(comm.all_reduce(out[lo:hi], group, name=f"{name}[{i}]"))
+    return InFlight(pending, out)

@@ -1,0 +1,312 @@
+"""Tensor-parallel layers and block against dense single-process references (and megatron-core),
+for every overlap strategy, over gloo at tp=2 and tp=4. Each launch batches many checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sysopt.dist import launch
+from sysopt.hardware.profile import Calibration, CPUInfo, HardwareProfile, LinkFit, MatmulPoint
+from sysopt.tensor_parallel import (
+    ColumnParallelLinear,
+    OverlapPolicy,
+    RowParallelLinear,
+    TensorParallelBlock,
+    Timeline,
+    gather_from_sequence_parallel_region,
+    recording,
+    resolve_overlap,
+    scatter_to_sequence_parallel_region,
+)
+
+SEQ, BATCH, IN, OUT = 12, 3, 16, 24  # rows per rank: 18 at tp=2, 9 at tp=4 (chunks 2 and 5 split unevenly)
+
+
+def fake_profile(
+    flops_per_s: float = 5e10, latency_s: float = 5e-5, bytes_per_s: float = 2e9
+) -> HardwareProfile:
+    cal = Calibration(
+        device="cpu",
+        matmul=(MatmulPoint("fp32", 64, 64, 64, 2 * 64**3 / flops_per_s, flops_per_s),),
+        matmul_flops_per_s={"fp32": flops_per_s},
+        copy={"memcpy": LinkFit(1e-6, 1e10)},
+        p2p=LinkFit(latency_s, bytes_per_s),
+        allreduce=LinkFit(latency_s, bytes_per_s),
+        collective_world_size=2,
+        collective_backend="gloo",
+        optimizer_params_per_s={"host": 1e8, "device": 1e8},
+        created="test",
+    )
+    cpu = CPUInfo("test", 2, 2, (), 1 << 30)
+    return HardwareProfile(cpu=cpu, gpus=(), calibration=cal, created="test")
+
+
+OVERLAPS = ["none", "chunked:2", "chunked:5", OverlapPolicy("auto", max_chunks=8, profile=fake_profile())]
+
+
+def _shard(t: torch.Tensor, dim: int) -> torch.Tensor:
+    tp, rank = dist.get_world_size(), dist.get_rank()
+    part = t.shape[dim] // tp
+    return t.narrow(dim, rank * part, part)
+
+
+def _check(failures: list[str], name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32-tight closeness (torch.testing.assert_close would import DTensor: seconds per rank)."""
+    if actual.shape != expected.shape:
+        failures.append(
+            f"rank {dist.get_rank()} {name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        )
+        return
+    err = (actual.detach() - expected.detach()).abs().max().item()
+    if not err <= 1e-5 + 1e-5 * expected.detach().abs().max().item():
+        failures.append(f"rank {dist.get_rank()} {name}: max abs error {err:.3g}")
+
+
+def _raises(failures: list[str], name: str, fn, match: str) -> None:
+    try:
+        fn()
+    except ValueError as exc:
+        if match not in str(exc):
+            failures.append(f"{name}: message {exc} lacks {match!r}")
+        return
+    failures.append(f"{name}: no ValueError")
+
+
+def _layer_checks() -> list[str]:
+    failures: list[str] = []
+    torch.manual_seed(0)  # every rank draws the same dense layers and data
+    for kind in ("column", "row"):
+        for sp in (False, True):
+            for overlap in OVERLAPS:
+                dense = nn.Linear(IN, OUT)
+                x = torch.randn(SEQ, BATCH, IN)
+                grad_out = torch.randn(SEQ, BATCH, OUT)
+                x_ref = x.clone().requires_grad_()
+                y_ref = dense(x_ref)
+                (y_ref * grad_out).sum().backward()
+                name = f"{kind} sp={sp} overlap={resolve_overlap(overlap).strategy}/{resolve_overlap(overlap).chunks}"
+                if kind == "column":
+                    layer = ColumnParallelLinear.from_dense(dense, sequence_parallel=sp, overlap=overlap)
+                    x_in = (_shard(x, 0) if sp else x).clone().requires_grad_()
+                    y = layer(x_in)
+                    (y * _shard(grad_out, 2)).sum().backward()
+                    _check(failures, f"{name} output", y, _shard(y_ref, 2))
+                    _check(
+                        failures, f"{name} input grad", x_in.grad, _shard(x_ref.grad, 0) if sp else x_ref.grad
+                    )
+                    _check(failures, f"{name} weight grad", layer.weight.grad, _shard(dense.weight.grad, 0))
+                    _check(failures, f"{name} bias grad", layer.bias.grad, _shard(dense.bias.grad, 0))
+                else:
+                    layer = RowParallelLinear.from_dense(dense, sequence_parallel=sp, overlap=overlap)
+                    x_in = x.clone().requires_grad_()
+                    y = layer(_shard(x_in, 2))  # a non-contiguous view, as a slice of a wider output
+                    (y * (_shard(grad_out, 0) if sp else grad_out)).sum().backward()
+                    _check(failures, f"{name} output", y, _shard(y_ref, 0) if sp else y_ref)
+                    _check(failures, f"{name} input grad", _shard(x_in.grad, 2), _shard(x_ref.grad, 2))
+                    _check(failures, f"{name} weight grad", layer.weight.grad, _shard(dense.weight.grad, 1))
+                    _check(failures, f"{name} bias grad", layer.bias.grad, dense.bias.grad)
+                plans = layer.last_plans.values()
+                if resolve_overlap(overlap).strategy == "auto" and not (
+                    all(1 <= p.chunks <= 8 for p in plans) and any(p.overlap for p in plans)
+                ):
+                    failures.append(f"{name}: auto plans {layer.last_plans} outside 1..8 chunks")
+
+    tp = dist.get_world_size()
+    row_sp = RowParallelLinear(IN, OUT, sequence_parallel=True, overlap="chunked:2")
+    _raises(failures, "uneven sequence", lambda: row_sp(torch.randn(tp + 1, 2, IN // tp)), f"tp={tp}")
+    too_many = ColumnParallelLinear(IN, OUT, sequence_parallel=True, overlap="chunked:50")
+    _raises(failures, "too many chunks", lambda: too_many(torch.randn(2, 3, IN)), "chunks=50")
+    _raises(failures, "indivisible features", lambda: ColumnParallelLinear(IN, tp * 3 + 1), f"tp={tp}")
+
+    # the layers equal the dense layer they were initialised alongside (same seed on every rank)
+    torch.manual_seed(7)
+    dense = nn.Linear(IN, OUT)
+    torch.manual_seed(7)
+    col = ColumnParallelLinear(IN, OUT)
+    torch.manual_seed(7)
+    row = RowParallelLinear(IN, OUT)
+    _check(failures, "column init", col.weight, _shard(dense.weight, 0))
+    _check(failures, "row init", row.weight, _shard(dense.weight, 1))
+
+    # a chunked row layer with sequence parallelism issues one collective per chunk, each after its GEMM
+    timeline = Timeline()
+    with recording(timeline):
+        RowParallelLinear(IN, OUT, sequence_parallel=True, overlap="chunked:3")(
+            torch.randn(SEQ, BATCH, IN // tp)
+        )
+    comms = [s for s in timeline.spans if s.kind == "comm"]
+    gemms = [s for s in timeline.spans if s.kind == "compute"]
+    if len(comms) != 3 or len(gemms) != 3 or any(c.start_s < g.end_s for c, g in zip(comms, gemms)):
+        failures.append(f"timeline: expected 3 GEMMs each followed by its collective, got {timeline.spans}")
+    return failures
+
+
+def _qkv_rank_major_grad(grad: torch.Tensor, tp: int) -> torch.Tensor:
+    dim = grad.shape[1]
+    return _shard(grad.view(3, tp, dim // tp, dim).transpose(0, 1).reshape(3 * dim, dim), 0)
+
+
+def _block_checks() -> list[str]:
+    from sysopt.models import DecoderBlock
+
+    failures: list[str] = []
+    tp = dist.get_world_size()
+    torch.manual_seed(1)
+    dense = DecoderBlock(32, 4, 2)
+    x = torch.randn(8, 2, 32)
+    grad_out = torch.randn(8, 2, 32)
+    x_ref = x.clone().requires_grad_()
+    y_ref = dense(x_ref)
+    (y_ref * grad_out).sum().backward()
+    for sp in (False, True):
+        for overlap in ("none", "chunked:3"):
+            name = f"block sp={sp} {overlap}"
+            block = TensorParallelBlock.from_dense(dense, sequence_parallel=sp, overlap=overlap)
+            x_in = x.clone().requires_grad_()
+            h = scatter_to_sequence_parallel_region(x_in) if sp else x_in
+            y = block(h)
+            y = gather_from_sequence_parallel_region(y) if sp else y
+            (y * grad_out).sum().backward()
+            _check(failures, f"{name} output", y, y_ref)
+            _check(failures, f"{name} input grad", x_in.grad, x_ref.grad)
+            for ln in ("ln_attn", "ln_mlp"):
+                for p in ("weight", "bias"):
+                    got = getattr(getattr(block, ln), p).grad
+                    _check(failures, f"{name} {ln}.{p} grad", got, getattr(getattr(dense, ln), p).grad)
+            a, m = dense.attn, dense.mlp
+            _check(
+                failures,
+                f"{name} qkv grad",
+                block.qkv.weight.grad,
+                _qkv_rank_major_grad(a.qkv.weight.grad, tp),
+            )
+            _check(failures, f"{name} proj grad", block.proj.weight.grad, _shard(a.proj.weight.grad, 1))
+            _check(failures, f"{name} proj bias grad", block.proj.bias.grad, a.proj.bias.grad)
+            _check(failures, f"{name} fc grad", block.fc.weight.grad, _shard(m.fc.weight.grad, 0))
+            _check(failures, f"{name} fc bias grad", block.fc.bias.grad, _shard(m.fc.bias.grad, 0))
+            _check(failures, f"{name} fc2 grad", block.fc2.weight.grad, _shard(m.proj.weight.grad, 1))
+    return failures
+
+
+def _megatron_checks() -> list[str]:
+    from megatron.core import parallel_state
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import ColumnParallelLinear as MegatronColumn
+    from megatron.core.tensor_parallel import RowParallelLinear as MegatronRow
+
+    from sysopt.dist.megatron_shims import megatron_cpu_shims
+
+    failures: list[str] = []
+    tp = dist.get_world_size()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+    try:
+        for sp in (False, True):
+            torch.manual_seed(2)
+            fc, proj = nn.Linear(IN, OUT), nn.Linear(OUT, IN)
+            x = torch.randn(SEQ, BATCH, IN)
+            grad_out = torch.randn(SEQ, BATCH, IN)
+            cfg = ModelParallelConfig(
+                tensor_model_parallel_size=tp,
+                sequence_parallel=sp,
+                use_cpu_initialization=True,
+                gradient_accumulation_fusion=False,
+                params_dtype=torch.float32,
+            )
+            with megatron_cpu_shims(force=True):  # megatron shards the dense weight itself (its own CPU init)
+                m_fc = MegatronColumn(
+                    IN,
+                    OUT,
+                    config=cfg,
+                    init_method=lambda w, src=fc.weight: w.copy_(src),
+                    bias=True,
+                    gather_output=False,
+                )
+                m_proj = MegatronRow(
+                    OUT, IN, config=cfg, init_method=lambda w, src=proj.weight: w.copy_(src), bias=True,
+                    input_is_parallel=True, skip_bias_add=False,
+                )  # fmt: skip
+            with torch.no_grad():  # megatron zero-initialises biases
+                m_fc.bias.copy_(_shard(fc.bias, 0))
+                m_proj.bias.copy_(proj.bias)
+            for overlap in ("none", "chunked:2"):
+                name = f"vs megatron sp={sp} {overlap}"
+                ours_fc = ColumnParallelLinear.from_dense(fc, sequence_parallel=sp, overlap=overlap)
+                ours_proj = RowParallelLinear.from_dense(proj, sequence_parallel=sp, overlap=overlap)
+                x_ours = (_shard(x, 0) if sp else x).clone().requires_grad_()
+                x_meg = x_ours.detach().clone().requires_grad_()
+                g = _shard(grad_out, 0) if sp else grad_out
+                y_ours = ours_proj(F.gelu(ours_fc(x_ours)))
+                (y_ours * g).sum().backward()
+                for p in (*m_fc.parameters(), *m_proj.parameters()):
+                    p.grad = None
+                with megatron_cpu_shims(force=True):
+                    y_meg = m_proj(F.gelu(m_fc(x_meg)[0]))[0]
+                    (y_meg * g).sum().backward()
+                if sp:  # megatron leaves sequence-parallel bias grads partial until finalize_model_grads
+                    dist.all_reduce(m_proj.bias.grad)
+                _check(failures, f"{name} output", y_ours, y_meg)
+                _check(failures, f"{name} input grad", x_ours.grad, x_meg.grad)
+                for ours, theirs, label in ((ours_fc, m_fc, "column"), (ours_proj, m_proj, "row")):
+                    _check(failures, f"{name} {label} weight", ours.weight, theirs.weight)
+                    _check(failures, f"{name} {label} weight grad", ours.weight.grad, theirs.weight.grad)
+                    _check(failures, f"{name} {label} bias grad", ours.bias.grad, theirs.bias.grad)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return failures
+
+
+def _layer_and_block_checks() -> list[str]:
+    return _layer_checks() + _block_checks()
+
+
+def _assert_no_failures(per_rank: list[list[str]]) -> None:
+    failures = [f for rank in per_rank for f in rank]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_parallel_layers_and_block_match_dense(world_size):
+    _assert_no_failures(launch(_layer_and_block_checks, world_size, backend="gloo", timeout_s=80))
+
+
+@pytest.mark.slow  # ~12 s idle, ~30 s on a loaded 2-core machine: importing megatron-core per rank
+@pytest.mark.timeout(120)
+def test_parallel_layers_match_megatron_core():
+    """Same dense weights sharded by megatron-core's own CPU initialisation: equal outputs and grads
+    (tp=2; importing megatron-core costs ~10 s per rank on 2 cores)."""
+    _assert_no_failures(launch(_megatron_checks, 2, backend="gloo", timeout_s=110))
+
+
+def test_single_process_layers_equal_dense():
+    torch.manual_seed(3)
+    dense = nn.Linear(IN, OUT)
+    x = torch.randn(SEQ, BATCH, IN)
+    col = ColumnParallelLinear.from_dense(dense, overlap="chunked:3")
+    row = RowParallelLinear.from_dense(dense, overlap="chunked:3")
+    torch.testing.assert_close(col(x), dense(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(row(x), dense(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overlap,match",
+    [
+        ("sometimes", "must be an OverlapPolicy"),
+        ("chunked:x", "must be an integer"),
+        ("chunked:0", "positive"),
+    ],
+)
+def test_bad_overlap_names_are_clear_errors(overlap, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_overlap(overlap)
+
+
+def test_resolve_overlap_names():
+    assert resolve_overlap("chunked:8") == OverlapPolicy("chunked", chunks=8)
+    assert resolve_overlap("none").strategy == "none"
+    policy = OverlapPolicy("auto", max_chunks=6)
+    assert OverlapPolicy.from_dict(policy.to_dict()) == policy
