@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sysopt.dist import Topology
+from sysopt.train.config import ParallelConfig
 from sysopt.train import (
     CheckpointError,
     JobConfig,
@@ -41,7 +41,7 @@ def _one_thread():
 def test_data_parallel_losses_equal_single_process(tmp_path):
     job = small_job()
     single = run_training(job, tmp_path / "single")
-    dp2 = run_training(dataclasses.replace(job, parallel=Topology(dp=2)), tmp_path / "dp2")
+    dp2 = run_training(dataclasses.replace(job, parallel=ParallelConfig(dp=2)), tmp_path / "dp2")
     a = [r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl")]
     b = [r["loss"] for r in read_metrics(tmp_path / "dp2" / "metrics.jsonl")]
     assert len(a) == len(b) == job.train.max_steps
@@ -69,8 +69,8 @@ def test_crashed_run_resumes_bit_exactly(tmp_path, monkeypatch):
     again = read_metrics(tmp_path / "crashed" / "metrics.jsonl")
     assert [r["step"] for r in again] == list(range(9))  # no duplicated or missing steps
     assert [r["loss"] for r in again] == [r["loss"] for r in straight]  # bit-exact
-    a = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "checkpoints"), ["model"])["model"]
-    b = load_checkpoint(latest_checkpoint(tmp_path / "crashed" / "checkpoints"), ["model"])["model"]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "checkpoints"), ["model_tp0_pp0"])["model_tp0_pp0"]
+    b = load_checkpoint(latest_checkpoint(tmp_path / "crashed" / "checkpoints"), ["model_tp0_pp0"])["model_tp0_pp0"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -27,23 +27,37 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, files: dict[str, Any]) -> Path:
-    """Write `files` ({name: state}) as root/step_<step>/<name>.pt, then point `latest` at it."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def stage_checkpoint(root: str | os.PathLike, step: int, files: dict[str, Any]) -> Path:
+    """Write `files` ({name: state}) into the staging directory of `step` (several ranks may add
+    their own files to it); nothing is visible as a checkpoint until `commit_checkpoint`."""
+    tmp = Path(root) / f".tmp_step_{step:08d}"
+    tmp.mkdir(parents=True, exist_ok=True)
     for name, state in files.items():
-        with open(tmp / f"{name}.pt", "wb") as f:
+        part = tmp / f".{name}.pt.part"
+        with open(part, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(part, tmp / f"{name}.pt")
+    return tmp
+
+
+def commit_checkpoint(root: str | os.PathLike, step: int) -> Path:
+    """Rename the staged directory of `step` into place, then point `latest` at it."""
+    root = Path(root)
+    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _atomic_write_text(root / LATEST, final.name)
     return final
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, files: dict[str, Any]) -> Path:
+    """One writer: stage `files` for `step` and commit them (a crash before the commit leaves the
+    previous checkpoint as `latest`)."""
+    shutil.rmtree(Path(root) / f".tmp_step_{step:08d}", ignore_errors=True)
+    stage_checkpoint(root, step, files)
+    return commit_checkpoint(root, step)
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:

@@ -16,6 +16,9 @@ from sysopt.dist import Topology
 from sysopt.models import VLMConfig
 
 DATASETS = ("digits",)  # embedded datasets the trainer can build by name
+TP_OVERLAPS = ("none", "chunked", "auto")
+OFFLOAD_STRATEGIES = ("none", "device", "host", "fraction", "interleaved")
+EXTRA_SCHEDULES = ("megatron_interleaved",)  # run by megatron-core itself, not a sysopt builder
 
 
 class ConfigError(ValueError):
@@ -49,13 +52,71 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel sizes plus the tensor-parallel knobs; `topology` is the rank grid they define."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: int = 1
+    sequence_parallel: bool = True  # with tp > 1: norms and residuals on sequence shards
+    tp_overlap: str = "none"  # none | chunked | auto (sysopt.tensor_parallel overlap policy)
+    tp_chunks: int | None = None  # chunk count for tp_overlap=chunked (None: the policy's default)
+
+    def __post_init__(self) -> None:
+        Topology(tp=self.tp, pp=self.pp, dp=self.dp, vpp=self.vpp)  # validates the sizes
+        if self.tp_overlap not in TP_OVERLAPS:
+            raise ValueError(
+                f"parallel.tp_overlap={self.tp_overlap!r} must be one of {', '.join(TP_OVERLAPS)}"
+            )
+        if self.tp_chunks is not None and self.tp_chunks < 1:
+            raise ValueError(f"parallel.tp_chunks={self.tp_chunks} must be >= 1 (or null for the default)")
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(tp=self.tp, pp=self.pp, dp=self.dp, vpp=self.vpp)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Pipeline schedule (sysopt.schedules.build name, or megatron_interleaved) and microbatches per
+    data-parallel rank and step; with pp = 1 the microbatches are gradient-accumulation steps."""
+
+    name: str = "1f1b"
+    microbatches: int | None = None  # None: 1 when pp == 1, else 2 * pp
+
+    def resolved_microbatches(self, pp: int) -> int:
+        return self.microbatches if self.microbatches is not None else (1 if pp == 1 else 2 * pp)
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    recipe: str | None = None  # a sysopt.precision recipe name, "auto", or None for fp32
+    min_features: int | None = None  # linears narrower than this stay high precision (None: library default)
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    strategy: str = "none"  # none (torch AdamW) | device | host | fraction | interleaved (OffloadAdamW)
+    device_budget_bytes: int | None = None
+    fraction: float = 0.5  # share of subgroups kept on the device for strategy=fraction
+
+
+@dataclass(frozen=True)
 class JobConfig:
     model: VLMConfig = field(default_factory=VLMConfig)
     data: DigitsTaskConfig = field(default_factory=DigitsTaskConfig)
     data_name: str = "digits"
-    parallel: Topology = field(default_factory=Topology)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     @property
     def world_size(self) -> int:
@@ -100,7 +161,7 @@ def _section(cls: type, name: str, values: dict[str, Any] | None) -> Any:
 
 def build_job(d: dict[str, Any]) -> JobConfig:
     """A validated JobConfig from a plain nested dict (a resolved Hydra config or JSON)."""
-    known = {"model", "data", "parallel", "optim", "train"}
+    known = {"model", "data", "parallel", "optim", "train", "schedule", "precision", "offload"}
     unknown = sorted(set(d) - known - {"hydra"})
     if unknown:
         raise ConfigError(f"{unknown[0]} is not a config section (known: {', '.join(sorted(known))})")
@@ -115,9 +176,12 @@ def build_job(d: dict[str, Any]) -> JobConfig:
         model=_section(VLMConfig, "model", d.get("model")),
         data=_section(DigitsTaskConfig, "data", data),
         data_name=data_name,
-        parallel=_section(Topology, "parallel", d.get("parallel")),
+        parallel=_section(ParallelConfig, "parallel", d.get("parallel")),
         optim=_section(OptimConfig, "optim", d.get("optim")),
         train=_section(TrainConfig, "train", d.get("train")),
+        schedule=_section(ScheduleConfig, "schedule", d.get("schedule")),
+        precision=_section(PrecisionConfig, "precision", d.get("precision")),
+        offload=_section(OffloadConfig, "offload", d.get("offload")),
     )
     validate(job)
     return job
@@ -137,16 +201,15 @@ def validate(job: JobConfig) -> None:
                 f"{key}={heads} is not divisible by parallel.tp={p.tp}; attention heads are split "
                 f"across tensor-parallel ranks: use a tp that divides {heads}"
             )
-    if p.tp > 1 or p.pp > 1:
+    microbatches = job.schedule.resolved_microbatches(p.pp)
+    per_step = p.dp * microbatches
+    if t.global_batch % per_step:
         raise ConfigError(
-            f"parallel.tp={p.tp} parallel.pp={p.pp}: the trainer runs data parallelism only so far "
-            f"(tensor and pipeline parallel training land with issue 7); use parallel.tp=1 parallel.pp=1"
+            f"train.global_batch={t.global_batch} is not divisible by parallel.dp * schedule.microbatches "
+            f"= {p.dp}*{microbatches}; use a multiple of {per_step}, e.g. "
+            f"{per_step * max(1, round(t.global_batch / per_step))}"
         )
-    if t.global_batch % p.dp:
-        raise ConfigError(
-            f"train.global_batch={t.global_batch} is not divisible by parallel.dp={p.dp}; "
-            f"use a multiple of {p.dp}, e.g. {p.dp * max(1, round(t.global_batch / p.dp))}"
-        )
+    _validate_parallel_training(job, microbatches)
     if job.data.tokens_per_image != m.tokens_per_image:
         raise ConfigError(
             f"data.tokens_per_image={job.data.tokens_per_image} differs from "
@@ -165,3 +228,54 @@ def validate(job: JobConfig) -> None:
         )
     if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.lr={o.lr} must be > 0 and optim.min_lr_ratio={o.min_lr_ratio} in [0, 1]")
+
+
+def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
+    """Schedule, tensor-parallel, precision and offload settings."""
+    p, sched = job.parallel, job.schedule
+    padded = job.data.seq_len + (-job.data.seq_len % p.tp if p.tp > 1 and p.sequence_parallel else 0)
+    if padded > job.model.max_seq:  # sequence parallelism pads sequences to a multiple of tp
+        raise ConfigError(
+            f"sequences padded for sequence parallelism are {padded} tokens but model.max_seq="
+            f"{job.model.max_seq}; raise model.max_seq to {padded} or set parallel.sequence_parallel=false"
+        )
+    n_blocks = job.model.vision_layers + job.model.layers + 3  # embed, merge and head are blocks too
+    if p.pp * p.vpp > n_blocks:
+        raise ConfigError(
+            f"parallel.pp*vpp = {p.pp}*{p.vpp} = {p.pp * p.vpp} pipeline chunks but the model has only "
+            f"{n_blocks} blocks; lower parallel.pp or parallel.vpp, or add model.layers"
+        )
+    if p.pp > 1:
+        if sched.name in EXTRA_SCHEDULES:
+            if sched.name == "megatron_interleaved" and microbatches % p.pp:
+                raise ConfigError(
+                    f"schedule.microbatches={microbatches} must be a multiple of parallel.pp={p.pp} for "
+                    f"megatron-core's interleaved schedule; use {p.pp * max(1, microbatches // p.pp)}"
+                )
+        else:
+            from sysopt.schedules import BUILDERS, build
+
+            if sched.name not in BUILDERS:
+                raise ConfigError(
+                    f"schedule.name={sched.name!r} is not a schedule (available: "
+                    f"{', '.join(sorted(BUILDERS) + list(EXTRA_SCHEDULES))})"
+                )
+            try:
+                build(sched.name, p.pp, p.vpp, microbatches)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"schedule={sched.name} with parallel.pp={p.pp} vpp={p.vpp} "
+                    f"microbatches={microbatches}: {exc}"
+                ) from exc
+    if job.offload.strategy not in OFFLOAD_STRATEGIES:
+        raise ConfigError(
+            f"offload.strategy={job.offload.strategy!r} must be one of {', '.join(OFFLOAD_STRATEGIES)}"
+        )
+    recipe = job.precision.recipe
+    if recipe is not None and recipe != "auto":
+        from sysopt.precision import recipe as lookup
+
+        try:
+            lookup(recipe)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"precision.recipe={recipe!r}: {exc}") from exc

@@ -8,28 +8,30 @@ losses equal single-process training on the global batch up to float summation o
 
 from __future__ import annotations
 
-import math
 import os
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from sysopt.data import TASKS, BatchSampler, DigitsDataset, eval_batches, evaluate
-from sysopt.dist import BucketedGradSync, ParallelGroups, build_groups, launch
-from sysopt.models import VLM, vlm_loss
-from sysopt.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from sysopt.train.config import JobConfig
+from sysopt.data import TASKS, BatchSampler, DigitsDataset, eval_batches
+from sysopt.dist import ParallelGroups, build_groups, launch
+from sysopt.train.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, stage_checkpoint
+from sysopt.train.config import JobConfig, validate
 from sysopt.train.lr import warmup_cosine_lr
 from sysopt.train.metrics import MetricsLog, write_json_atomic
+from sysopt.train.parallel import ParallelVLM
 
 FAULT_ENV = "SYSOPT_FAIL_AT_STEP"  # fault injection for resume tests: raise before this step runs
 
 
 def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
     """Train `job`, writing metrics.jsonl, summary.json and checkpoints/ under out_dir."""
+    validate(job)  # in this process, before any rank starts
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "job.json").write_text(job.to_json())
@@ -51,57 +53,75 @@ def _dp_coords(groups: ParallelGroups | None) -> tuple[int, int]:
     return groups.coords.dp, groups.topology.dp
 
 
-def _distributed_eval(model: VLM, job: JobConfig, groups: ParallelGroups | None) -> dict[str, float]:
+def _distributed_eval(
+    runtime: ParallelVLM, job: JobConfig, groups: ParallelGroups | None
+) -> dict[str, float]:
     """Exact match per task on the held-out split; eval batches are dealt round-robin over dp ranks."""
     rank, world = _dp_coords(groups)
-    dataset = DigitsDataset(job.data, "eval")
-    counts = torch.zeros(2, len(TASKS), dtype=torch.float64)  # [correct, total] per task
-    for i, batch in enumerate(eval_batches(dataset, job.train.eval_batch)):
-        if i % world != rank:
-            continue
-        scores = evaluate(model, [batch])
-        totals = torch.bincount(batch.task_ids, minlength=len(TASKS)).double()
-        for t, task in enumerate(TASKS):
-            counts[0, t] += scores.get(task, 0.0) * totals[t]
-            counts[1, t] += totals[t]
+    counts = torch.zeros(2, len(TASKS))  # [correct, total] per task
+    for i, batch in enumerate(eval_batches(DigitsDataset(job.data, "eval"), job.train.eval_batch)):
+        if i % world == rank:
+            counts += runtime.correct_counts(batch)
     if groups is not None and world > 1:
         dist.all_reduce(counts, group=groups.dp_group)
     return {task: float(counts[0, t] / counts[1, t]) for t, task in enumerate(TASKS) if counts[1, t] > 0}
 
 
-def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
-    """One rank's training loop (also the whole run when world size is 1)."""
-    job = JobConfig.from_json(job_json)
-    groups = build_groups(job.parallel) if dist.is_initialized() else None
-    dp_rank, dp_size = _dp_coords(groups)
-    is_main = groups is None or groups.rank == 0
-    out = Path(out_dir)
+def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (torch's fused kernel), or sysopt's OffloadAdamW when offload.strategy is set; weight decay
+    on matrices only."""
+    o, off = job.optim, job.offload
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    if off.strategy == "none":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+    from sysopt.offload import OffloadAdamW
 
-    model = VLM(job.model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    o = job.optim
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    return OffloadAdamW(
+        groups,
         lr=o.lr,
         betas=o.betas,
         eps=o.eps,
-        fused=True,
+        weight_decay=o.weight_decay,
+        strategy=off.strategy,
+        device_budget_bytes=off.device_budget_bytes,
+        fraction=off.fraction,
     )
+
+
+def _shard_name(job: JobConfig, groups: ParallelGroups | None) -> str:
+    """Checkpoint file stem of this rank's model shard (dp replicas share one)."""
+    if groups is None:
+        return "tp0_pp0"
+    return f"tp{groups.coords.tp}_pp{groups.coords.pp}"
+
+
+def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
+    """One rank's training loop (also the whole run when world size is 1)."""
+    job = JobConfig.from_json(job_json)
+    groups = build_groups(job.parallel.topology) if dist.is_initialized() else None
+    dp_rank, dp_size = _dp_coords(groups)
+    is_main = groups is None or groups.rank == 0
+    out = Path(out_dir)
+    o = job.optim
+
     sampler = BatchSampler(DigitsDataset(job.data, "train"), job.train.global_batch)
+    runtime = ParallelVLM(job, groups, sampler.global_batch(0).shard(dp_rank, dp_size))
+    optimizer = make_optimizer(job, runtime.params)
+    shard = _shard_name(job, groups)
 
     start_step = 0
     ckpt_root = out / "checkpoints"
     found = latest_checkpoint(ckpt_root) if job.train.resume else None
     if found is not None:
-        state = load_checkpoint(found, ["model", "optimizer", "trainer"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(found, [f"model_{shard}", f"optimizer_{shard}", "trainer"])
+        runtime.modules.load_state_dict(state[f"model_{shard}"])
+        optimizer.load_state_dict(state[f"optimizer_{shard}"])
         start_step = int(state["trainer"]["step"])
         torch.set_rng_state(state["trainer"]["rng"])
 
-    grad_sync = BucketedGradSync(params, groups.dp_group) if groups is not None and dp_size > 1 else None
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step) if is_main else None
     progress = None
     if is_main:
@@ -116,10 +136,10 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
             mininterval=1.0,
         )
     fail_at_step = int(os.environ.get(FAULT_ENV, -1))
-    model.train()
     step_times: list[float] = []
     tokens_per_step = 0
     loss_value = float("nan")
+    skipped_steps = 0
     for step in range(start_step, job.train.max_steps):
         t0 = time.perf_counter()
         lr = warmup_cosine_lr(
@@ -134,23 +154,18 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         if step == fail_at_step:
             raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV}={fail_at_step})")
         global_batch = sampler.global_batch(step)
-        local = global_batch.shard(dp_rank, dp_size)
         normalizer = global_batch.answer_token_count().clamp(min=1.0)
-        loss = vlm_loss(model(local), local, normalizer)
-        loss.backward()
-        loss_sum = loss.detach().clone()
-        if grad_sync is not None:  # buckets were reduced during backward; finish and write back
-            grad_sync.wait()
-            dist.all_reduce(loss_sum, group=groups.dp_group)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip) if o.grad_clip > 0 else torch.nan
-        optimizer.step()
+        loss_sum = runtime.forward_backward(global_batch.shard(dp_rank, dp_size), normalizer)
+        grad_norm = runtime.clip_grad_norm_(o.grad_clip) if o.grad_clip > 0 else torch.tensor(float("nan"))
+        if _all_finite(runtime, grad_norm, groups):
+            optimizer.step()
+        else:  # an overflow in a low-precision GEMM or a diverging step: never train on it
+            skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
         step_time_s = time.perf_counter() - t0
         step_times.append(step_time_s)
         tokens_per_step = int((global_batch.tokens != 0).sum())
         loss_value = float(loss_sum)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {step}; lower optim.lr (now {o.lr})")
         last = step == job.train.max_steps - 1
         if is_main and (step % job.train.log_every == 0 or last):
             metrics.write(
@@ -161,6 +176,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
                     "step_time_s": step_time_s,
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens_per_step / step_time_s,
+                    "skipped_steps": skipped_steps,
                 }
             )
         if progress is not None:
@@ -169,11 +185,11 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         every = job.train.checkpoint_every
         if (every and (step + 1) % every == 0) or last:
-            _save(model, optimizer, step + 1, ckpt_root, is_main, groups)
+            _save(runtime, optimizer, step + 1, ckpt_root, shard, groups)
     if progress is not None:
         progress.close()
 
-    accuracy = _distributed_eval(model, job, groups)
+    accuracy = _distributed_eval(runtime, job, groups)
     # steady-state timing: skip the first steps (allocator and thread-pool warm-up)
     steady = step_times[min(len(step_times) // 10, 10) :] or step_times or [float("nan")]
     median_step_s = sorted(steady)[len(steady) // 2]
@@ -182,27 +198,54 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         "eval_accuracy": accuracy,
         "steps": job.train.max_steps,
         "resumed_from_step": start_step,
+        "skipped_steps": skipped_steps,
         "step_time_s": median_step_s,
         "tokens_per_s": tokens_per_step / median_step_s,
-        "params": model.param_count(),
+        "params": runtime.model.param_count() if job.parallel.tp == 1 else None,
         "world_size": job.world_size,
+        "pipeline_boundaries": list(runtime.boundaries),
     }
     if is_main:
         write_json_atomic(out / "summary.json", summary)
     return summary
 
 
-def _save(model, optimizer, step: int, root: Path, is_main: bool, groups: ParallelGroups | None) -> None:
-    """Data-parallel replicas are identical, so rank 0 writes; the barrier keeps ranks in step."""
-    if is_main:
-        save_checkpoint(
-            root,
-            step,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "trainer": {"step": step, "rng": torch.get_rng_state()},
-            },
-        )
+def _all_finite(runtime: ParallelVLM, grad_norm: torch.Tensor, groups: ParallelGroups | None) -> bool:
+    """False (on every rank) when the gradient norm is not finite or a low-precision GEMM flagged
+    inf/NaN; the step is then skipped with a warning."""
+    ok = bool(torch.isfinite(grad_norm).all()) if grad_norm.numel() else True
+    if runtime.job.precision.recipe is not None:
+        from sysopt.precision import check_finite
+
+        ok = check_finite(runtime.model) and ok
+    if groups is not None:
+        flag = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(flag)
+        ok = flag.item() == 0.0
+    if not ok:
+        warnings.warn("non-finite gradients or low-precision overflow: optimizer step skipped", stacklevel=2)
+    return ok
+
+
+def _save(
+    runtime: ParallelVLM, optimizer, step: int, root: Path, shard: str, groups: ParallelGroups | None
+) -> None:
+    """Each (tp, pp) shard is written by its dp-rank-0 replica into one staging directory; after a
+    barrier, world rank 0 renames it into place and moves `latest` (so a crash leaves the last one)."""
+    files = {}
+    if groups is None or groups.coords.dp == 0:
+        files[f"model_{shard}"] = runtime.modules.state_dict()
+        files[f"optimizer_{shard}"] = optimizer.state_dict()
+    if groups is None or groups.rank == 0:
+        files["trainer"] = {"step": step, "rng": torch.get_rng_state()}
+    if groups is None or groups.rank == 0:  # clear what a crashed save may have left
+        shutil.rmtree(root / f".tmp_step_{step:08d}", ignore_errors=True)
+    if groups is not None:
+        dist.barrier()
+    stage_checkpoint(root, step, files)
+    if groups is not None:
+        dist.barrier()
+    if groups is None or groups.rank == 0:
+        commit_checkpoint(root, step)
     if groups is not None:
         dist.barrier()
