@@ -20,7 +20,13 @@ import torch.distributed as dist
 
 from sysopt.data import TASKS, BatchSampler, DigitsDataset, eval_batches
 from sysopt.dist import ParallelGroups, build_groups, launch
-from sysopt.train.checkpoint import commit_checkpoint, latest_checkpoint, load_checkpoint, stage_checkpoint
+from sysopt.train.checkpoint import (
+    CheckpointError,
+    commit_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    stage_checkpoint,
+)
 from sysopt.train.config import JobConfig, validate
 from sysopt.train.lr import warmup_cosine_lr
 from sysopt.train.metrics import MetricsLog, write_json_atomic
@@ -108,19 +114,28 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     o = job.optim
 
     sampler = BatchSampler(DigitsDataset(job.data, "train"), job.train.global_batch)
-    runtime = ParallelVLM(job, groups, sampler.global_batch(0).shard(dp_rank, dp_size))
-    optimizer = make_optimizer(job, runtime.params)
-    shard = _shard_name(job, groups)
-
     start_step = 0
     ckpt_root = out / "checkpoints"
     found = latest_checkpoint(ckpt_root) if job.train.resume else None
+    trainer_state = load_checkpoint(found, ["trainer"])["trainer"] if found is not None else None
+    saved_boundaries = None
+    if trainer_state is not None and trainer_state.get("boundaries") is not None:
+        saved_boundaries = tuple(trainer_state["boundaries"])
+    runtime = ParallelVLM(job, groups, sampler.global_batch(0).shard(dp_rank, dp_size), saved_boundaries)
+    optimizer = make_optimizer(job, runtime.params)
+    shard = _shard_name(job, groups)
     if found is not None:
-        state = load_checkpoint(found, [f"model_{shard}", f"optimizer_{shard}", "trainer"])
-        runtime.modules.load_state_dict(state[f"model_{shard}"])
-        optimizer.load_state_dict(state[f"optimizer_{shard}"])
-        start_step = int(state["trainer"]["step"])
-        torch.set_rng_state(state["trainer"]["rng"])
+        state = load_checkpoint(found, [f"model_{shard}", f"optimizer_{shard}"])
+        try:
+            runtime.modules.load_state_dict(state[f"model_{shard}"])
+            optimizer.load_state_dict(state[f"optimizer_{shard}"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"checkpoint {found} does not match this job's model or parallel layout ({exc}); resume "
+                f"with the same model and parallel settings, or use another hydra.run.dir"
+            ) from exc
+        start_step = int(trainer_state["step"])
+        torch.set_rng_state(trainer_state["rng"])
 
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step) if is_main else None
     progress = None
@@ -237,7 +252,11 @@ def _save(
         files[f"model_{shard}"] = runtime.modules.state_dict()
         files[f"optimizer_{shard}"] = optimizer.state_dict()
     if groups is None or groups.rank == 0:
-        files["trainer"] = {"step": step, "rng": torch.get_rng_state()}
+        files["trainer"] = {
+            "step": step,
+            "rng": torch.get_rng_state(),
+            "boundaries": list(runtime.boundaries),
+        }
     if groups is None or groups.rank == 0:  # clear what a crashed save may have left
         shutil.rmtree(root / f".tmp_step_{step:08d}", ignore_errors=True)
     if groups is not None:

@@ -70,13 +70,21 @@ def measure_block_costs(model: VLM, batch: Batch, repeats: int = 3) -> tuple[lis
 class ParallelVLM:
     """This rank's part of the VLM and the machinery to train and evaluate it."""
 
-    def __init__(self, job: JobConfig, groups: ParallelGroups | None, sample_batch: Batch) -> None:
+    def __init__(
+        self,
+        job: JobConfig,
+        groups: ParallelGroups | None,
+        sample_batch: Batch,
+        boundaries: tuple[int, ...] | None = None,
+    ) -> None:
+        """`boundaries` fixes the pipeline split (a resumed run must cut where its checkpoint did);
+        None measures block costs and partitions."""
         self.job, self.groups = job, groups
         p = job.parallel
         self.microbatches = job.schedule.resolved_microbatches(p.pp)
         model = VLM(job.model)
         costs = None
-        if p.pp > 1:  # time the dense blocks before sharding (no collectives inside the timing)
+        if p.pp > 1 and boundaries is None:  # time dense blocks before sharding (no collectives inside)
             costs = self._dense_block_costs(model, sample_batch)
         if p.tp > 1:
             tensor_parallelize(
@@ -95,7 +103,7 @@ class ParallelVLM:
         self.executor = None
         self.boundaries: tuple[int, ...] = (0, len(model.blocks))
         if p.pp > 1:
-            self._build_pipeline(costs)
+            self._build_pipeline(costs, boundaries)
             self.modules = nn.ModuleList(self.stages.values())
         else:
             self.modules = nn.ModuleList([model])
@@ -116,7 +124,7 @@ class ParallelVLM:
         dist.broadcast_object_list(payload, src=0)
         return payload[0]
 
-    def _build_pipeline(self, costs: tuple[list[float], list[float]]) -> None:
+    def _build_pipeline(self, costs, boundaries: tuple[int, ...] | None) -> None:
         from sysopt.schedules import build, partition
         from sysopt.schedules.executor import ScheduleExecutor
 
@@ -127,17 +135,24 @@ class ParallelVLM:
                 "schedule=interleaved_1f1b (sysopt's), or drive megatron-core via sysopt.schedules.megatron_adapter"
             )
         self.schedule = build(sched.name, p.pp, p.vpp, self.microbatches)
-        forward, backward = costs  # the cost-based split (W taken as half of the backward)
-        found = partition(
-            forward,
-            backward,
-            [b / 2 for b in backward],
-            pp=p.pp,
-            vpp=p.vpp,
-            schedule=sched.name,
-            microbatches=self.microbatches,
-        )
-        payload = [found.boundaries]
+        if boundaries is None:
+            forward, backward = costs  # the cost-based split (W taken as half of the backward)
+            found = partition(
+                forward,
+                backward,
+                [b / 2 for b in backward],
+                pp=p.pp,
+                vpp=p.vpp,
+                schedule=sched.name,
+                microbatches=self.microbatches,
+            )
+            boundaries = found.boundaries
+        if len(boundaries) != p.pp * p.vpp + 1 or boundaries[-1] != len(self.model.blocks):
+            raise ValueError(
+                f"pipeline boundaries {list(boundaries)} do not cut {len(self.model.blocks)} blocks into "
+                f"pp*vpp={p.pp * p.vpp} chunks; the checkpoint was written with another parallel layout"
+            )
+        payload = [tuple(boundaries)]
         dist.broadcast_object_list(payload, src=0)
         self.boundaries = tuple(payload[0])
         chunks = split_into_stages(self.model, self.boundaries)
