@@ -81,3 +81,22 @@ def test_precision_recipe_converts_and_trains(tmp_path, single):
     got, ref = losses(tmp_path), single[0]
     assert got != ref  # the linears really ran in int8
     assert all(abs(a - b) / b < 0.05 for a, b in zip(got, ref))  # and stayed close to fp32
+
+
+@pytest.mark.timeout(300)
+def test_killed_rank_fails_fast_and_relaunch_resumes(tmp_path, monkeypatch):
+    import time
+
+    from sysopt.dist import LaunchError
+
+    job = dataclasses.replace(base_job(max_steps=6, checkpoint_every=2), parallel=ParallelConfig(dp=2))
+    monkeypatch.setenv(FAULT_ENV, "3:1:kill")  # SIGKILL rank 1 before step 3
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="rank 1 .*died with exit code -9") as info:
+        run_training(job, tmp_path)
+    assert info.value.rank == 1
+    assert time.monotonic() - start < job.train.timeout_s / 2  # noticed the death, not the timeout
+    monkeypatch.delenv(FAULT_ENV)
+    resumed = run_training(job, tmp_path)
+    assert resumed["resumed_from_step"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(6))

@@ -146,6 +146,22 @@ def _worker(
                 pass
 
 
+def _died_silently(procs: list, values: dict, reported: int | None = None) -> list[int]:
+    """Ranks that exited non-zero (a signal, or a crash in native code) without reporting a result."""
+    return [
+        r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in values and r != reported
+    ]
+
+
+def _death_error(fn: Callable[..., Any], rank: int, exitcode: int | None, extra: str = "") -> LaunchError:
+    how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else "a crash in native code"
+    return LaunchError(
+        f"rank {rank} of {fn.__name__} died with exit code {exitcode} before reporting ({how}: killed, "
+        f"out of memory, or preempted){extra}",
+        rank=rank,
+    )
+
+
 def _context():
     """forkserver with torch preloaded: each rank starts in ~0.1 s instead of re-importing torch
     (seconds per rank on 2 cores); spawn where forkserver does not exist."""
@@ -231,16 +247,21 @@ def launch(
             try:
                 rank, status, payload = results.get(timeout=min(remaining, 0.5))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in values]
+                dead = _died_silently(procs, values)
                 if dead:
-                    r = dead[0]
-                    raise LaunchError(
-                        f"rank {r} of {fn.__name__} died with exit code {procs[r].exitcode} "
-                        f"before reporting (killed, or crashed in native code)",
-                        rank=r,
-                    ) from None
+                    raise _death_error(fn, dead[0], procs[dead[0]].exitcode) from None
                 continue
             if status == "error":
+                # a peer's death shows up on the survivors as a connection error: give the dead rank a
+                # moment to be noticed and report it as the cause, with the survivor's error beside it
+                grace_end = time.monotonic() + 2.0
+                while time.monotonic() < grace_end and not _died_silently(procs, values, reported=rank):
+                    time.sleep(0.05)
+                dead = _died_silently(procs, values, reported=rank)
+                if dead:
+                    raise _death_error(
+                        fn, dead[0], procs[dead[0]].exitcode, f"\nrank {rank} then failed with:\n{payload}"
+                    ) from None
                 raise LaunchError(
                     f"rank {rank} of {fn.__name__} failed:\n{payload}", rank=rank, remote_traceback=payload
                 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +33,16 @@ from sysopt.train.lr import warmup_cosine_lr
 from sysopt.train.metrics import MetricsLog, write_json_atomic
 from sysopt.train.parallel import ParallelVLM
 
-FAULT_ENV = "SYSOPT_FAIL_AT_STEP"  # fault injection for resume tests: raise before this step runs
+FAULT_ENV = "SYSOPT_FAIL_AT_STEP"  # fault injection for resume tests: "STEP", "STEP:RANK" or "STEP:RANK:kill"
+
+
+def _injected_fault() -> tuple[int, int | None, bool]:
+    """(step, rank or None for every rank, SIGKILL instead of raising) from SYSOPT_FAIL_AT_STEP."""
+    parts = os.environ.get(FAULT_ENV, "").split(":")
+    if parts == [""]:
+        return -1, None, False
+    rank = int(parts[1]) if len(parts) > 1 else None
+    return int(parts[0]), rank, len(parts) > 2 and parts[2] == "kill"
 
 
 def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -150,7 +160,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
             dynamic_ncols=True,
             mininterval=1.0,
         )
-    fail_at_step = int(os.environ.get(FAULT_ENV, -1))
+    fail_at_step, fail_rank, fail_kill = _injected_fault()
     step_times: list[float] = []
     tokens_per_step = 0
     loss_value = float("nan")
@@ -166,8 +176,10 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         )
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if step == fail_at_step:
-            raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV}={fail_at_step})")
+        if step == fail_at_step and fail_rank in (None, groups.rank if groups is not None else 0):
+            if fail_kill:  # die like an OOM-killed or preempted process: no exception, no cleanup
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected failure at step {step} ({FAULT_ENV}={os.environ[FAULT_ENV]})")
         global_batch = sampler.global_batch(step)
         normalizer = global_batch.answer_token_count().clamp(min=1.0)
         loss_sum = runtime.forward_backward(global_batch.shard(dp_rank, dp_size), normalizer)
