@@ -31,6 +31,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/sysopt-bench $(SUITE)
 
+bench-deps: $(STAMP)
+	$(BIN)/python -m pip install -c constraints.txt deepspeed torchao ninja
+
 probe: $(STAMP)
 	$(BIN)/sysopt-probe
 

@@ -19,8 +19,10 @@ if TYPE_CHECKING:  # pragma: no cover
 class CostInputs:
     """Alpha-beta copy links (time = latency_s + bytes / bytes_per_s) and AdamW update rates.
 
-    `shared_processor` is True when host and device are the same processor (CPU-only): then copies,
-    host updates and device updates all compete for the same cores and the model adds them up."""
+    `shared_processor` is True when host and device are the same processor (CPU-only): host and device
+    updates then run one after the other on the same thread. `copies_overlap` says whether, there, the copy
+    thread has a core of its own (fewer compute threads than cores), so copies run beside compute; if not,
+    copies, host updates and device updates all compete for the same cores and the model adds them up."""
 
     d2h_latency_s: float
     d2h_bytes_per_s: float
@@ -31,6 +33,7 @@ class CostInputs:
     shared_processor: bool
     free_device_bytes: int | None = None
     source: str = "default"
+    copies_overlap: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d2h_bytes_per_s", "h2d_bytes_per_s", "host_params_per_s", "device_params_per_s"):
@@ -109,9 +112,19 @@ def free_device_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def copy_thread_has_core() -> bool:
+    """CPU-only: whether the background copy thread can run beside torch's compute threads."""
+    return torch.get_num_threads() < (os.cpu_count() or 1)
+
+
 def default_cost_inputs(device: torch.device) -> CostInputs:
-    base = DEFAULT_CPU_COSTS if device.type == "cpu" else DEFAULT_GPU_COSTS
-    return replace(base, free_device_bytes=free_device_bytes(device))
+    if device.type == "cpu":
+        return replace(
+            DEFAULT_CPU_COSTS,
+            free_device_bytes=free_device_bytes(device),
+            copies_overlap=copy_thread_has_core(),
+        )
+    return replace(DEFAULT_GPU_COSTS, free_device_bytes=free_device_bytes(device))
 
 
 def cost_inputs_from_profile(profile: HardwareProfile, device: torch.device | str) -> CostInputs:
@@ -203,4 +216,5 @@ def measure_cost_inputs(device: torch.device | str, numel: int = 1 << 20, repeat
         shared_processor=not is_cuda,
         free_device_bytes=free_device_bytes(device),
         source="measured",
+        copies_overlap=not is_cuda and copy_thread_has_core(),
     )

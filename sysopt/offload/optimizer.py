@@ -83,7 +83,8 @@ class OffloadAdamW(torch.optim.Optimizer):
     from `profile` or a quick self-measurement, re-planned when measured timings drift).
     device_budget_bytes: most bytes of optimizer state kept on the device (None: the free device memory).
     plan: an explicit PlacementPlan (overrides the strategy's planner; checked against the budget).
-    state_dtype: torch.bfloat16 keeps host moments in bf16 with stochastic rounding (fp32 master kept).
+    state_dtype: torch.bfloat16 keeps host moments in bf16 with stochastic rounding (fp32 master kept), updated
+    by the C++ kernel of sysopt.offload.cpu_kernel (built on first use; the torch reference where it cannot be).
     Until forward/backward times are measured (or given through observe()), the interleaved planner takes
     them as 0, i.e. assumes no gradient copy hides under backward: a conservative first plan.
     """
@@ -467,7 +468,10 @@ class OffloadAdamW(torch.optim.Optimizer):
             g = self._host_grad_current(p)
             params.append(p)
             masters.append(master)
-            gs.append(g if g.dtype == torch.float32 else g.float())
+            keep = g.dtype == torch.float32 or (
+                g.dtype == torch.bfloat16 and self.state_dtype == torch.bfloat16
+            )
+            gs.append(g if keep else g.float())  # the bf16-state kernel reads bf16 gradients directly
             ms.append(st["exp_avg"])
             vs.append(st["exp_avg_sq"])
             steps.append(st["step"])

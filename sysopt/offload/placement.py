@@ -113,7 +113,9 @@ def predict_iteration(
     subgroup's gradient copy starts when it is ready (one copy link, FIFO), so copies hide under backward.
     The step starts when backward ends: device updates run back to back on the device while host
     subgroups pipeline through host update (one CPU) and parameter copy back (the other link direction).
-    On a shared processor (CPU-only) nothing overlaps and all the work adds up."""
+    On a shared processor (CPU-only) without a spare core nothing overlaps and all the work adds up; with
+    one (`costs.copies_overlap`), copies run on one copy thread (gradients out during backward, then
+    parameters back, first in first out) beside the step, whose device updates precede the host updates."""
     order = list(ready_order) if ready_order is not None else list(range(len(subgroups)))
     total = max(sum(s.numel for s in subgroups), 1)
     host = [i for i in order if placements[i] == HOST]
@@ -125,7 +127,7 @@ def predict_iteration(
     host_update_s = sum(host_upd.values())
     param_copy_s = sum(h2d.values())
     fwd, bwd = phases.forward_s, phases.backward_s
-    if costs.shared_processor:
+    if costs.shared_processor and not costs.copies_overlap:
         step_s = sum(d2h.values()) + host_update_s + param_copy_s + device_update_s
         return IterationPrediction(
             fwd,
@@ -145,12 +147,21 @@ def predict_iteration(
     for i in host:
         link_free_s = max(link_free_s, ready_s[i]) + d2h[i]
         copied_s[i] = link_free_s
+    tail = max(0.0, link_free_s - bwd) if host else 0.0
+    if costs.shared_processor:  # one thread updates (device first), one copy thread serves both directions
+        update_end_s = bwd + device_update_s
+        for i in host:
+            update_end_s = max(update_end_s, copied_s[i]) + host_upd[i]
+            link_free_s = max(link_free_s, update_end_s) + h2d[i]
+        step_end_s = max(update_end_s, link_free_s)
+        return IterationPrediction(
+            fwd, bwd, tail, device_update_s, host_update_s, param_copy_s, step_end_s - bwd, fwd + step_end_s
+        )
     update_end_s = copy_end_s = bwd
     for i in host:
         update_end_s = max(update_end_s, copied_s[i]) + host_upd[i]
         copy_end_s = max(copy_end_s, update_end_s) + h2d[i]
     step_end_s = max(bwd + device_update_s, copy_end_s)
-    tail = max(0.0, link_free_s - bwd) if host else 0.0
     return IterationPrediction(
         fwd, bwd, tail, device_update_s, host_update_s, param_copy_s, step_end_s - bwd, fwd + step_end_s
     )
