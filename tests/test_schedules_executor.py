@@ -110,3 +110,126 @@ def test_every_schedule_matches_single_process(world):
 @pytest.mark.timeout(120)
 def test_more_schedules_at_world_four():
     _check(4, SLOW_CASES[4])
+
+
+# ---- per-microbatch contexts and shapes (a vision tower whose image count varies) ---------------
+
+
+class _ContextStage(torch.nn.Module):
+    """forward(x, ctx): stage 0 reads ctx.data (x is None); every stage adds its ctx.shift."""
+
+    def __init__(self, stage: int):
+        super().__init__()
+        torch.manual_seed(2000 + stage)
+        self.stage, self.linear = stage, torch.nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x, ctx):
+        x = ctx.data if x is None else x
+        return torch.tanh(self.linear(x)) + ctx.shift * (self.stage + 1)
+
+
+def _context_data(microbatches: int):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(5)
+    rows = [1 + mb % 3 for mb in range(microbatches)]  # varies per microbatch
+    contexts = [
+        SimpleNamespace(data=torch.randn(r, WIDTH, generator=g), shift=torch.randn(WIDTH, generator=g))
+        for r in rows
+    ]
+    targets = [torch.randn(r, WIDTH, generator=g) for r in rows]
+    return rows, contexts, targets
+
+
+def _context_reference(num_stages: int, microbatches: int):
+    modules = [_ContextStage(s) for s in range(num_stages)]
+    _, contexts, targets = _context_data(microbatches)
+    losses = []
+    for ctx, t in zip(contexts, targets):
+        x = None
+        for module in modules:
+            x = module(x, ctx)
+        loss = _loss(x, t)
+        (loss / microbatches).backward()
+        losses.append(loss.item())
+    return losses, {s: [p.grad for p in m.parameters()] for s, m in enumerate(modules)}
+
+
+CONTEXT_CASES = [("interleaved_1f1b", 2, 4, False), ("zbv", 2, 5, False), ("zbv", 2, 5, True)]
+
+
+def _run_context_cases(cases):
+    from sysopt.schedules.wgrad import make_deferrable
+
+    out = []
+    for name, vpp, m, deferrable in cases:
+        schedule = build(name, dist.get_world_size(), vpp, m)
+        modules = {s: _ContextStage(s) for s in schedule.stages_of(dist.get_rank())}
+        if deferrable:
+            for module in modules.values():
+                make_deferrable(module)
+        rows, contexts, targets = _context_data(m)
+        executor = ScheduleExecutor(
+            schedule, modules, _loss, boundary_shape=lambda stage, mb, rows=rows: (rows[mb], WIDTH)
+        )
+        eval_losses = executor.step(None, targets, contexts, forward_only=True)
+        untouched = all(p.grad is None for mod in modules.values() for p in mod.parameters())
+        losses = executor.step(None, targets, contexts)
+        grads = {s: [p.grad.tolist() for p in mod.parameters()] for s, mod in modules.items()}
+        as_list = None if losses is None else [v.item() for v in losses]
+        out.append(
+            (as_list, None if eval_losses is None else [v.item() for v in eval_losses], untouched, grads)
+        )
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_contexts_variable_shapes_and_forward_only():
+    world = 2
+    results = launch(_run_context_cases, world, args=(CONTEXT_CASES,), timeout_s=100)
+    for i, (name, vpp, m, _) in enumerate(CONTEXT_CASES):
+        schedule = build(name, world, vpp, m)
+        ref_losses, ref_grads = _context_reference(schedule.num_stages, m)
+        last = schedule.stage_to_rank[-1]
+        losses, eval_losses, _, _ = results[last][i]
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses))
+        torch.testing.assert_close(torch.tensor(eval_losses), torch.tensor(ref_losses))
+        for rank in range(world):
+            assert results[rank][i][2], f"{name}: forward_only touched gradients on rank {rank}"
+            for stage, grads in results[rank][i][3].items():
+                for got, want in zip(grads, ref_grads[stage]):
+                    torch.testing.assert_close(
+                        torch.tensor(got), want, rtol=1e-5, atol=1e-7, msg=f"{name} {stage}"
+                    )
+
+
+def _computes_before(actions, action):
+    return sum(a.kind.is_compute for a in actions[: actions.index(action)])
+
+
+@pytest.mark.parametrize(
+    "name,vpp,m", [("1f1b", 1, 6), ("interleaved_1f1b", 2, 8), ("zbv", 2, 7), ("dualpipev", 2, 9)]
+)
+def test_receives_are_posted_one_compute_ahead(name, vpp, m):
+    from sysopt.schedules import Kind, add_comms
+    from sysopt.schedules.executor import receives_one_compute_ahead
+
+    receives = (Kind.RECV_F, Kind.RECV_B)
+    schedule = add_comms(build(name, 4, vpp, m))
+    moved = 0
+    for rank, planned in schedule.actions.items():
+        planned = list(planned)
+        order = receives_one_compute_ahead(planned)
+        assert sorted(order) == sorted(planned)
+        assert [a for a in order if a.kind not in receives] == [a for a in planned if a.kind not in receives]
+        for a in (a for a in order if a.kind in receives):
+            consumer = next(c for c in order if c.kind.is_compute and (c.stage, c.microbatch) == (a.stage, a.microbatch)
+                            and (c.kind is Kind.FORWARD) == (a.kind is Kind.RECV_F))  # fmt: skip
+            now, before = _computes_before(order, a), _computes_before(planned, a)
+            assert now <= before, f"rank {rank}: {a} is posted later than planned"
+            assert _computes_before(order, consumer) - now <= 1 or now == before, (
+                f"rank {rank}: {a} too early"
+            )
+            assert order.index(a) < order.index(consumer)
+            moved += now < before
+    assert moved, "the lowering posts some receives right before their consumer: these should move up"

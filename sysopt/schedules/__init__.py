@@ -1,4 +1,8 @@
-"""Pipeline schedules as data: build by name, validate, lower to comms, simulate, render, partition."""
+"""Pipeline schedules as data: build by name, validate, lower to comms, simulate, render, partition.
+
+Modules that need torch are imported by name: executor (ScheduleExecutor), wgrad (deferred weight
+gradients), megatron_adapter (megatron-core's forward_backward_func), emulate and runners (benchmarks).
+"""
 
 from sysopt.schedules.builders import BUILDERS, build, loop_placement, register, v_placement
 from sysopt.schedules.ir import Action, Kind, Schedule, ScheduleError, validate

@@ -1,13 +1,16 @@
 """One executor for every Schedule: runs this rank's actions in order over torch.distributed.
 
 Activations go forward and gradients backward point to point (isend/irecv, one tag per message),
-the loss is taken on the last stage, gradients accumulate across microbatches in ``param.grad``.
-A split backward runs I as ``autograd.grad`` w.r.t. the stage input (keeping the graph) and W as
-``autograd.grad`` w.r.t. the parameters; a full B does both at once.
+the loss is taken on the last stage, gradients accumulate across microbatches in ``param.grad``
+through autograd (so gradient hooks fire). A full B is one ``torch.autograd.backward``. A split
+backward on a stage with deferrable layers (``sysopt.schedules.wgrad``) runs I as that backward
+while a WeightGradStore captures the weight-gradient GEMMs, and W runs only those; on other stages
+I differentiates w.r.t. the stage input (keeping the graph) and W w.r.t. the parameters.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -15,16 +18,20 @@ import torch.distributed as dist
 
 from sysopt.schedules.ir import Action, Kind, Schedule, validate
 from sysopt.schedules.lower import add_comms
+from sysopt.schedules.wgrad import WeightGradStore, defers_weight_grads
 
 Shape = tuple[int, ...]
+ShapeSpec = Shape | Callable[[int], Shape] | Callable[[int, int], Shape]
+_FORWARD_KINDS = frozenset({Kind.FORWARD, Kind.SEND_F, Kind.RECV_F})
 
 
 class ScheduleExecutor:
     """Runs ``schedule`` on this process's rank of ``group`` with ``modules[stage]`` for its stages.
 
-    ``boundary_shape`` is the shape of the tensor leaving a stage (one microbatch), either one shape
-    for every boundary or a function of the sending stage. ``loss_fn(output, target)`` gives one
-    microbatch's loss; the backward uses ``loss * loss_scale`` (default 1/microbatches, so the
+    ``boundary_shape`` is the shape of the tensor leaving a stage (one microbatch): one shape for
+    every boundary, a function of the sending stage, or a function of (sending stage, microbatch)
+    (e.g. a vision tower whose image count varies per microbatch). ``loss_fn(output, target)`` gives
+    one microbatch's loss; the backward uses ``loss * loss_scale`` (default 1/microbatches, so the
     accumulated gradients are those of the mean loss).
     """
 
@@ -34,7 +41,7 @@ class ScheduleExecutor:
         modules: Mapping[int, torch.nn.Module],
         loss_fn: Callable[[torch.Tensor, object], torch.Tensor],
         *,
-        boundary_shape: Shape | Callable[[int], Shape],
+        boundary_shape: ShapeSpec,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | None = None,
@@ -56,10 +63,13 @@ class ScheduleExecutor:
             )
         self.modules = dict(modules)
         self.loss_fn = loss_fn
-        self.shape_of = boundary_shape if callable(boundary_shape) else (lambda _stage: tuple(boundary_shape))
+        self.boundary_shape = boundary_shape
         self.dtype, self.device = dtype, torch.device(device)
         self.loss_scale = 1.0 / schedule.microbatches if loss_scale is None else loss_scale
         self.last_stage = schedule.num_stages - 1
+        self.order = receives_one_compute_ahead(self.schedule.actions[self.rank])
+        self.wgrad = WeightGradStore()
+        self.deferred = {s: defers_weight_grads(m) for s, m in self.modules.items()}
         self.handlers = {
             Kind.FORWARD: self._forward,
             Kind.BACKWARD: self._backward,
@@ -72,21 +82,44 @@ class ScheduleExecutor:
         }
 
     # ---- one training step ----------------------------------------------------------------------
-    def step(self, inputs: Sequence[torch.Tensor] | None, targets: Sequence[object] | None) -> list | None:
-        """Run all microbatches once. ``inputs`` are needed where stage 0 lives, ``targets`` where the
-        last stage lives. Returns the per-microbatch losses (detached) on the last stage's rank."""
-        self.inputs, self.targets = inputs, targets
-        self.stage_in: dict[tuple[int, int], torch.Tensor] = {}  # (stage, mb) -> input tensor
+    def step(
+        self,
+        inputs: Sequence[torch.Tensor | None] | None,
+        targets: Sequence[object] | None,
+        contexts: Sequence[object] | None = None,
+        *,
+        boundary_shape: ShapeSpec | None = None,
+        forward_only: bool = False,
+    ) -> list | None:
+        """Run all microbatches once. ``inputs`` are needed where stage 0 lives (None when its module
+        reads everything from its context), ``targets`` where the last stage lives. With ``contexts``
+        (one object per microbatch, e.g. the batch with its images) every stage is called as
+        ``module(x, contexts[mb])``. ``boundary_shape`` overrides the constructor's for this step;
+        ``forward_only`` runs only the forwards (no graph kept). Returns the per-microbatch losses
+        (detached) on the last stage's rank, else None."""
+        self.inputs, self.targets, self.contexts = inputs, targets, contexts
+        self.shape_of = _shape_function(self.boundary_shape if boundary_shape is None else boundary_shape)
+        self.stage_in: dict[tuple[int, int], torch.Tensor | None] = {}  # (stage, mb) -> input tensor
         self.stage_out: dict[tuple[int, int], torch.Tensor] = {}  # output, or scaled loss on the last stage
-        self.grad_out: dict[tuple[int, int], torch.Tensor] = {}  # gradient for stage_out
+        self.grad_out: dict[tuple[int, int], torch.Tensor | None] = {}  # gradient for stage_out (for W)
         self.grad_in: dict[tuple[int, int], torch.Tensor] = {}  # gradient of stage_in, to send back
         self.pending: dict[tuple[str, int, int], tuple[dist.Work, torch.Tensor]] = {}
         self.sends: list[tuple[dist.Work, torch.Tensor]] = []  # keep each tensor alive until sent
         self.losses: dict[int, torch.Tensor] = {}
-        for action in self.schedule.actions[self.rank]:
-            self.handlers[action.kind](action)
+        self.wgrad.clear()  # nothing left over from a step that raised
+        with torch.set_grad_enabled(not forward_only):
+            for action in self.order:
+                if forward_only and action.kind not in _FORWARD_KINDS:
+                    continue
+                self.handlers[action.kind](action)
         for work, _tensor in self.sends:
             work.wait()
+        self.sends.clear()
+        if self.wgrad.pending():
+            raise RuntimeError(f"{self.schedule.name}: weight gradients were captured but never run by W")
+        if forward_only:
+            self.stage_in.clear()
+            self.stage_out.clear()
         if self.last_stage in self.modules:
             return [self.losses[mb] for mb in range(self.schedule.microbatches)]
         return None
@@ -95,44 +128,54 @@ class ScheduleExecutor:
     def _forward(self, a: Action) -> None:
         key = (a.stage, a.microbatch)
         if a.stage == 0:
-            x = self.inputs[a.microbatch].to(self.device)
+            x = None if self.inputs is None else self.inputs[a.microbatch]
+            if isinstance(x, torch.Tensor):
+                x = x.detach().to(self.device)  # data: the step never differentiates w.r.t. it
         elif self._is_local(a.stage - 1):
             x = self.stage_out[(a.stage - 1, a.microbatch)].detach().requires_grad_(True)
         else:
             x = self._received("F", a.stage, a.microbatch).requires_grad_(True)
-        with torch.enable_grad():
-            y = self.modules[a.stage](x)
-            if a.stage == self.last_stage:
-                loss = self.loss_fn(y, self.targets[a.microbatch])
-                self.losses[a.microbatch] = loss.detach()
-                y = loss * self.loss_scale
+        module = self.modules[a.stage]
+        y = module(x) if self.contexts is None else module(x, self.contexts[a.microbatch])
+        if a.stage == self.last_stage:
+            loss = self.loss_fn(y, self.targets[a.microbatch])
+            self.losses[a.microbatch] = loss.detach()
+            y = loss * self.loss_scale
         self.stage_in[key], self.stage_out[key] = x, y
 
-    def _backward(self, a: Action) -> None:  # full backward: input and weight gradients together
-        self._backward_input(a, keep_graph=False, with_weights=True)
+    def _backward(self, a: Action) -> None:
+        """Full backward: input and weight gradients together."""
+        key = (a.stage, a.microbatch)
+        grad = self._output_grad(a)
+        _backward(self.stage_out[key], grad)
+        self._keep_input_grad(a, self.stage_in[key])
+        self._release(key)
 
-    def _backward_input(self, a: Action, keep_graph: bool = True, with_weights: bool = False) -> None:
+    def _backward_input(self, a: Action) -> None:
         key = (a.stage, a.microbatch)
         grad = self._output_grad(a)
         x, y = self.stage_in[key], self.stage_out[key]
-        wants_input = x.requires_grad
-        params = self._params(a.stage) if with_weights else []
-        wrt = ([x] if wants_input else []) + params
-        if wrt:
-            grads = torch.autograd.grad(y, wrt, grad, retain_graph=keep_graph, allow_unused=True)
-            if wants_input:
-                self.grad_in[key] = grads[0] if grads[0] is not None else torch.zeros_like(x)
-            self._accumulate(params, grads[1:] if wants_input else grads)
-        if with_weights:
+        if self.deferred[a.stage]:
+            # one backward: input gradient (and gradients of parameters outside deferrable layers);
+            # the deferrable layers stash their weight-gradient GEMMs for W
+            with self.wgrad.capture(key):
+                _backward(y, grad)
+            self._keep_input_grad(a, x)
             self._release(key)
-        else:
-            self.grad_out[key] = grad  # W needs it again
+            return
+        if _wants_grad(x):
+            _backward(y, grad, inputs=[x], retain_graph=True)
+        self._keep_input_grad(a, x)
+        self.grad_out[key] = grad  # W walks the graph again
 
     def _backward_weight(self, a: Action) -> None:
         key = (a.stage, a.microbatch)
-        params = self._params(a.stage)
-        grads = torch.autograd.grad(self.stage_out[key], params, self.grad_out[key], allow_unused=True)
-        self._accumulate(params, grads)
+        if self.deferred[a.stage]:
+            self.wgrad.flush(key)
+            return
+        params = [p for p in self.modules[a.stage].parameters() if p.requires_grad]
+        if params:
+            _backward(self.stage_out[key], self.grad_out[key], inputs=params)
         self._release(key)
 
     def _output_grad(self, a: Action) -> torch.Tensor | None:
@@ -142,18 +185,12 @@ class ScheduleExecutor:
             return self.grad_in.pop((a.stage + 1, a.microbatch))
         return self._received("B", a.stage, a.microbatch)
 
-    def _params(self, stage: int) -> list[torch.nn.Parameter]:
-        return [p for p in self.modules[stage].parameters() if p.requires_grad]
-
-    @staticmethod
-    def _accumulate(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor | None]) -> None:
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g.detach().clone()
-            else:
-                p.grad.add_(g)
+    def _keep_input_grad(self, a: Action, x: torch.Tensor | None) -> None:
+        """Store the gradient of the stage input for the stage before (zeros where x was unused)."""
+        if a.stage == 0 or not _wants_grad(x):
+            return
+        self.grad_in[(a.stage, a.microbatch)] = x.grad if x.grad is not None else torch.zeros_like(x)
+        x.grad = None
 
     def _release(self, key: tuple[int, int]) -> None:
         for store in (self.stage_in, self.stage_out, self.grad_out):
@@ -169,10 +206,12 @@ class ScheduleExecutor:
         self._isend(tensor, a.stage - 1, self._tag("B", a.stage, a.microbatch))
 
     def _recv_f(self, a: Action) -> None:  # input of stage a.stage from stage a.stage - 1
-        self._irecv("F", a.stage, a.microbatch, src_stage=a.stage - 1, shape=self.shape_of(a.stage - 1))
+        shape = self.shape_of(a.stage - 1, a.microbatch)
+        self._irecv("F", a.stage, a.microbatch, src_stage=a.stage - 1, shape=shape)
 
     def _recv_b(self, a: Action) -> None:  # gradient of stage a.stage's output from stage a.stage + 1
-        self._irecv("B", a.stage, a.microbatch, src_stage=a.stage + 1, shape=self.shape_of(a.stage))
+        shape = self.shape_of(a.stage, a.microbatch)
+        self._irecv("B", a.stage, a.microbatch, src_stage=a.stage + 1, shape=shape)
 
     def _isend(self, tensor: torch.Tensor, dst_stage: int, tag: int) -> None:
         peer = self._global_rank(self.schedule.stage_to_rank[dst_stage])
@@ -202,3 +241,63 @@ class ScheduleExecutor:
         if self.group is None or self.group is dist.group.WORLD:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
+
+
+def receives_one_compute_ahead(actions: Sequence[Action]) -> list[Action]:
+    """The rank's actions with each RECV moved up to just before the compute action preceding its
+    consumer (never later than the schedule placed it). gloo moves a message only once its receive is
+    posted, so a receive posted one compute ahead overlaps the transfer with that compute, as
+    megatron-core's overlap_p2p_comm does. Receives are non-blocking with unique tags, so posting them
+    earlier changes nothing else; their buffers are allocated one compute action sooner."""
+    position = {(a.stage, a.kind, a.microbatch): i for i, a in enumerate(actions)}
+    compute_before: list[int | None] = []  # index of the last compute action before each index
+    last = None
+    for i, a in enumerate(actions):
+        compute_before.append(last)
+        if a.kind.is_compute:
+            last = i
+    keys = []
+    for i, a in enumerate(actions):
+        key = (i, 1, i)
+        if a.kind in (Kind.RECV_F, Kind.RECV_B):
+            kinds = (Kind.FORWARD,) if a.kind is Kind.RECV_F else (Kind.BACKWARD, Kind.BACKWARD_INPUT)
+            consumer = min(
+                position[(a.stage, k, a.microbatch)] for k in kinds if (a.stage, k, a.microbatch) in position
+            )
+            ahead = compute_before[consumer]
+            key = (i, 1, i) if ahead is None or ahead > i else (ahead, 0, i)
+        keys.append(key)
+    return [a for _, a in sorted(zip(keys, actions), key=lambda pair: pair[0])]
+
+
+def _wants_grad(x: object) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def _backward(y: torch.Tensor, grad: torch.Tensor | None, **kwargs) -> None:
+    """Accumulate d(y)/d(leaves) * grad into .grad (a stage output that needs no gradient is skipped)."""
+    if y.requires_grad:
+        torch.autograd.backward(y, grad, **kwargs)
+
+
+def _shape_function(spec: ShapeSpec) -> Callable[[int, int], Shape]:
+    """``boundary_shape`` as a function of (sending stage, microbatch)."""
+    if not callable(spec):
+        fixed = tuple(spec)
+        return lambda _stage, _mb: fixed
+    if _positional_arity(spec) >= 2:
+        return lambda stage, mb: tuple(spec(stage, mb))
+    return lambda stage, _mb: tuple(spec(stage))
+
+
+def _positional_arity(fn: Callable) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return 2
+    return sum(
+        k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds
+    )
