@@ -1,0 +1,279 @@
+"""sysopt-plan: rank ways to train the VLM (tp, pp, vpp, schedule, microbatches, TP overlap, offload,
+precision) on a HardwareProfile by predicted step time and peak memory per device.
+
+sysopt-plan [--profile PATH] [--devices N] [--global-batch N] [model.KEY=V data.KEY=V ...]
+            [--where KEY=V ...] [--top N] [--json PATH] [--measure K] [--fit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+NOMINAL_GPU_OP_OVERHEAD_S = 5e-6  # PyTorch dispatch + CUDA kernel launch, per op (assumed)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sysopt-plan", description=__doc__.splitlines()[0])
+    p.add_argument("overrides", nargs="*", help="model.KEY=VALUE or data.KEY=VALUE (e.g. model.dim=256)")
+    p.add_argument("--profile", type=Path, help="HardwareProfile JSON (default: this machine, calibrated)")
+    p.add_argument("--quick", action="store_true", help="calibrate this machine quickly if not cached")
+    p.add_argument(
+        "--refresh-profile", action="store_true", help="recalibrate this machine (one thread per device)"
+    )
+    p.add_argument("--devices", type=int, help="devices to plan for (default: GPUs, or CPU cores)")
+    p.add_argument("--model", default="vlm_small", help="configs/model/<NAME>.yaml or a YAML path")
+    p.add_argument("--global-batch", type=int, default=64, help="sequences per step (default 64)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="'auto' (high precision + the hardware's low-precision recipe), 'none', 'all', or names a,b",
+    )
+    p.add_argument(
+        "--min-features",
+        type=int,
+        default=64,
+        help="narrowest linear a recipe converts (default 64, as configs/precision/*.yaml)",
+    )
+    p.add_argument("--schedules", help="comma-separated pipeline schedules (default: all)")
+    p.add_argument("--max-microbatches", type=int, default=64)
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        help="keep configs with KEY=VALUE[,VALUE...], e.g. pp=1 or offload=device,host",
+    )
+    p.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
+    p.add_argument("--json", type=Path, help="write the ranking (and measured records) here")
+    p.add_argument("--measure", type=int, default=0, metavar="K", help="run the top K here and compare")
+    p.add_argument("--steps", type=int, default=40, help="training steps per measured run")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="measure the K configs this many rounds, round-robin (median)"
+    )
+    p.add_argument("--fit", action="store_true", help="fit the per-op overhead to one measured run here")
+    p.add_argument("--calibration", type=Path, help="planner calibration JSON (default: the cached fit)")
+    p.add_argument("--no-calibration", action="store_true", help="ignore any planner calibration")
+    p.add_argument(
+        "--op-overhead-s",
+        type=float,
+        help="host cost per dispatched op to assume (default: the fit here; on a GPU profile without one, "
+        f"{NOMINAL_GPU_OP_OVERHEAD_S * 1e6:.0f} us, a CUDA launch + dispatch)",
+    )
+    return p
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def load_workload(args) -> tuple[Any, Any]:
+    """(VLMConfig, DigitsTaskConfig) from configs/ plus model.* / data.* overrides."""
+    from sysopt.cli.train import config_dir
+    from sysopt.data import DigitsTaskConfig
+    from sysopt.models import VLMConfig
+    from sysopt.planner.measure import apply_overrides
+
+    configs = Path(config_dir())
+    model_path = (
+        Path(args.model)
+        if args.model.endswith((".yaml", ".yml"))
+        else configs / "model" / f"{args.model}.yaml"
+    )
+    base = {"model": _yaml(model_path), "data": _yaml(configs / "data" / "digits.yaml")}
+    bad = [o for o in args.overrides if not o.startswith(("model.", "data.")) or "=" not in o]
+    if bad:
+        raise SystemExit(f"sysopt-plan: override {bad[0]!r} must be model.KEY=VALUE or data.KEY=VALUE")
+    merged = apply_overrides(base, args.overrides)
+    data = dict(merged["data"])
+    data.pop("name", None)
+    data["task_mix"] = tuple(data.get("task_mix", (1.0, 1.0, 1.0)))
+    try:
+        return VLMConfig(**merged["model"]), DigitsTaskConfig(**data)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"sysopt-plan: bad model/data config: {exc}") from exc
+
+
+def load_profile(args):
+    from sysopt.hardware import HardwareProfile, load_or_calibrate
+
+    if args.profile is not None:
+        profile = HardwareProfile.load(args.profile)
+        if profile.calibration is None:
+            raise SystemExit(f"sysopt-plan: {args.profile} has no calibration; the planner needs one")
+        return profile
+    return load_or_calibrate(quick=args.quick, refresh=args.refresh_profile, threads=1)
+
+
+def precisions(spec: str, profile) -> tuple[str | None, ...]:
+    from sysopt.precision.auto import candidate_recipe
+    from sysopt.precision.recipe import RECIPES
+
+    if spec == "none":
+        return (None,)
+    if spec == "all":
+        return (None, *sorted(RECIPES))
+    if spec == "auto":
+        found = candidate_recipe(profile)
+        return (None,) if found is None else (None, found)
+    names = tuple(s.strip() for s in spec.split(","))
+    unknown = [n for n in names if n not in RECIPES and n != "none"]
+    if unknown:
+        raise SystemExit(f"sysopt-plan: --precision {unknown[0]!r} is not a recipe ({sorted(RECIPES)})")
+    return tuple(None if n == "none" else n for n in names)
+
+
+def where_filter(items: list[str]):
+    from sysopt.planner.measure import parse_value
+    from sysopt.planner.space import PlanConfig
+
+    known = {f.name for f in dataclasses.fields(PlanConfig)}
+    wanted = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in known or not value:
+            raise SystemExit(
+                f"sysopt-plan: --where {item!r} must be KEY=VALUE with KEY one of {sorted(known)}"
+            )
+        wanted[key] = {None if v in ("none", "null") else parse_value(v) for v in value.split(",")}
+
+    def keep(config) -> bool:
+        return all(getattr(config, k) in values for k, values in wanted.items())
+
+    return keep
+
+
+def print_ranking(ranking, top: int) -> None:
+    print(f"{'#':>3} {'step ms':>9} {'peak MiB':>9}  config")
+    for i, p in enumerate(ranking.ranked[:top], 1):
+        print(f"{i:>3} {p.step_s * 1e3:9.4g} {p.peak_memory_bytes / 2**20:9.1f}  {p.config.label()}")
+    print(f"({len(ranking.ranked)} fit, {len(ranking.rejected)} rejected)")
+
+
+def resolve_calibration(args, profile, machine):
+    """The planner calibration: --calibration, else this host's cached fit when it was made against this
+    profile; a GPU profile without one assumes a nominal per-op overhead; --op-overhead-s overrides."""
+    from sysopt.planner import PlannerCalibration, default_calibration_path
+
+    calibration = PlannerCalibration()
+    path = args.calibration or (default_calibration_path() if args.profile is None else None)
+    if not args.no_calibration and path is not None and path.is_file():
+        found = PlannerCalibration.load(path)
+        if args.calibration is not None or found.profile_created == profile.created:
+            calibration = found
+        else:
+            print(f"sysopt-plan: ignoring {path}: fitted to another profile; run --fit", file=sys.stderr)
+    if args.op_overhead_s is not None:
+        source = f"op_overhead_s={args.op_overhead_s} (given)"
+        return dataclasses.replace(calibration, op_overhead_s=args.op_overhead_s, source=source)
+    if calibration.source == "uncalibrated" and machine.on_gpu:
+        source = f"op_overhead_s={NOMINAL_GPU_OP_OVERHEAD_S} assumed (CUDA launch + dispatch per op)"
+        return dataclasses.replace(calibration, op_overhead_s=NOMINAL_GPU_OP_OVERHEAD_S, source=source)
+    return calibration
+
+
+def fit_here(args, workload, machine, base_job):
+    """Measure the plainest config (pure data parallel) here, fit the per-op overhead to it, save it."""
+    from sysopt.planner import PlanConfig, default_calibration_path, fit_op_overhead, violations
+    from sysopt.planner import measure as measuring
+
+    reference = PlanConfig(dp=machine.devices, micro_batch_size=args.global_batch // machine.devices)
+    problems = violations(reference, workload.model, machine.devices, args.global_batch)
+    if problems:
+        raise SystemExit(f"sysopt-plan: --fit runs {reference.label()}, which is invalid: {problems[0]}")
+    print(f"fitting the per-op overhead to a measured run of {reference.label()} ...", flush=True)
+    record = measuring.measure_config(reference, float("nan"), base_job)
+    if record.measured_step_s is None:
+        raise SystemExit(f"sysopt-plan: the fitting run did not complete: {record.status}: {record.detail}")
+    calibration = fit_op_overhead(workload, machine, reference, record.measured_step_s)
+    target = calibration.save(args.calibration or default_calibration_path())
+    print(f"calibration: {calibration.source}\n  saved to {target}")
+    return calibration
+
+
+def measure_top(args, ranking, base_job) -> list:
+    """Run the top --measure configs here; print predicted against measured and how the top did."""
+    from sysopt.planner import measure as measuring
+
+    print(f"\nmeasuring the top {args.measure} here ({args.repeats} x {args.steps} steps each):")
+    candidates = [(p.config, p.step_s) for p in ranking.ranked[: args.measure]]
+    records = measuring.measure_many(candidates, base_job, args.repeats, min_features=args.min_features)
+    for r in records:
+        head = f"  {r.config.label()}: predicted {r.predicted_step_s * 1e3:.4g} ms"
+        if r.measured_step_s is None:
+            print(f"{head}, {r.status}: {r.detail}")
+        else:
+            print(f"{head}, measured {r.measured_step_s * 1e3:.4g} ms ({r.error:+.1%}) {r.detail}")
+    done = [r for r in records if r.measured_step_s is not None]
+    if done:
+        fastest = min(done, key=lambda r: r.measured_step_s)
+        worst = max(done, key=lambda r: abs(r.error))
+        top = records[0]
+        print(
+            f"largest error {worst.error:+.1%} ({worst.config.label()}); fastest measured: {fastest.config.label()}"
+        )
+        if top.measured_step_s is not None:
+            print(
+                f"top choice measured {top.measured_step_s / fastest.measured_step_s - 1:+.1%} against the fastest"
+            )
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from sysopt.planner import CostModel, Machine, SpaceOptions, Workload, enumerate_configs, explain, rank
+    from sysopt.planner import measure as measuring
+
+    model_cfg, data_cfg = load_workload(args)
+    profile = load_profile(args)
+    machine = Machine.from_profile(profile, args.devices)
+    workload = Workload.from_data(model_cfg, data_cfg, args.global_batch)
+    base_job = measuring.base_job_for(model_cfg, data_cfg, args.global_batch, args.steps)
+    if args.fit:
+        calibration = fit_here(args, workload, machine, base_job)
+    else:
+        calibration = resolve_calibration(args, profile, machine)
+
+    options = SpaceOptions(
+        schedules=tuple(args.schedules.split(",")) if args.schedules else SpaceOptions().schedules,
+        max_microbatches=args.max_microbatches,
+        precisions=precisions(args.precision, profile),
+    )
+    cost_model = CostModel(workload, machine, calibration, min_features=args.min_features)
+    keep = where_filter(args.where)
+    space = enumerate_configs(
+        model_cfg, machine.devices, args.global_batch, options, cost_model.choose_tp_chunks
+    )
+    ranking = rank(cost_model, [c for c in space if keep(c)])
+    kind = "GPU" if machine.on_gpu else "CPU core"
+    print(
+        f"sysopt-plan: {machine.devices} devices ({kind}s, {machine.memory_bytes / GIB:.1f} GiB each), "
+        f"global batch {args.global_batch}, calibration: {calibration.source}"
+    )
+    print_ranking(ranking, args.top)
+    text = explain(ranking, args.min_features) if ranking.ranked else "no configuration fits"
+    print(text)
+    records = measure_top(args, ranking, base_job) if args.measure else []
+    if args.json is not None:
+        out = {
+            "profile_created": profile.created,
+            "workload": workload.to_dict(),
+            "calibration": calibration.to_dict(),
+            **ranking.to_dict(),
+            "explain": text,
+        }
+        if args.measure:
+            out["records"] = [r.to_dict() for r in records]
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""What the planner plans for: the workload (model, batch), the machine (profile, devices, memory) and
+the planner's own calibration (per-layer overhead fitted to one measured run), each a frozen dataclass."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sysopt.hardware.profile import HardwareProfile
+from sysopt.models import VLMConfig
+from sysopt.planner.workload import BatchShape, images_per_sequence
+
+NOMINAL_GPU_MEMORY_BYTES_PER_S = 2.0e12  # HBM3 achieved bandwidth, H100-class (assumed, not measured)
+NOMINAL_CPU_MEMORY_BYTES_PER_S = 2.0e10  # when a CPU profile lacks a memcpy fit
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model and the global batch of `global_batch` sequences of `seq_len` tokens."""
+
+    model: VLMConfig
+    global_batch: int
+    seq_len: int
+    images_per_sequence: float
+
+    @classmethod
+    def from_data(cls, model: VLMConfig, data, global_batch: int) -> Workload:
+        """From a DigitsTaskConfig (sysopt.data) and the global batch."""
+        return cls(model, global_batch, data.seq_len, images_per_sequence(data))
+
+    def microbatch(self, sequences: int) -> BatchShape:
+        return BatchShape(sequences, self.seq_len, max(1, round(sequences * self.images_per_sequence)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "model": asdict(self.model)}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """`devices` ranks, each with `memory_bytes`. On a CPU-only profile a device is one core (one rank
+    at one thread) sharing host memory evenly; on a GPU profile a device is one GPU."""
+
+    profile: HardwareProfile
+    devices: int
+    memory_bytes: int
+    host_memory_bytes: int
+    on_gpu: bool
+
+    @property
+    def high(self) -> str:
+        """The training dtype's matmul rate name: bf16 on GPUs, fp32 on CPUs."""
+        return "bf16" if self.on_gpu else "fp32"
+
+    @property
+    def param_itemsize(self) -> int:
+        return 2 if self.on_gpu else 4
+
+    @property
+    def memory_touch_bytes_per_s(self) -> float:
+        """Bytes per second memory-bound ops read plus write: twice the calibrated memcpy rate on a CPU
+        (a copy of n bytes touches 2n); GPU profiles carry no HBM figure, so a nominal H100-class 2 TB/s."""
+        cal = self.profile.calibration
+        if not self.on_gpu and cal is not None and "memcpy" in cal.copy:
+            return 2 * cal.copy["memcpy"].bytes_per_s
+        return NOMINAL_GPU_MEMORY_BYTES_PER_S if self.on_gpu else NOMINAL_CPU_MEMORY_BYTES_PER_S
+
+    @classmethod
+    def from_profile(cls, profile: HardwareProfile, devices: int | None = None) -> Machine:
+        cal = profile.calibration
+        on_gpu = bool(profile.gpus) and (cal is None or str(cal.device).startswith("cuda"))
+        if on_gpu:
+            count = devices or len(profile.gpus)
+            memory = min(g.memory_total_bytes for g in profile.gpus)
+        else:
+            count = devices or profile.cpu.cores
+            memory = profile.cpu.host_memory_bytes // count
+        if count < 1:
+            raise ValueError(f"devices={count} must be >= 1")
+        return cls(profile, count, memory, profile.cpu.host_memory_bytes, on_gpu)
+
+
+@dataclass(frozen=True)
+class PlannerCalibration:
+    """Terms the profile does not measure, fitted once to a measured training run.
+
+    A layer's forward + backward costs `gemm_scale` x its modelled GEMM time (x3) plus `op_overhead_s`
+    for each torch op it dispatches (launch, dispatch, Python: Layer.ops, more in low precision), so its
+    overhead grows with its op count and with every microbatch. `step_overhead_s` is added once per step
+    (data, gradient clipping). `source` says what the numbers were fitted to."""
+
+    op_overhead_s: float = 0.0
+    gemm_scale: float = 1.0
+    step_overhead_s: float = 0.0
+    source: str = "uncalibrated"
+    profile_created: str = ""  # the HardwareProfile (its `created`) the fit was made against
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PlannerCalibration:
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PlannerCalibration:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,455 @@
+"""sysopt.planner: enumeration rules, the cost model against closed forms and the simulator, memory
+rejection, ranking, explain, the CLI's JSON, calibration and the measure path (no training runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+
+import pytest
+
+from sysopt.data import DigitsTaskConfig
+from sysopt.hardware import CPUInfo, GPUInfo, HardwareProfile, LinkFit
+from sysopt.hardware.profile import Calibration, MatmulPoint
+from sysopt.models import VLM, VLMConfig
+from sysopt.planner import (
+    CostModel,
+    Machine,
+    PlanConfig,
+    SpaceOptions,
+    Workload,
+    enumerate_configs,
+    explain,
+    fit_op_overhead,
+    param_count,
+    rank,
+    violations,
+)
+from sysopt.planner.measure import job_for, measure_config, trainer_overrides
+from sysopt.planner.space import TP_OVERLAPS
+from sysopt.schedules import Costs, build, simulate
+from sysopt.schedules.partition import chunk_costs
+from sysopt.tensor_parallel.chunk_model import collective_time_s
+
+# pinned (not VLMConfig()'s defaults, which may change): 7 blocks, heads 4 / vision_heads 4
+MODEL = VLMConfig(vision_dim=64, vision_layers=2, vision_heads=4, dim=128, layers=2, heads=4, mlp_ratio=4)
+DATA = DigitsTaskConfig()
+RATE = 1e11  # FLOP/s at every size: GEMM time is exactly proportional to FLOPs
+
+
+def cpu_profile(
+    *, host_memory_bytes: int = 64 << 30, memcpy_bytes_per_s: float = 1e30, rates=None
+) -> HardwareProfile:
+    """A synthetic CPU profile: one matmul point per dtype (so rates are flat), fits with round numbers."""
+    rates = rates or {"fp32": RATE}
+    points = tuple(MatmulPoint(d, 512, 512, 512, 2 * 512**3 / r, r) for d, r in rates.items())
+    cal = Calibration(
+        device="cpu",
+        matmul=points,
+        matmul_flops_per_s=dict(rates),
+        copy={"memcpy": LinkFit(0.0, memcpy_bytes_per_s)},
+        p2p=LinkFit(1e-4, 1e9),
+        allreduce=LinkFit(2e-4, 5e8),
+        collective_world_size=2,
+        collective_backend="gloo",
+        optimizer_params_per_s={"host": 1e8, "device": 1e8},
+        created="test",
+    )
+    cpu = CPUInfo("test cpu", 4, 4, ("avx2",), host_memory_bytes)
+    return HardwareProfile(cpu, (), cal, "test")
+
+
+def gpu_profile(memory_bytes: int, devices: int = 2) -> HardwareProfile:
+    base = cpu_profile(rates={"bf16": 1e14, "fp32": 1e13})
+    gpus = tuple(
+        GPUInfo(i, "Test GPU", memory_bytes, memory_bytes, 5, 16, 0, None, None) for i in range(devices)
+    )
+    link = {k: LinkFit(1e-5, 2e10) for k in ("h2d_pinned", "d2h_pinned")}
+    cal = dataclasses.replace(
+        base.calibration, device="cuda:0", copy=link, optimizer_params_per_s={"host": 1e9, "device": 1e10}
+    )
+    return dataclasses.replace(base, gpus=gpus, calibration=cal)
+
+
+def cost_model(profile=None, devices=2, global_batch=16, **kwargs) -> CostModel:
+    workload = Workload.from_data(MODEL, DATA, global_batch)
+    return CostModel(workload, Machine.from_profile(profile or cpu_profile(), devices), **kwargs)
+
+
+# ---- enumeration ---------------------------------------------------------------------------------
+
+
+def test_enumeration_equals_brute_force_over_the_rules():
+    options = SpaceOptions(offloads=("device", "host"), precisions=(None, "int8_rowwise"), max_vpp=3)
+    found = set(enumerate_configs(MODEL, 4, 16, options))
+    brute = set()
+    for tp, pp, vpp, dp, m, mbs in itertools.product(
+        (1, 2, 4), (1, 2, 4), (1, 2, 3), (1, 2, 4), (1, 2, 4, 8, 16), (1, 2, 3, 4, 8, 16)
+    ):
+        for schedule, overlap, offload, precision in itertools.product(
+            options.schedules, TP_OVERLAPS, options.offloads, options.precisions
+        ):
+            chunks = 4 if overlap == "chunked" else 1
+            c = PlanConfig(tp, pp, vpp, dp, schedule, m, mbs, overlap, chunks, offload, precision)
+            if not violations(c, MODEL, 4, 16):
+                brute.add(c)
+    assert found == brute
+    assert {c.pp for c in found} == {1, 2, 4} and {c.tp for c in found} == {1, 2, 4}
+    assert {c.schedule for c in found} >= {"1f1b", "interleaved_1f1b", "zbv", "dualpipev", "zb_h1", "gpipe"}
+
+
+@pytest.mark.parametrize(
+    "config, devices, fragment",
+    [
+        (PlanConfig(dp=2, micro_batch_size=8), 4, "must equal the 4 devices"),
+        (PlanConfig(dp=2, micro_batch_size=4), 2, "must equal the global batch 16"),
+        (PlanConfig(tp=8, dp=1, micro_batch_size=16), 8, "model.heads=4 is not divisible by tp=8"),
+        (PlanConfig(pp=8, dp=1, schedule="gpipe", microbatches=16), 8, "exceed the model's 7 blocks"),
+        (
+            PlanConfig(pp=4, vpp=2, schedule="interleaved_1f1b", microbatches=16),
+            4,
+            "exceed the model's 7 blocks",
+        ),
+        (PlanConfig(vpp=2, dp=2, micro_batch_size=8), 2, "vpp=2 needs pp >= 2"),
+        (
+            PlanConfig(dp=2, schedule="gpipe", micro_batch_size=8),
+            2,
+            "with pp=1 is plain gradient accumulation",
+        ),
+        (PlanConfig(pp=2, schedule="nope", microbatches=16), 2, "is not one of"),
+        (
+            PlanConfig(pp=2, vpp=2, schedule="interleaved_1f1b", microbatches=1, micro_batch_size=16),
+            2,
+            "must be >= pp=2",
+        ),
+        (
+            PlanConfig(pp=2, vpp=2, schedule="dualpipev", microbatches=2, micro_batch_size=8),
+            2,
+            "must be >= 2*pp=4",
+        ),
+        (PlanConfig(pp=2, vpp=2, schedule="1f1b", microbatches=16), 2, "vpp=2 is not supported by 1f1b"),
+        (PlanConfig(dp=2, micro_batch_size=8, tp_overlap="chunked", tp_chunks=4), 2, "needs tp >= 2"),
+        (PlanConfig(tp=2, micro_batch_size=16, tp_chunks=4), 2, "needs tp_overlap='chunked'"),
+        (PlanConfig(tp=2, micro_batch_size=16, tp_overlap="t3"), 2, "tp_overlap='t3' is not one of"),
+        (PlanConfig(dp=2, micro_batch_size=8, offload="disk"), 2, "offload='disk' is not one of"),
+        (PlanConfig(dp=2, micro_batch_size=8, precision="fp4"), 2, "precision='fp4' is not a recipe"),
+        (PlanConfig(dp=0), 2, "dp=0 must be >= 1"),
+    ],
+)
+def test_every_rule_rejects_its_case(config, devices, fragment):
+    reasons = violations(config, MODEL, devices, 16)
+    assert any(fragment in r for r in reasons), reasons
+    assert config not in set(enumerate_configs(MODEL, devices, 16))
+
+
+def test_a_valid_config_has_no_violations_and_overrides_name_every_knob():
+    c = PlanConfig(2, 2, 1, 1, "1f1b", 4, 4, "chunked", 3, "host", "int8_rowwise")
+    assert violations(c, MODEL, 4, 16) == []
+    overrides = dict(o.split("=") for o in c.to_overrides(64))
+    assert overrides["parallel.tp"] == "2" and overrides["schedule.microbatches"] == "4"
+    assert overrides["parallel.tp_chunks"] == "3" and overrides["offload.strategy"] == "host"
+    assert overrides["precision.recipe"] == "int8_rowwise" and overrides["precision.min_features"] == "64"
+    assert int(overrides["train.global_batch"]) == c.global_batch == 16
+    assert PlanConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+# ---- cost model --------------------------------------------------------------------------------
+
+
+def test_param_count_matches_the_model():
+    for config in (
+        MODEL,
+        VLMConfig(dim=96, heads=6, layers=3, vision_layers=1, tokens_per_image=4, mlp_ratio=2),
+    ):
+        assert param_count(config) == VLM(config).param_count()
+
+
+def matmul_total_s(profile: HardwareProfile, layers, tp: int = 1) -> float:
+    """Forward + both backward GEMMs of every linear and 3x the attention GEMMs, straight from the profile."""
+    total = 0.0
+    for layer in layers:
+        for lin in layer.linears:
+            m, n, k = lin.shape(tp)
+            total += sum(profile.matmul_time_s(*s) for s in ((m, n, k), (m, k, n), (n, k, m)))
+        if layer.attention is not None:
+            total += 3 * sum(profile.matmul_time_s(*s) for s in layer.attention.gemms(tp))
+    return total
+
+
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_pp1_tp1_step_is_the_sum_of_matmul_times_plus_the_optimizer(microbatches):
+    profile = cpu_profile()  # memcpy at 1e30 B/s: memory-bound ops cost nothing
+    model = cost_model(profile, devices=1)
+    c = PlanConfig(microbatches=microbatches, micro_batch_size=16 // microbatches)
+    p = model.predict(c)
+    expected_compute = microbatches * matmul_total_s(profile, model.layers(c.micro_batch_size))
+    assert p.compute_s == pytest.approx(expected_compute, rel=1e-9)
+    assert p.optimizer_s == pytest.approx(param_count(MODEL) / 1e8, rel=1e-9)  # shared processor: all adds up
+    assert p.bubble_s == pytest.approx(0.0, abs=1e-12) and p.tp_comm_s == 0 and p.dp_comm_s == 0
+    assert p.step_s == pytest.approx(expected_compute + p.optimizer_s, rel=1e-9)
+
+
+def test_pipeline_bubble_and_step_match_the_simulator():
+    model = cost_model(devices=2)
+    c = PlanConfig(pp=2, schedule="1f1b", microbatches=4, micro_batch_size=4)
+    p = model.predict(c)
+    costs = model.layer_costs(4, 1, "none", 1, None)
+    f, b, w = chunk_costs(
+        p.boundaries, [x.forward_s for x in costs], [x.backward_s for x in costs], [x.weight_s for x in costs]
+    )
+    layers = model.layers(4)
+    p2p = [model.profile.p2p_time_s(layers[end - 1].output_elements * 4) for end in p.boundaries[1:]]
+    sim = simulate(build("1f1b", 2, 1, 4), Costs(f, b, w, p2p))
+    rank = p.critical_rank
+    end = max(span.end for span in sim.timeline[rank])
+    assert p.bubble_s == pytest.approx(end - sim.busy_time[rank], rel=1e-9)
+    assert p.compute_s == pytest.approx(sim.busy_time[rank], rel=1e-9)
+    # closed form for 1F1B with the slower stage setting the pace: at least (m + p - 1) slots of it
+    assert sim.step_time >= 4 * max(fi + bi for fi, bi in zip(f, b))
+    assert p.bubble_s > 0 and p.step_s == pytest.approx(end + p.optimizer_s, rel=1e-9)
+
+
+def test_doubling_tp_halves_gemm_time_and_adds_the_collectives():
+    model = cost_model(devices=2)
+    decoder = next(layer for layer in model.layers(8) if layer.kind == "decoder")
+    assert model.gemm_s(decoder, 2, None) == pytest.approx(model.gemm_s(decoder, 1, None) / 2, rel=1e-9)
+    tp1 = model.layer_costs(8, 1, "none", 1, None)
+    tp2 = model.layer_costs(8, 2, "none", 1, None)
+    i = [layer.name for layer in model.layers(8)].index(decoder.name)
+    assert tp2[i].compute_s == pytest.approx(tp1[i].compute_s / 2, rel=1e-9)
+    tokens, dim, hidden = 8 * DATA.seq_len, MODEL.dim, MODEL.mlp_ratio * MODEL.dim
+    # sequence parallel: all-gather the [tokens, dim] input of qkv and fc, reduce-scatter proj outputs
+    expected = 2 * collective_time_s(model.profile, "all_gather", tokens * dim * 4, 2)
+    expected += 2 * collective_time_s(model.profile, "reduce_scatter", tokens * dim * 4, 2)
+    assert tp1[i].tp_forward_s == 0 and tp2[i].tp_forward_s == pytest.approx(expected, rel=1e-9)
+    assert hidden > dim  # (the fc all-gather moves the input, not the hidden activations)
+    # on a bandwidth-bound link (no latency) chunking hides part of the collectives behind the GEMMs
+    slow = cpu_profile(rates={"fp32": 1e10})
+    slow_link = dataclasses.replace(slow.calibration, allreduce=LinkFit(0.0, 1e8), p2p=LinkFit(0.0, 1e8))
+    bandwidth_bound = cost_model(dataclasses.replace(slow, calibration=slow_link), devices=2)
+    k = bandwidth_bound.choose_tp_chunks(2, 8)
+    none = bandwidth_bound.layer_costs(8, 2, "none", 1, None)[i]
+    chunked = bandwidth_bound.layer_costs(8, 2, "chunked", k, None)[i]
+    assert k >= 1 and chunked.tp_forward_s < none.tp_forward_s and chunked.tp_backward_s < none.tp_backward_s
+
+
+def test_dp_allreduce_is_exposed_only_past_the_last_backward():
+    model = cost_model(devices=2)
+    p = model.predict(PlanConfig(dp=2, micro_batch_size=8))
+    grad_bytes = param_count(MODEL) * 4
+    full = sum(
+        collective_time_s(model.profile, "all_reduce", size, 2) for size in [1 << 20] * (grad_bytes >> 20)
+    )
+    assert 0 < p.dp_comm_s <= full + collective_time_s(model.profile, "all_reduce", grad_bytes % (1 << 20), 2)
+
+
+def test_precision_uses_the_lower_precision_rate_where_convert_would_swap():
+    rates = {"fp32": 1e10, "int8": 1e12}
+    model = cost_model(cpu_profile(rates=rates), devices=1, min_features=64)
+    high = model.layer_costs(16, 1, "none", 1, None)
+    low = model.layer_costs(16, 1, "none", 1, "int8_tensorwise")
+    by_name = {layer.name: layer.kind for layer in model.layers(16)}
+    for h, lo in zip(high, low):
+        if by_name[h.name] in ("vit", "decoder"):
+            assert lo.compute_s < h.compute_s
+        if by_name[h.name] in ("embed", "head"):  # first and last linears stay high precision
+            assert lo.compute_s == pytest.approx(h.compute_s)
+
+
+# ---- memory, ranking, explain ------------------------------------------------------------------
+
+
+def test_memory_accounts_params_grads_optimizer_and_activations():
+    model = cost_model(devices=1)
+    p = model.predict(PlanConfig(microbatches=2, micro_batch_size=8))
+    n = param_count(MODEL)
+    assert p.memory.params_bytes == p.memory.grads_bytes == 4 * n
+    assert p.memory.optimizer_bytes == 8 * n  # fp32 moments on the device
+    per_microbatch = sum(layer.saved_elements * 4 for layer in model.layers(8))
+    assert p.memory.activations_bytes == per_microbatch  # 1f1b at pp=1 holds one microbatch
+    host = model.predict(PlanConfig(microbatches=2, micro_batch_size=8, offload="host"))
+    assert host.memory.host_bytes == (8 + 4 + 4) * n
+
+
+def test_memory_rejection_names_the_sizes_and_the_fix():
+    configs = list(enumerate_configs(MODEL, 2, 16))
+    needs = sorted(cost_model(devices=2).predict(c).peak_memory_bytes for c in configs)
+    capacity = needs[len(needs) // 2]  # per core: about half the configs fit
+    model = cost_model(cpu_profile(host_memory_bytes=2 * capacity), devices=2)
+    ranking = rank(model, configs)
+    assert len(ranking.rejected) == sum(n > capacity for n in needs) > 0 and ranking.ranked
+    reason = ranking.rejected[0].reason
+    assert "GiB per device" in reason and "activations" in reason and "offload" in reason
+    for p in ranking.ranked:
+        assert p.peak_memory_bytes <= model.machine.memory_bytes
+    big = rank(cost_model(gpu_profile(1 << 20), devices=2), [PlanConfig(dp=2, micro_batch_size=8)])
+    assert not big.ranked and "needs" in big.rejected[0].reason
+    with pytest.raises(ValueError, match="no configuration fits"):
+        _ = big.top
+
+
+def test_ranking_is_sorted_and_explain_names_the_top_and_runner_up():
+    model = cost_model(devices=2)
+    ranking = rank(model, enumerate_configs(MODEL, 2, 16, SpaceOptions(offloads=("device", "host"))))
+    steps = [p.step_s for p in ranking.ranked]
+    assert steps == sorted(steps) and len(steps) > 10
+    text = explain(ranking)
+    assert ranking.top.config.label() in text
+    assert "compute" in text and "bubble" in text and "optimizer" in text
+    assert "Runner-up" in text
+
+
+# ---- calibration, measure, CLI -----------------------------------------------------------------
+
+
+def test_fit_reproduces_the_measured_step():
+    workload = Workload.from_data(MODEL, DATA, 16)
+    machine = Machine.from_profile(cpu_profile(), 1)
+    config = PlanConfig(micro_batch_size=16)
+    base = CostModel(workload, machine).predict(config).step_s
+    slow = fit_op_overhead(workload, machine, config, 3 * base)
+    assert slow.op_overhead_s > 0 and slow.gemm_scale == 1
+    assert CostModel(workload, machine, slow).predict(config).step_s == pytest.approx(3 * base, rel=1e-4)
+    fast = fit_op_overhead(workload, machine, config, 0.9 * base)
+    assert fast.op_overhead_s == 0 and fast.gemm_scale < 1
+    assert CostModel(workload, machine, fast).predict(config).step_s == pytest.approx(0.9 * base, rel=1e-4)
+
+
+def test_measure_reports_configs_the_trainer_refuses_instead_of_crashing():
+    from sysopt.planner.measure import base_job_for
+
+    base = base_job_for(MODEL, DATA, 16, 2)
+    bad = PlanConfig(tp=8, micro_batch_size=16)  # heads=4 cannot split over 8 ranks: the trainer says so
+    record = measure_config(bad, 0.1, base)
+    assert record.status == "not runnable yet" and "tp" in record.detail and record.measured_step_s is None
+    job = job_for(PlanConfig(dp=2, micro_batch_size=8), base)
+    assert (job.parallel.dp, job.parallel.tp, job.train.global_batch) == (2, 1, 16)
+    assert not any(
+        o.startswith(("offload.", "precision.", "schedule.")) for o in trainer_overrides(PlanConfig())
+    )
+
+
+def write_profile(tmp_path, profile) -> str:
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    return str(path)
+
+
+def test_cli_ranks_and_writes_json(tmp_path, capsys, monkeypatch):
+    from sysopt.cli import plan
+    from sysopt.planner import measure as measure_module
+
+    def fake_measure(config, predicted_step_s, base_job, out_dir=None, min_features=None):
+        return measure_module.MeasureRecord(config, predicted_step_s, 1.25 * predicted_step_s, "measured")
+
+    monkeypatch.setattr(measure_module, "measure_config", fake_measure)
+    out = tmp_path / "plan.json"
+    args = ["--profile", write_profile(tmp_path, cpu_profile()), "--devices", "2", "--global-batch", "16"]
+    args += ["--precision", "none", "--json", str(out), "--measure", "2", "--where", "pp=1", "model.layers=3"]
+    assert plan.main(args) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    top = data["ranking"][0]
+    assert set(top) >= {"config", "predicted_step_s", "breakdown", "peak_memory_bytes"}
+    assert PlanConfig.from_dict(top["config"]).label() in printed
+    assert all(r["config"]["pp"] == 1 for r in data["ranking"])
+    assert data["workload"]["model"]["layers"] == 3
+    assert [r["config"] for r in data["records"]] == [r["config"] for r in data["ranking"][:2]]
+    for record in data["records"]:
+        assert record["measured_step_s"] == pytest.approx(1.25 * record["predicted_step_s"])
+    steps = [r["predicted_step_s"] for r in data["ranking"]]
+    assert steps == sorted(steps)
+
+
+def test_the_8xh100_profile_ranks_8_gpu_configs():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "profiles" / "8xh100_nvlink.json"
+    profile = HardwareProfile.load(path)
+    machine = Machine.from_profile(profile)
+    assert machine.on_gpu and machine.devices == 8 and machine.memory_bytes > 70 * 2**30
+    model = CostModel(Workload.from_data(MODEL, DATA, 64), machine)
+    options = SpaceOptions(schedules=("1f1b", "interleaved_1f1b"), offloads=("device",), max_microbatches=8)
+    ranking = rank(model, enumerate_configs(MODEL, 8, 64, options, model.choose_tp_chunks))
+    assert ranking.ranked and all(p.config.world_size == 8 for p in ranking.ranked)
+    assert {p.config.tp for p in ranking.ranked} == {1, 2, 4}
+
+
+class _CountOps:
+    """Counts every aten op dispatched inside the `with` block."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.n += 1
+                return func(*args, **(kwargs or {}))
+
+        self.n, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_op_counts_match_the_model_blocks():
+    """The planner's per-layer op counts (its overhead model) against ops dispatched by sysopt.models,
+    in high precision and converted to low-precision recipes."""
+    import torch
+
+    from sysopt.data import BatchSampler, DigitsDataset
+    from sysopt.models import vlm_loss
+    from sysopt.precision import convert, recipe
+
+    batch = BatchSampler(DigitsDataset(dataclasses.replace(DATA, n_train=64, n_eval_per_task=5), "train"), 4)
+    batch = batch.global_batch(0)
+    model = cost_model(devices=1, min_features=64)
+    for precision in (None, "int8_rowwise", "fp8_tensorwise_delayed"):
+        vlm = VLM(MODEL) if precision is None else convert(VLM(MODEL), recipe(precision), min_features=64)
+        inputs, x = [], None
+        with torch.no_grad():
+            for block in vlm.blocks:
+                inputs.append(x)
+                x = block(x, batch)
+        for layer, block, x in zip(model.layers(4), vlm.blocks, inputs):
+            x = None if x is None else x.detach().requires_grad_(True)
+            with _CountOps() as counted:
+                y = block(x, batch)
+                (vlm_loss(y, batch) if layer.kind == "head" else y.sum()).backward()
+            assert model.ops(layer, precision) == pytest.approx(counted.n, rel=0.1), (precision, layer.name)
+
+
+@pytest.mark.parametrize(
+    "name, pp, vpp, m",
+    [("gpipe", 2, 1, 4), ("1f1b", 4, 1, 8), ("interleaved_1f1b", 2, 2, 4), ("zbv", 2, 2, 6)],
+)
+def test_peak_activation_bytes_is_the_simulators_peak_times_the_bytes(name, pp, vpp, m):
+    from sysopt.planner.device import peak_activation_bytes
+
+    schedule = build(name, pp, vpp, m)
+    sim = simulate(schedule, Costs(1.0, 2.0, 1.0))
+    uniform = dict.fromkeys(range(pp * vpp), 1000)
+    for r in range(pp):
+        assert peak_activation_bytes(schedule, r, uniform) == 1000 * sim.peak_activations[r]
+
+
+def test_dp_exposure_closed_forms_and_subgroups_cover_the_parameters():
+    from sysopt.planner.device import dp_exposed_s, offload_subgroups
+
+    profile = cpu_profile()
+    grad_bytes = 5 * (1 << 20) + 123
+    buckets = [1 << 20] * 5 + [123]
+    serial = sum(collective_time_s(profile, "all_reduce", b, 4) for b in buckets)
+    assert dp_exposed_s(profile, grad_bytes, 0.0, 4) == pytest.approx(serial)  # nothing to hide behind
+    last = collective_time_s(profile, "all_reduce", 1 << 20, 4)
+    # with a long backward only the last bucket, ready as backward ends, sticks out
+    assert dp_exposed_s(profile, 5 << 20, 100.0, 4) == pytest.approx(last)
+    assert dp_exposed_s(profile, grad_bytes, 0.0, 1) == 0
+    groups = offload_subgroups([10, 25, 7], itemsize=4, subgroup_bytes=8 * 12)
+    assert [g.numel for g in groups] == [12, 12, 12, 6]
+    assert all(g.device_state_bytes == 8 * g.numel and g.host_state_bytes == 16 * g.numel for g in groups)
