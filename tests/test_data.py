@@ -59,10 +59,15 @@ def test_same_seed_same_samples_and_batches(train):
         )
 
 
-def test_other_seed_other_samples(train):
+def test_other_seed_other_samples(train, held_out):
     other = DigitsDataset(dataclasses.replace(SMALL, seed=1), "train")
     assert not np.array_equal(train.image_rows, other.image_rows)
-    assert not np.array_equal(split_images(SMALL)[1], split_images(other.config)[1])
+    assert np.array_equal(split_images(SMALL)[1], split_images(other.config)[1])  # the split stays,
+    other_eval = DigitsDataset(other.config, "eval")  # and so do the eval questions
+    assert [held_out[i] for i in range(len(held_out))] == [other_eval[i] for i in range(len(other_eval))]
+    assert not np.array_equal(
+        split_images(SMALL)[1], split_images(dataclasses.replace(SMALL, split_seed=1))[1]
+    )
 
 
 def test_splits_are_disjoint_cover_all_images_and_are_stratified(train, held_out):

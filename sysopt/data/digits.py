@@ -24,10 +24,11 @@ _SPLIT_CODES = {"train": 0, "eval": 1}
 class DigitsTaskConfig:
     """How the digit sequences are drawn; the same config always gives the same samples."""
 
-    seed: int = 0
+    seed: int = 0  # draws the training sequences, their order and the augmentation
+    split_seed: int = 0  # draws the held-out images and the eval sequences; runs with other seeds compare
     eval_fraction: float = 0.2  # share of each digit class's images held out for eval
     n_train: int = 200_000  # training sequences (drawn from training images only)
-    n_eval_per_task: int = 500  # eval sequences per task (drawn from held-out images only)
+    n_eval_per_task: int = 1000  # eval sequences per task (drawn from held-out images only)
     task_mix: tuple[float, ...] = (1.0, 1.0, 1.0)  # training weights of TASKS
     min_relation_images: int = 2
     max_relation_images: int = 4
@@ -70,10 +71,8 @@ class DigitsTaskConfig:
     def seq_len(self) -> int:
         """Input length of every sample (tokens shifted by one against targets), padding included."""
         k = self.tokens_per_image
-        longest_sum = 1 + 2 * k + 2 + 2 + 2  # <bos> I plus I is d d . <eos>
-        longest_relation = (
-            1 + self.max_relation_images * k + 4 + 1 + 2
-        )  # <bos> I.. : the largest is d . <eos>
+        longest_sum = 7 + 2 * k  # <bos> I plus I is d d . <eos>
+        longest_relation = 8 + self.max_relation_images * k  # <bos> I I .. : the largest is d . <eos>
         return max(longest_sum, longest_relation) - 1
 
     def to_json(self) -> str:
@@ -121,7 +120,7 @@ def load_digit_images() -> tuple[torch.Tensor, np.ndarray]:
 def split_images(config: DigitsTaskConfig) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split of image rows into (train, eval); the two never share an image."""
     _, labels = load_digit_images()
-    rng = np.random.default_rng([config.seed, 7])
+    rng = np.random.default_rng([config.split_seed, 7])
     train, held_out = [], []
     for digit in range(10):
         rows = rng.permutation(np.flatnonzero(labels == digit))
@@ -167,7 +166,10 @@ class DigitsDataset:
         self.images = (self.raw_images - self.pixel_mean) / self.pixel_std
         train_rows, eval_rows = split_images(config)
         self.image_pool = train_rows if split == "train" else eval_rows
-        rng = np.random.default_rng([config.seed, 11, _SPLIT_CODES[split]])
+        # the eval sequences depend on split_seed only: runs with different seeds score the same questions
+        rng = np.random.default_rng(
+            [config.seed if split == "train" else config.split_seed, 11, _SPLIT_CODES[split]]
+        )
         if split == "train":
             mix = np.asarray(config.task_mix, dtype=np.float64)
             self.task_ids = rng.choice(len(TASKS), size=config.n_train, p=mix / mix.sum())

@@ -32,6 +32,7 @@ class VLMConfig:
     heads: int = 4
     mlp_ratio: int = 4
     max_seq: int = 32
+    init_std: float = 0.1  # linear and embedding weights ~ N(0, init_std); biases and positions start at 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,7 +91,11 @@ class VLM(nn.Module):
                 + [DecoderBlock(c.dim, c.heads, c.mlp_ratio) for _ in range(c.layers)]
                 + [LMHead(c.dim, c.vocab_size)]
             )
-            self.apply(_init_weights)
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=c.init_std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, batch) -> torch.Tensor:
         """Logits [B, T, vocab] for batch.tokens, each position predicting the next token."""
@@ -103,16 +108,6 @@ class VLM(nn.Module):
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
-    for name in ("pos", "pos_embed"):
-        if isinstance(getattr(module, name, None), nn.Parameter):
-            nn.init.normal_(getattr(module, name), std=0.02)
 
 
 def vlm_loss(logits: torch.Tensor, batch, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
