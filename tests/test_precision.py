@@ -128,6 +128,54 @@ def test_int8_rowwise_grad_weight_is_high_precision():
     assert ((layer.weight.grad.double() - exact).abs() <= bound).all()
 
 
+def test_int8_rowwise_full_grad_weight_uses_per_channel_scales_along_tokens():
+    """int8_rowwise_full: grad-weight is an int8 GEMM whose operands dy (T, N) and x (T, K) are scaled per
+    channel, each scale from that channel's amax over the T tokens (the contraction dim). Reference: the
+    quantisation spec of sysopt.kernels.formats written out here, products summed exactly in float64."""
+    torch.manual_seed(3)
+    x = torch.randn(40, 96) * torch.linspace(0.1, 10, 96)
+    dy = torch.randn(40, 80) * torch.linspace(5, 0.2, 80)
+    layer = _layer(P.recipe("int8_rowwise_full"))
+    layer(x).backward(dy)
+
+    def per_channel(t):  # columns of t (tokens, channels): scale = amax / 127, q = round(t * (1 / scale))
+        scale = t.abs().amax(dim=0) / 127.0
+        return torch.round(t * scale.reciprocal()), scale.double()
+
+    q_dy, s_dy = per_channel(dy)
+    q_x, s_x = per_channel(x)
+    exact = (q_dy.double().t() @ q_x.double()) * s_dy[:, None] * s_x[None, :]
+    torch.testing.assert_close(layer.weight.grad.double(), exact, rtol=2e-6, atol=0.0)
+    switchback = _layer(P.recipe("int8_rowwise"))
+    switchback(x).backward(dy)
+    assert not torch.equal(switchback.weight.grad, layer.weight.grad)  # a different GEMM from SwitchBack
+
+
+@pytest.mark.parametrize("fmt", ["int8", "e4m3"])
+@pytest.mark.parametrize("granularity", ["tensorwise", "rowwise"])
+def test_quantizing_a_transposed_view_equals_quantizing_its_copy(fmt, granularity, monkeypatch):
+    """Grad-weight quantises dy.t() and x.t(): the torch kernels work on the contiguous memory (column amax in
+    chunks, cast without transposing writes) and must give the same bits and scales as a transposed copy,
+    and as the Triton twin; the scaled GEMM must accept the resulting column-major operands."""
+    from sysopt.kernels import gemm_ref, quantize_ref, quantize_triton
+
+    monkeypatch.setattr(quantize_ref, "_CHUNK_ELEMENTS", 300)  # several chunks on a small tensor
+    dtype = DTYPE_OF[fmt]
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(50, 36, generator=g) * torch.logspace(-2, 2, 36)
+    b = torch.randn(50, 28, generator=g)
+    qa, sa = quantize_ref.quantize(a.t(), dtype, granularity)
+    qa_copy, sa_copy = quantize_ref.quantize(a.t().contiguous(), dtype, granularity)
+    qa_tri, sa_tri = quantize_triton.quantize(a.t(), dtype, granularity)
+    bits = (lambda q: q.view(torch.uint8)) if fmt != "int8" else (lambda q: q)
+    assert qa.shape == (36, 50) and torch.equal(sa, sa_copy) and torch.equal(sa, sa_tri)
+    assert torch.equal(bits(qa), bits(qa_copy)) and torch.equal(bits(qa), bits(qa_tri))
+    qb, sb = quantize_ref.quantize(b.t(), dtype, granularity)
+    got = gemm_ref.scaled_mm(qa, sa, qb, sb)
+    want = gemm_ref.scaled_mm(qa.contiguous(), sa, qb.contiguous(), sb)
+    assert torch.equal(got, want)
+
+
 def test_high_precision_forward_equals_nn_linear():
     recipe = P.Recipe(
         "fwd_high", forward="high", grad_input="int8", grad_weight="int8", granularity="rowwise"

@@ -11,16 +11,20 @@ import torch
 
 from .scales import BLOCK, ROW, TENSOR, ScaleLayout, check_operands, k_block, scale_layout
 
+_EPILOGUE_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 output per chunk: stays in L2 between the steps
+
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T in the accumulation type: int32 for int8, fp32 for fp8."""
     if a.dtype != torch.int8:
         return a.float() @ b.float().t()
     m, k = a.shape
-    if a.is_cuda and (m <= 16 or k % 8 or b.shape[0] % 8):
-        # torch._int_mm's CUDA shape limits; float64 sums of int8 products are exact for any practical K
-        return (a.double() @ b.double().t()).to(torch.int32)
-    return torch._int_mm(a, b.t())
+    if a.is_cuda:
+        if m <= 16 or k % 8 or b.shape[0] % 8:
+            # torch._int_mm's CUDA shape limits; float64 sums of int8 products are exact for any practical K
+            return (a.double() @ b.double().t()).to(torch.int32)
+        a, b = a.contiguous(), b.contiguous()  # CUDA wants row-major a and column-major b.T
+    return torch._int_mm(a, b.t())  # CPU (oneDNN) takes any of the four row/column-major layouts
 
 
 def _epilogue_scale(scale: torch.Tensor, layout: ScaleLayout, as_columns: bool) -> torch.Tensor | None:
@@ -72,17 +76,30 @@ def scaled_mm(
             out.add_(part)
     sa = _epilogue_scale(a_scale.float(), la, as_columns=False)
     sb = _epilogue_scale(b_scale.float(), lb, as_columns=True)
-    if out.dtype == torch.int32:
-        # convert the fresh int32 accumulator to fp32 in its own memory (same size, element i to element i):
-        # saves allocating and page-faulting a second output-sized buffer; then scale in place
-        acc, out = out, out.view(torch.float32)
-        out.copy_(acc)
     if sa is not None and sb is not None and (la.mode == TENSOR or lb.mode == TENSOR):
-        out.mul_(sa * sb)
+        scales = [sa * sb]
     else:
-        for s in (sa, sb):
-            if s is not None:
-                out.mul_(s)
-    if bias is not None:
-        out.add_(bias.float())
+        scales = [s for s in (sa, sb) if s is not None]
+    out = _epilogue(out, scales, bias.float() if bias is not None else None)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def _epilogue(acc: torch.Tensor, scales: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 out = acc * scales... + bias, over row chunks so each chunk is converted, scaled and biased while
+    it sits in cache (one trip through memory instead of one per step).
+
+    An int32 accumulator is converted in its own memory (same size, element i to element i): this saves
+    allocating and page-faulting a second output-sized buffer."""
+    out = acc.view(torch.float32) if acc.dtype == torch.int32 else acc
+    rows = out.shape[0]
+    step = max(1, _EPILOGUE_CHUNK_ELEMENTS // max(1, out.shape[1]))
+    for i in range(0, rows, step):
+        whole = step >= rows  # one chunk: no slicing (fewer dispatched ops on small GEMMs)
+        chunk = out if whole else out[i : i + step]
+        if acc.dtype == torch.int32:
+            chunk.copy_(acc if whole else acc[i : i + step])
+        for s in scales:
+            chunk.mul_(s[i : i + step] if not whole and s.dim() == 2 and s.shape[0] == rows else s)
+        if bias is not None:
+            chunk.add_(bias)
+    return out

@@ -1,7 +1,9 @@
 """Torch reference quantisation (amax -> scale -> cast): the CPU path and the twin the Triton kernels are tested against.
 
 Vectorised eager ops, few passes over memory: min/max reductions for amax (faster on CPU than abs().amax() or
-an inf-norm), one multiply, one rounding (int8) and one cast. NaN in x propagates into amax and the scale.
+an inf-norm), one multiply, one rounding (int8) and one cast, run over cache-sized row chunks; rowwise scaling
+does amax, scale and cast chunk by chunk, so x is read from memory once. NaN in x propagates into amax and the
+scale.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 
 from .formats import EPS, blocks_of, check_dtype, check_granularity, expand_scale
 
-_CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: the chunk and its temporary stay in L2
 
 
 def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
@@ -38,17 +40,23 @@ def _cast_rows(x: torch.Tensor, inv: torch.Tensor, out: torch.Tensor, qmax: floa
 def cast_scaled(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, clamp: bool) -> torch.Tensor:
     """round_to_format(x * (1 / scale)); `clamp` saturates values beyond qmax (needed when scale is not x's own).
 
+    The result has x's layout: a transposed 2-D view (x.t() contiguous, e.g. dy.t() in a grad-weight GEMM)
+    is cast as its contiguous transpose and returned transposed, so no strided (cache-missing) writes happen.
     Row chunks of ~_CHUNK_ELEMENTS keep the fp32 temporary small and cache-resident: on CPU a fresh
     tensor-sized temporary costs more in page faults than the arithmetic does."""
+    if x.dim() == 2 and not x.is_contiguous() and x.t().is_contiguous():
+        return cast_scaled(x.t(), scale.t() if scale.dim() == 2 else scale, dtype, clamp).t()
     qmax = check_dtype(dtype)
     inv = scale.reciprocal()
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    rows_inv = x.dim() >= 2 and inv.dim() == x.dim() and inv.shape[:-1] == x.shape[:-1] and inv.shape[-1] == 1
-    if x.dim() < 2 or x.numel() <= _CHUNK_ELEMENTS or not (inv.dim() == 0 or rows_inv):
+    same_rank = x.dim() >= 2 and inv.dim() == x.dim()
+    rows_inv = same_rank and inv.shape[:-1] == x.shape[:-1] and inv.shape[-1] == 1  # (*lead, 1)
+    cols_inv = same_rank and inv.numel() == inv.shape[-1] == x.shape[-1]  # (1, ..., 1, K)
+    if x.dim() < 2 or x.numel() <= _CHUNK_ELEMENTS or not (inv.dim() == 0 or rows_inv or cols_inv):
         _cast_rows(x, inv, out, qmax, clamp)
         return out
     x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
-    inv2 = inv.reshape(-1, 1) if rows_inv else inv
+    inv2 = inv.reshape(-1, 1) if rows_inv else inv.reshape(1, -1) if cols_inv else inv
     step = max(1, _CHUNK_ELEMENTS // x2.shape[1])
     for i in range(0, x2.shape[0], step):
         _cast_rows(
@@ -74,6 +82,31 @@ def amax_of(x: torch.Tensor, granularity: str, block: tuple[int, int] | None) ->
     return padded.view(nbr, block[0], nbc, block[1]).amax(dim=(1, 3))
 
 
+def _quantize_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float, power_of_two: bool) -> tuple:
+    """Rowwise quantisation of a contiguous x, chunk by chunk (amax, scale, cast while the chunk is in cache)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.empty(x2.shape, dtype=dtype, device=x.device)
+    scale = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, x2.shape[1]))
+    for i in range(0, x2.shape[0], step):
+        chunk = x2[i : i + step]
+        s = scale_from_amax(amax_of(chunk, "rowwise", None), qmax, power_of_two)
+        scale[i : i + step] = s
+        _cast_rows(chunk, s.reciprocal(), out[i : i + step], qmax, clamp=False)
+    return out.view(x.shape), scale.view(*x.shape[:-1], 1)
+
+
+def _column_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| per column of a contiguous 2-D x, (1, K): running min/max over cache-sized row chunks, so x
+    is read from memory once (two whole-tensor reductions would read it twice)."""
+    step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
+    hi, lo = x[:step].amax(dim=0, keepdim=True), x[:step].amin(dim=0, keepdim=True)
+    for i in range(step, x.shape[0], step):
+        torch.maximum(hi, x[i : i + step].amax(dim=0, keepdim=True), out=hi)
+        torch.minimum(lo, x[i : i + step].amin(dim=0, keepdim=True), out=lo)
+    return torch.maximum(hi, -lo)
+
+
 def quantize(
     x: torch.Tensor,
     dtype: torch.dtype,
@@ -82,9 +115,17 @@ def quantize(
     *,
     power_of_two: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise x with scales from its own amax (current scaling). Returns (q, scale), x ~= q.float() * scale."""
+    """Quantise x with scales from its own amax (current scaling). Returns (q, scale), x ~= q.float() * scale.
+
+    q has x's layout when x is a transposed 2-D view (see cast_scaled), else it is contiguous."""
     qmax = check_dtype(dtype)
     block = check_granularity(granularity, block)
+    if granularity == "rowwise" and x.dim() >= 2 and x.is_contiguous() and x.numel() > _CHUNK_ELEMENTS:
+        return _quantize_rows(x, dtype, qmax, power_of_two)
+    if granularity == "rowwise" and x.dim() == 2 and x.t().is_contiguous() and x.numel() > _CHUNK_ELEMENTS:
+        # a transposed view (dy.t(), x.t() in grad-weight): its rows are the columns of x.t()
+        scale = scale_from_amax(_column_amax(x.t()), qmax, power_of_two).t()
+        return cast_scaled(x, scale, dtype, clamp=False), scale
     scale = scale_from_amax(amax_of(x, granularity, block), qmax, power_of_two)
     full = expand_scale(scale, tuple(x.shape), block)
     return cast_scaled(x, full, dtype, clamp=False), scale

@@ -130,6 +130,10 @@ RECIPES: dict[str, Recipe] = {
         # SwitchBack: int8 forward and grad-input (rowwise activations, tensorwise weight so the weight is
         # quantised once per step), 16-bit grad-weight
         Recipe("int8_rowwise", "int8", "int8", "bf16", granularity="rowwise", weight_granularity="tensorwise"),
+        # int8 in all three GEMMs: rowwise activations and gradients (in grad-weight the contraction runs over
+        # tokens, so its scales are per channel, taken along the token dim), tensorwise weight. Not SwitchBack.
+        Recipe("int8_rowwise_full", "int8", "int8", "int8", granularity="rowwise",
+               weight_granularity="tensorwise"),
         Recipe("int8_tensorwise", "int8", "int8", "int8", granularity="tensorwise"),
     )
 }  # fmt: skip
@@ -137,7 +141,7 @@ RECIPES: dict[str, Recipe] = {
 
 def recipe(name: str) -> Recipe:
     """The named recipe: one of RECIPES (fp8_tensorwise_delayed, fp8_rowwise, fp8_blockwise, int8_rowwise,
-    int8_tensorwise)."""
+    int8_rowwise_full, int8_tensorwise)."""
     if name not in RECIPES:
         raise ValueError(
             f"unknown recipe {name!r}; named recipes: {sorted(RECIPES)} (or build a Recipe(...))"
