@@ -32,7 +32,10 @@ def test_default_config_is_valid_and_data_parallel():
         (["train.nproc=3"], r"train.nproc=3 but parallel.tp\*pp\*dp = 1\*1\*2 = 2"),
         (["parallel.tp=3", "parallel.dp=1"], r"model.heads=4 is not divisible by parallel.tp=3"),
         (["data.name=imagenet"], r"data.name='imagenet' is not an embedded dataset"),
-        (["train.global_batch=63"], r"train.global_batch=63 is not divisible by parallel.dp \* schedule.microbatches = 2\*1"),
+        (
+            ["train.global_batch=63"],
+            r"train.global_batch=63 is not divisible by parallel.dp \* schedule.microbatches = 2\*1",
+        ),
         (["parallel.dp=0"], r"parallel.dp=0 must be a positive integer"),
         (["model.max_seq=8"], r"raise model.max_seq to"),
     ],

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from sysopt.train.config import ParallelConfig
 from sysopt.train import (
     CheckpointError,
     JobConfig,
@@ -20,6 +19,7 @@ from sysopt.train import (
     save_checkpoint,
     warmup_cosine_lr,
 )
+from sysopt.train.config import ParallelConfig
 from sysopt.train.loop import FAULT_ENV
 
 
@@ -69,8 +69,12 @@ def test_crashed_run_resumes_bit_exactly(tmp_path, monkeypatch):
     again = read_metrics(tmp_path / "crashed" / "metrics.jsonl")
     assert [r["step"] for r in again] == list(range(9))  # no duplicated or missing steps
     assert [r["loss"] for r in again] == [r["loss"] for r in straight]  # bit-exact
-    a = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "checkpoints"), ["model_tp0_pp0"])["model_tp0_pp0"]
-    b = load_checkpoint(latest_checkpoint(tmp_path / "crashed" / "checkpoints"), ["model_tp0_pp0"])["model_tp0_pp0"]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "checkpoints"), ["model_tp0_pp0"])[
+        "model_tp0_pp0"
+    ]
+    b = load_checkpoint(latest_checkpoint(tmp_path / "crashed" / "checkpoints"), ["model_tp0_pp0"])[
+        "model_tp0_pp0"
+    ]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
