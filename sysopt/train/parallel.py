@@ -129,12 +129,11 @@ class ParallelVLM:
         from sysopt.schedules.executor import ScheduleExecutor
 
         p, sched = self.job.parallel, self.job.schedule
-        if sched.name == "megatron_interleaved":
-            raise NotImplementedError(
-                "schedule=megatron_interleaved inside the trainer is not wired yet; use "
-                "schedule=interleaved_1f1b (sysopt's), or drive megatron-core via sysopt.schedules.megatron_adapter"
-            )
-        self.schedule = build(sched.name, p.pp, p.vpp, self.microbatches)
+        megatron = sched.name == "megatron_interleaved"
+        # megatron-core's schedule places and orders chunks as sysopt's interleaved_1f1b (1f1b at vpp=1):
+        # that twin gives the placement, the partition and the evaluation order
+        name = ("interleaved_1f1b" if p.vpp > 1 else "1f1b") if megatron else sched.name
+        self.schedule = build(name, p.pp, p.vpp, self.microbatches)
         if boundaries is None:
             forward, backward = costs  # the cost-based split (W taken as half of the backward)
             found = partition(
@@ -143,7 +142,7 @@ class ParallelVLM:
                 [b / 2 for b in backward],
                 pp=p.pp,
                 vpp=p.vpp,
-                schedule=sched.name,
+                schedule=name,
                 microbatches=self.microbatches,
             )
             boundaries = found.boundaries
@@ -158,6 +157,18 @@ class ParallelVLM:
         chunks = split_into_stages(self.model, self.boundaries)
         pp_rank = self.groups.coords.pp
         self.stages = {s: chunks[s] for s in self.schedule.stages_of(pp_rank)}
+        if megatron:
+            from sysopt.train.megatron_baseline import MegatronPipeline
+
+            self.executor = MegatronPipeline(
+                self.stages,
+                self.groups,
+                self._loss,
+                microbatches=self.microbatches,
+                hidden_size=self.job.model.dim,
+                num_attention_heads=self.job.model.heads,
+            )
+            return
         self.executor = ScheduleExecutor(
             self.schedule,
             self.stages,
