@@ -19,6 +19,7 @@ SAVED_PER_BLOCK_BASE = 9
 OPS_PER_LAYER = {"embed": 23, "vit": 97, "merge": 88, "decoder": 98, "head": 45}
 EXTRA_OPS_PER_LOW_PRECISION_LINEAR = {
     "int8_rowwise": 87,
+    "int8_rowwise_full": 140,
     "int8_tensorwise": 88,
     "fp8_rowwise": 225,
     "fp8_blockwise": 260,
