@@ -1,6 +1,7 @@
 """The VLM: block structure, layers against torch references, image placement, loss and data-parallel math."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -156,14 +157,20 @@ def one_thread():
 
 
 def _train_briefly(config, data_config, steps, batch_size, lr):
+    """AdamW with linear warmup (10% of steps) and cosine decay, loss on answer tokens only."""
     model = VLM(config)
     sampler = BatchSampler(DigitsDataset(data_config, "train"), batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
+    )
     for step in range(steps):
         batch = sampler.global_batch(step)
         opt.zero_grad()
         vlm_loss(model(batch), batch).backward()
         opt.step()
+        schedule.step()
     return model
 
 
@@ -191,11 +198,11 @@ def test_captions_need_the_images(one_thread):
 @pytest.mark.slow
 def test_all_tasks_need_the_images_with_the_default_model(one_thread):
     data_config = DigitsTaskConfig()
-    model = _train_briefly(VLMConfig(), data_config, steps=400, batch_size=64, lr=3e-3)
+    model = _train_briefly(VLMConfig(), data_config, steps=300, batch_size=128, lr=3e-3)
     held_out = DigitsDataset(data_config, "eval")
     real = evaluate(model, eval_batches(held_out))
     shuffled = evaluate(model, eval_batches(held_out, shuffle_images=True))
     for task in real:
         chance = _chance(held_out, task)
-        assert real[task] > chance + 0.2, (task, real[task], chance)
+        assert real[task] > chance + 0.3, (task, real[task], chance)
         assert shuffled[task] < chance + 0.1, (task, shuffled[task], chance)
