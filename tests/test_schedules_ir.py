@@ -124,9 +124,17 @@ def test_every_builder_is_valid_over_a_grid_of_sizes():
                 continue
             if name == "interleaved_1f1b" and m < pp:
                 continue
-            validate(build(name, pp, vpp, m))
+            _assert_complete(validate(build(name, pp, vpp, m)), m)
     for pp, m in itertools.product((1, 2, 3), (6, 7, 9)):
-        validate(build("dualpipev", pp, 2, m))
+        _assert_complete(validate(build("dualpipev", pp, 2, m)), m)
+
+
+def _assert_complete(schedule, m):
+    """Every (stage, microbatch) has exactly one forward in the validated schedule."""
+    forwards = [a for acts in schedule.actions.values() for a in acts if a.kind == F]
+    assert sorted((a.stage, a.microbatch) for a in forwards) == [
+        (stage, mb) for stage in range(schedule.num_stages) for mb in range(m)
+    ]
 
 
 # ---- validator: each invariant ------------------------------------------------------------------
@@ -134,7 +142,7 @@ def test_every_builder_is_valid_over_a_grid_of_sizes():
 
 def test_valid_schedules_pass():
     for name, pp, vpp, m in CASES:
-        validate(build(name, pp, vpp, m))
+        _assert_complete(validate(build(name, pp, vpp, m)), m)
 
 
 def test_duplicate_action_is_reported_with_both_places():

@@ -1,8 +1,8 @@
 """Let megatron-core 0.16.1 run on a CPU-only torch: shims applied only inside `megatron_cpu_shims()`.
 
-megatron-core allocates buffers with `device=torch.cuda.current_device()` and, in its schedules,
-`torch.zeros(..., device="cuda")`. Inside the context manager (and only when CUDA is absent) the
-first answers "cpu" and the second lands on the CPU; on exit every patched attribute is restored.
+megatron-core allocates buffers on the device that torch.cuda reports as current and, in its
+schedules, makes a token counter with `torch.zeros` on the CUDA device. Inside the context manager
+(and only when CUDA is absent) the first answers "cpu" and the second lands on the CPU; on exit every patched attribute is restored.
 Not thread-safe against other threads creating CUDA tensors while the block is active.
 """
 

@@ -27,7 +27,7 @@ Progress = Callable[[Iterable, str], Iterable]
 
 def default_device() -> torch.device:
     return (
-        torch.device("cuda", torch.cuda.current_device())
+        torch.device("cuda", torch.cuda.current_device())  # cuda-ok: behind the capability check
         if torch.cuda.is_available()
         else torch.device("cpu")
     )

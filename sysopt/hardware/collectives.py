@@ -46,7 +46,9 @@ def collective_worker(sizes_bytes: tuple[int, ...], repeats: int, warmup: int) -
     """Runs on every rank under sysopt.dist.launch; rank 0 returns {kind: {n_bytes: [seconds]}}."""
     rank = dist.get_rank()
     on_gpu = dist.get_backend() == "nccl"  # launch bound this rank to its GPU
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    device = torch.device("cpu")
+    if on_gpu:
+        device = torch.device("cuda", torch.cuda.current_device())  # cuda-ok: NCCL backend only
     out: dict[str, dict[int, list[float]]] = {"p2p": {}, "allreduce": {}}
     for n_bytes in sizes_bytes:
         buf = torch.zeros(max(n_bytes // 4, 1), dtype=torch.float32, device=device)

@@ -113,7 +113,9 @@ class LowPrecisionLinear(nn.Linear):
         self.register_buffer("nonfinite", torch.zeros(3, dtype=torch.bool, device=device), persistent=False)
         self.scaling_state = ScalingState(self.recipe, self.amax_history, self.nonfinite)
 
-    def _apply(self, fn, recurse=True):  # keep the state's buffer references valid across .to()/.cuda()
+    def _apply(
+        self, fn, recurse=True
+    ):  # keep the state's buffer references valid across .to()/.cuda()  # cuda-ok
         out = super()._apply(fn, recurse)
         self.scaling_state.amax_history, self.scaling_state.nonfinite = self.amax_history, self.nonfinite
         return out
