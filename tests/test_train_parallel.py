@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from sysopt.data import DigitsTaskConfig
 from sysopt.train import JobConfig, OptimConfig, TrainConfig, read_metrics, run_training
 from sysopt.train.config import OffloadConfig, ParallelConfig, PrecisionConfig, ScheduleConfig
 from sysopt.train.loop import FAULT_ENV
@@ -50,6 +51,25 @@ def test_parallel_training_equals_single_process(tmp_path, single, parallel, sch
 
 
 @pytest.mark.timeout(300)
+def test_packed_rows_train_the_same_under_tp_sp_and_pp(tmp_path):
+    """Packed rows of 31 tokens: sequence parallelism pads them to 32 (the padding is a segment of its
+    own), the block-diagonal mask runs in the TP blocks, and tp2 x pp2 equals single-process training."""
+    torch.set_num_threads(1)
+    data = DigitsTaskConfig(pack_len=31)
+    job = dataclasses.replace(base_job(global_batch=8), data=data)
+    run_training(job, tmp_path / "single")
+    parallel = dataclasses.replace(job, parallel=ParallelConfig(tp=2, pp=2), schedule=ScheduleConfig("1f1b", 2))
+    run_training(parallel, tmp_path / "tp2pp2")
+    ref, got = losses(tmp_path / "single"), losses(tmp_path / "tp2pp2")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+    unpacked = dataclasses.replace(
+        job, data=DigitsTaskConfig(), train=dataclasses.replace(job.train, max_steps=2)
+    )
+    run_training(unpacked, tmp_path / "unpacked")
+    assert ref[:2] != losses(tmp_path / "unpacked")  # the packed job really trained on packed rows
+
+
+@pytest.mark.timeout(300)
 def test_pipelined_offloaded_run_resumes_bit_exactly(tmp_path, monkeypatch):
     job = dataclasses.replace(
         base_job(max_steps=6, checkpoint_every=2),
@@ -74,13 +94,25 @@ def test_offload_strategy_matches_plain_adamw(tmp_path, single):
     assert losses(tmp_path) == single[0]  # OffloadAdamW is bitwise torch's fused AdamW
 
 
-def test_precision_recipe_converts_and_trains(tmp_path, single):
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_precision_recipe_converts_and_trains(tmp_path, single, tp):
     torch.set_num_threads(1)
-    job = dataclasses.replace(base_job(), precision=PrecisionConfig("int8_rowwise", min_features=64))
-    run_training(job, tmp_path)
+    job = dataclasses.replace(
+        base_job(),
+        precision=PrecisionConfig("int8_rowwise", min_features=64),
+        parallel=ParallelConfig(tp=tp),
+    )
+    summary = run_training(job, tmp_path)
     got, ref = losses(tmp_path), single[0]
     assert got != ref  # the linears really ran in int8
     assert all(abs(a - b) / b < 0.05 for a, b in zip(got, ref))  # and stayed close to fp32
+    # every linear but the first (patch embedding) and the last (LM head): 4 per transformer block
+    # (vision and decoder) and 3 in the projector; under tp=2 the decoder's are the TP layers
+    names = summary["low_precision_layers"]
+    assert len(names) == 4 * (job.model.vision_layers + job.model.layers) + 3
+    tp_layers = [n for n in names if n.endswith(".fc2")]  # only TensorParallelBlock names its MLP "fc2"
+    assert len(tp_layers) == (job.model.layers if tp == 2 else 0)
 
 
 @pytest.mark.timeout(300)

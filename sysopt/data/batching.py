@@ -23,7 +23,13 @@ class Batch:
     image_slots: [B, T] long, -1 at text positions, else the row of the flattened image-token table
         [N * k] (k = tokens per image) whose embedding goes there: image i, sub-token j -> i * k + j;
     image_owner: [N] long, the row of the sample each image belongs to;
-    loss_mask: [B, T] float, 1 where targets[b, t] is an answer token; task_ids: [B] long into TASKS.
+    loss_mask: [B, T] float, 1 where targets[b, t] is an answer token; task_ids: [B] long into TASKS
+        (of the row's first sample when rows are packed).
+
+    Packed rows (see `pack_rows`) also carry segment_ids: [B, T] long, the number of the sample within its
+    row (-1 at padding), and position_ids: [B, T] long, the position within that sample. Attention then
+    stays inside a sample (causal and block-diagonal) and positions restart at every sample. Unpacked
+    batches leave both None: one sample per row, positions 0..T-1.
     """
 
     tokens: torch.Tensor
@@ -33,6 +39,12 @@ class Batch:
     image_owner: torch.Tensor
     loss_mask: torch.Tensor
     task_ids: torch.Tensor
+    segment_ids: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
 
     @property
     def size(self) -> int:
@@ -70,10 +82,41 @@ class Batch:
             image_owner=self.image_owner[keep] - lo,
             loss_mask=self.loss_mask[lo:hi],
             task_ids=self.task_ids[lo:hi],
+            segment_ids=None if self.segment_ids is None else self.segment_ids[lo:hi],
+            position_ids=None if self.position_ids is None else self.position_ids[lo:hi],
         )
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v if v is None else v.to(device) for k, v in moved.items()})
+
+
+def _image_table(
+    dataset: DigitsDataset,
+    indices: np.ndarray,
+    image_perm: np.ndarray | None,
+    augment_rng: np.random.Generator | None,
+) -> torch.Tensor:
+    """The images of samples `indices` in reading order (optionally permuted, optionally warped)."""
+    n_images = dataset.n_images[indices]
+    rows = dataset.image_rows[indices][np.arange(dataset.image_rows.shape[1]) < n_images[:, None]]
+    if image_perm is not None:
+        rows = rows[image_perm]
+    rows = torch.from_numpy(rows)
+    if augment_rng is None:
+        return dataset.images.index_select(0, rows)
+    cfg = dataset.config
+    warped = random_affine(
+        dataset.raw_images.index_select(0, rows), augment_rng, cfg.shift_px, cfg.rotate_deg, cfg.scale
+    )
+    return (warped - dataset.pixel_mean) / dataset.pixel_std
+
+
+def _image_slots(tokens: np.ndarray, image_id: int) -> np.ndarray:
+    """Image-token slots numbered in reading order across the batch (row-major): image i owns the k
+    consecutive rows i*k .. i*k+k-1 of the flattened image-token table; -1 at text positions."""
+    is_image = tokens == image_id
+    return np.where(is_image, np.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1, -1)
 
 
 def collate(
@@ -82,7 +125,7 @@ def collate(
     image_perm: np.ndarray | None = None,
     augment_rng: np.random.Generator | None = None,
 ) -> Batch:
-    """The samples `indices` of `dataset` as one Batch (length dataset.config.seq_len).
+    """The samples `indices` of `dataset` as one Batch (length dataset.config.seq_len), one per row.
 
     `image_perm`, a permutation of the batch's images, swaps image contents across samples while keeping
     every text: the shuffled-image control. `augment_rng` warps every image view with the config's
@@ -91,31 +134,95 @@ def collate(
     sequences = dataset.template_tokens[dataset.template_of[indices]]
     tokens, targets = sequences[:, :-1], sequences[:, 1:]
     loss_mask = dataset.template_answer_mask[dataset.template_of[indices]][:, 1:]
-    n_images = dataset.n_images[indices]
-    is_image = tokens == dataset.tokenizer.image_id
-    # image-token slots are numbered in reading order across the batch: sample b's images come after
-    # those of samples < b, each image owning k consecutive rows of the flattened image-token table
-    slots = np.where(is_image, np.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1, -1)
-    rows = dataset.image_rows[indices][np.arange(dataset.image_rows.shape[1]) < n_images[:, None]]
-    if image_perm is not None:
-        rows = rows[image_perm]
-    rows = torch.from_numpy(rows)
-    if augment_rng is None:
-        images = dataset.images.index_select(0, rows)
-    else:
-        cfg = dataset.config
-        warped = random_affine(
-            dataset.raw_images.index_select(0, rows), augment_rng, cfg.shift_px, cfg.rotate_deg, cfg.scale
-        )
-        images = (warped - dataset.pixel_mean) / dataset.pixel_std
     return Batch(
         tokens=torch.from_numpy(np.ascontiguousarray(tokens)),
         targets=torch.from_numpy(np.ascontiguousarray(targets)),
-        images=images,
-        image_slots=torch.from_numpy(slots),
-        image_owner=torch.from_numpy(np.repeat(np.arange(len(indices)), n_images)),
+        images=_image_table(dataset, indices, image_perm, augment_rng),
+        image_slots=torch.from_numpy(_image_slots(tokens, dataset.tokenizer.image_id)),
+        image_owner=torch.from_numpy(np.repeat(np.arange(len(indices)), dataset.n_images[indices])),
         loss_mask=torch.from_numpy(np.ascontiguousarray(loss_mask)),
         task_ids=torch.from_numpy(dataset.task_ids[indices].astype(np.int64)),
+    )
+
+
+def sample_lengths(dataset: DigitsDataset, indices: np.ndarray) -> np.ndarray:
+    """Input length of each sample (its tokens up to, not including, <eos>): what it fills in a row."""
+    return dataset.template_lengths[dataset.template_of[np.asarray(indices, np.int64)]] - 1
+
+
+def pack_rows(lengths: np.ndarray, row_len: int, open_rows: int = 8) -> list[list[int]]:
+    """Pack items of `lengths` (in order) into rows of at most `row_len`: bounded first fit.
+
+    Each item goes into the first of the (at most `open_rows`) open rows it fits; if none, a new row opens
+    and, past `open_rows`, the oldest open row is closed. Rows come out in closing order, items keep
+    their relative order within a row, and every item appears exactly once. Deterministic."""
+    if row_len < 1 or open_rows < 1:
+        raise ValueError(f"row_len={row_len} and open_rows={open_rows} must both be >= 1")
+    too_long = [int(n) for n in lengths if n > row_len]
+    if too_long:
+        raise ValueError(
+            f"a sample of length {max(too_long)} does not fit pack_len={row_len}; raise pack_len to at "
+            f"least {max(too_long)}"
+        )
+    closed: list[list[int]] = []
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for item, n in enumerate(int(x) for x in lengths):
+        slot = next((r for r, room in enumerate(free) if room >= n), None)
+        if slot is None:
+            if len(rows) == open_rows:
+                closed.append(rows.pop(0))
+                free.pop(0)
+            rows.append([])
+            free.append(row_len)
+            slot = len(rows) - 1
+        rows[slot].append(item)
+        free[slot] -= n
+    return closed + rows
+
+
+def collate_packed(
+    dataset: DigitsDataset,
+    rows: list[np.ndarray] | list[list[int]],
+    row_len: int,
+    image_perm: np.ndarray | None = None,
+    augment_rng: np.random.Generator | None = None,
+) -> Batch:
+    """Rows of several samples each (dataset indices per row) as one Batch of length `row_len`.
+
+    Each sample keeps its own tokens, targets (the last target of a sample is its <eos>, never the next
+    sample's first token) and loss mask; segment_ids / position_ids say which sample a position belongs
+    to and where in it, so the decoder attends only within a sample. Padding fills the rest of a row."""
+    pad = dataset.tokenizer.pad_id
+    shape = (len(rows), row_len)
+    tokens, targets = np.full(shape, pad, np.int64), np.full(shape, pad, np.int64)
+    loss_mask = np.zeros(shape, np.float32)
+    segments, positions = np.full(shape, -1, np.int64), np.zeros(shape, np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for segment, index in enumerate(row):
+            template = dataset.template_of[index]
+            n = dataset.template_lengths[template] - 1
+            if at + n > row_len:
+                raise ValueError(f"row {r} holds {at + n} tokens, more than pack_len={row_len}")
+            tokens[r, at : at + n] = dataset.template_tokens[template, :n]
+            targets[r, at : at + n] = dataset.template_tokens[template, 1 : n + 1]
+            loss_mask[r, at : at + n] = dataset.template_answer_mask[template, 1 : n + 1]
+            segments[r, at : at + n] = segment
+            positions[r, at : at + n] = np.arange(n)
+            at += n
+    order = np.asarray([i for row in rows for i in row], np.int64)
+    row_of_sample = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
+    return Batch(
+        tokens=torch.from_numpy(tokens),
+        targets=torch.from_numpy(targets),
+        images=_image_table(dataset, order, image_perm, augment_rng),
+        image_slots=torch.from_numpy(_image_slots(tokens, dataset.tokenizer.image_id)),
+        image_owner=torch.from_numpy(np.repeat(row_of_sample, dataset.n_images[order])),
+        loss_mask=torch.from_numpy(loss_mask),
+        task_ids=torch.from_numpy(dataset.task_ids[[row[0] for row in rows]].astype(np.int64)),
+        segment_ids=torch.from_numpy(segments),
+        position_ids=torch.from_numpy(positions),
     )
 
 
@@ -124,7 +231,11 @@ class BatchSampler:
 
     With shuffle=True each epoch visits the samples in a fresh seeded order (a final partial batch is
     dropped); with shuffle=False batches follow the dataset order and `__iter__` yields the partial tail too.
-    Data-parallel rank r of w trains on `global_batch(step).shard(r, w)`."""
+    Data-parallel rank r of w trains on `global_batch(step).shard(r, w)`.
+
+    When the training set's config has pack_len > 0, `global_batch` packs: the epoch's sample order is cut
+    into rows of pack_len tokens (`pack_rows`), and a batch is `batch_size` such rows, so the number of
+    samples per step varies while the shape does not. `__iter__` (evaluation) never packs."""
 
     def __init__(
         self, dataset: DigitsDataset, batch_size: int, shuffle: bool = True, shuffle_images: bool = False
@@ -134,18 +245,29 @@ class BatchSampler:
         self.dataset, self.batch_size = dataset, batch_size
         self.shuffle, self.shuffle_images = shuffle, shuffle_images
         self.seed = dataset.config.seed
+        self.pack_len = dataset.config.pack_len if dataset.split == "train" else 0
         self._cached_order: tuple[int, np.ndarray] = (-1, np.arange(0))
+        self._cached_rows: tuple[int, list[list[int]]] = (-1, [])
+        if self.pack_len and len(self._rows(0)) < batch_size:
+            raise ValueError(
+                f"batch_size={batch_size} rows exceed the {len(self._rows(0))} packed rows of one epoch; "
+                "use a smaller batch or more samples"
+            )
 
     @property
     def batches_per_epoch(self) -> int:
+        if self.pack_len:
+            return len(self._rows(0)) // self.batch_size
         return len(self.dataset) // self.batch_size
 
-    def _batch(self, indices: np.ndarray, tag: int, augment: bool = False) -> Batch:
+    def _batch(self, indices: np.ndarray, tag: int, augment: bool = False, rows=None) -> Batch:
         perm = None
         if self.shuffle_images:
             n_images = int(self.dataset.n_images[indices].sum())
             perm = np.random.default_rng([self.seed, 17, tag]).permutation(n_images)
         augment_rng = np.random.default_rng([self.seed, 19, tag]) if augment else None
+        if rows is not None:
+            return collate_packed(self.dataset, rows, self.pack_len, perm, augment_rng)
         return collate(self.dataset, indices, perm, augment_rng)
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -156,15 +278,33 @@ class BatchSampler:
             self._cached_order = (epoch, order)
         return self._cached_order[1]
 
+    def _rows(self, epoch: int) -> list[list[int]]:
+        """The epoch's sample order packed into rows of pack_len tokens (dataset indices per row)."""
+        if self._cached_rows[0] != epoch:
+            order = self._order(epoch)
+            packed = pack_rows(sample_lengths(self.dataset, order), self.pack_len)
+            self._cached_rows = (epoch, [[int(order[i]) for i in row] for row in packed])
+        return self._cached_rows[1]
+
+    def rows(self, step: int) -> list[list[int]]:
+        """Dataset indices of each packed row of the batch of `step` (pack_len > 0 only)."""
+        if not self.pack_len:
+            raise ValueError("rows() needs packing: set data.pack_len > 0 (e.g. 32)")
+        epoch, i = divmod(step, self.batches_per_epoch)
+        return self._rows(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+
     def indices(self, step: int) -> np.ndarray:
-        """Dataset indices of the global batch of `step`."""
+        """Dataset indices of the samples in the global batch of `step` (in row order when packed)."""
+        if self.pack_len:
+            return np.asarray([i for row in self.rows(step) for i in row], np.int64)
         epoch, i = divmod(step, self.batches_per_epoch)
         return self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
 
     def global_batch(self, step: int) -> Batch:
         """The batch of `step`; training images are augmented when the config says so."""
         augment = self.dataset.split == "train" and self.dataset.config.augments
-        return self._batch(self.indices(step), step, augment)
+        rows = self.rows(step) if self.pack_len else None
+        return self._batch(self.indices(step), step, augment, rows)
 
     def __iter__(self) -> Iterator[Batch]:
         """One pass over the dataset in order (the tail batch may be smaller): for evaluation."""

@@ -38,6 +38,9 @@ class DigitsTaskConfig:
     shift_px: float = 0.5
     rotate_deg: float = 10.0
     scale: float = 0.0
+    # training rows: 0 = one sample per row padded to seq_len; L > 0 = samples packed into rows of L
+    # tokens, attention kept within each sample (block-diagonal causal) and positions restarting per sample
+    pack_len: int = 0
 
     def __post_init__(self) -> None:
         if len(self.task_mix) != len(TASKS) or min(self.task_mix) < 0 or sum(self.task_mix) <= 0:
@@ -55,6 +58,11 @@ class DigitsTaskConfig:
             raise ValueError(
                 f"augmentation shift_px={self.shift_px} rotate_deg={self.rotate_deg} scale={self.scale} "
                 "must be >= 0 (0 turns it off), with scale < 1"
+            )
+        if self.pack_len < 0 or 0 < self.pack_len < self.seq_len:
+            raise ValueError(
+                f"pack_len={self.pack_len} is shorter than the longest sample ({self.seq_len} tokens); use 0 "
+                f"(no packing) or at least {self.seq_len}"
             )
         if self.tokens_per_image < 1:
             raise ValueError(f"tokens_per_image={self.tokens_per_image} must be >= 1")
@@ -74,6 +82,11 @@ class DigitsTaskConfig:
         longest_sum = 7 + 2 * k  # <bos> I plus I is d d . <eos>
         longest_relation = 8 + self.max_relation_images * k  # <bos> I I .. : the largest is d . <eos>
         return max(longest_sum, longest_relation) - 1
+
+    @property
+    def row_len(self) -> int:
+        """Length of a training row: pack_len when packing, else seq_len (eval rows are always seq_len)."""
+        return self.pack_len or self.seq_len
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -192,6 +205,7 @@ class DigitsDataset:
         length = self.config.seq_len + 1
         self.template_tokens = np.full((len(unique), length), self.tokenizer.pad_id, np.int64)
         self.template_answer_mask = np.zeros((len(unique), length), np.float32)
+        self.template_lengths = np.asarray([len(ids) for ids, _ in self.templates], np.int64)
         for row, (ids, positions) in enumerate(self.templates):
             self.template_tokens[row, : len(ids)] = ids
             self.template_answer_mask[row, list(positions)] = 1.0

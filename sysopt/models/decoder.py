@@ -8,6 +8,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def packed_causal_mask(batch) -> torch.Tensor | None:
+    """Attention mask [B, 1, T, T] (True = may attend) for a batch of packed rows: causal and within one
+    sample (block-diagonal); None for unpacked batches, where plain causal attention is exact."""
+    segments = getattr(batch, "segment_ids", None)
+    if segments is None:
+        return None
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    return ((segments.unsqueeze(2) == segments.unsqueeze(1)) & causal).unsqueeze(1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, batch) -> torch.Tensor:
+    """Scaled dot-product attention of [B, heads, S, head_dim] tensors; a causal layer given a packed
+    batch attends block-diagonally (see packed_causal_mask)."""
+    mask = packed_causal_mask(batch) if causal else None
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention on x [S, B, D] with torch's scaled_dot_product_attention."""
 
@@ -19,12 +39,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq, batch, dim = x.shape
+    def forward(self, x: torch.Tensor, batch=None) -> torch.Tensor:
+        seq, rows, dim = x.shape
         # [S, B, 3D] -> 3 x [B, heads, S, head_dim]
-        q, k, v = self.qkv(x).view(seq, batch, 3, self.heads, dim // self.heads).permute(2, 1, 3, 0, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.proj(y.permute(2, 0, 1, 3).reshape(seq, batch, dim))
+        q, k, v = self.qkv(x).view(seq, rows, 3, self.heads, dim // self.heads).permute(2, 1, 3, 0, 4)
+        y = attend(q, k, v, self.causal, batch)
+        return self.proj(y.permute(2, 0, 1, 3).reshape(seq, rows, dim))
 
 
 class MLP(nn.Module):
@@ -46,7 +66,7 @@ class TransformerBlock(nn.Module):
         self.ln_mlp, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_ratio * dim)
 
     def forward(self, x: torch.Tensor, batch=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x))
+        x = x + self.attn(self.ln_attn(x), batch)
         return x + self.mlp(self.ln_mlp(x))
 
 

@@ -53,7 +53,8 @@ class VLMConfig:
 
 class ImageTextMerge(nn.Module):
     """Projects image features [P, N, vision_dim] into the decoder width, embeds batch.tokens, puts each
-    image embedding at its batch.image_slots position, adds positions; returns [T, B, dim]."""
+    image embedding at its batch.image_slots position, adds positions (batch.position_ids when rows are
+    packed, else 0..T-1); returns [T, B, dim]."""
 
     def __init__(self, config: VLMConfig) -> None:
         super().__init__()
@@ -73,6 +74,8 @@ class ImageTextMerge(nn.Module):
         h = self.token_embed(batch.tokens.t())
         if image_tokens.shape[0]:
             h = torch.where((slots >= 0).unsqueeze(-1), image_tokens[slots.clamp(min=0)], h)
+        if getattr(batch, "position_ids", None) is not None:  # packed rows: positions restart per sample
+            return h + self.pos_embed[:, 0][batch.position_ids.t()]
         return h + self.pos_embed[: h.shape[0]]
 
 

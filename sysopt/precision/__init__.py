@@ -15,13 +15,16 @@ from .linear import LowPrecisionLinear, LowPrecisionLinearFunction, low_precisio
 from .overflow import NonFiniteError, check_finite, nonfinite_layers
 from .recipe import FORMATS, GEMMS, RECIPES, Recipe, recipe
 from .scaling import Quantized, ScalingState
+from .tensor_parallel import LowPrecisionColumnParallelLinear, LowPrecisionRowParallelLinear
 
 __all__ = [
     "FORMATS",
     "GEMMS",
     "MIN_FEATURES",
     "RECIPES",
+    "LowPrecisionColumnParallelLinear",
     "LowPrecisionLinear",
+    "LowPrecisionRowParallelLinear",
     "LowPrecisionLinearFunction",
     "NonFiniteError",
     "Quantized",

@@ -97,15 +97,12 @@ class LowPrecisionLinearFunction(torch.autograd.Function):
         return dx, dw, db, None
 
 
-class LowPrecisionLinear(nn.Linear):
-    """nn.Linear whose GEMMs follow a Recipe. Buffers: amax_history (3, H) for delayed scaling (saved in
-    checkpoints) and nonfinite (3,) flags per GEMM (read and reset by overflow.check_finite)."""
+class ScalingBuffers:
+    """Mixin for modules whose GEMMs follow a Recipe: registers amax_history (3, H) for delayed scaling
+    (saved in checkpoints) and nonfinite (3,) flags per GEMM (read and reset by overflow.check_finite),
+    and keeps the ScalingState's references to them valid across .to()."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 recipe: Recipe) -> None:  # fmt: skip
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.recipe = recipe
-        self._init_state(self.weight.device)
+    recipe: Recipe
 
     def _init_state(self, device: torch.device) -> None:
         history = torch.zeros(3, self.recipe.amax_history_len, dtype=torch.float32, device=device)
@@ -119,6 +116,16 @@ class LowPrecisionLinear(nn.Linear):
         out = super()._apply(fn, recurse)
         self.scaling_state.amax_history, self.scaling_state.nonfinite = self.amax_history, self.nonfinite
         return out
+
+
+class LowPrecisionLinear(ScalingBuffers, nn.Linear):
+    """nn.Linear whose GEMMs follow a Recipe (buffers: see ScalingBuffers)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 recipe: Recipe) -> None:  # fmt: skip
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.recipe = recipe
+        self._init_state(self.weight.device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe) -> LowPrecisionLinear:
@@ -158,4 +165,4 @@ def low_precision_linear(
     return LowPrecisionLinearFunction.apply(x, weight, bias, state)
 
 
-__all__ = ["LowPrecisionLinear", "LowPrecisionLinearFunction", "low_precision_linear"]
+__all__ = ["LowPrecisionLinear", "LowPrecisionLinearFunction", "ScalingBuffers", "low_precision_linear"]

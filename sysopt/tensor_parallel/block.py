@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from sysopt.models.decoder import attend
 from sysopt.tensor_parallel import comm
 from sysopt.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from sysopt.tensor_parallel.mappings import copy_to_tensor_parallel_region
@@ -115,15 +116,15 @@ class TensorParallelBlock(nn.Module):
             bias = copy_to_tensor_parallel_region(bias, self.group)
         return F.layer_norm(x, ln.normalized_shape, weight, bias, ln.eps)
 
-    def _attention(self, h: torch.Tensor) -> torch.Tensor:
+    def _attention(self, h: torch.Tensor, batch=None) -> torch.Tensor:
         qkv = self.qkv(h)  # [S, B, 3 * local_heads * head_dim]
-        seq, batch = qkv.shape[:2]
-        q, k, v = qkv.view(seq, batch, 3, self.local_heads, self.head_dim).permute(2, 1, 3, 0, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, heads, S, head_dim]
-        return self.proj(y.permute(2, 0, 1, 3).reshape(seq, batch, self.local_heads * self.head_dim))
+        seq, rows = qkv.shape[:2]
+        q, k, v = qkv.view(seq, rows, 3, self.local_heads, self.head_dim).permute(2, 1, 3, 0, 4)
+        y = attend(q, k, v, self.causal, batch)  # [B, heads, S, head_dim]
+        return self.proj(y.permute(2, 0, 1, 3).reshape(seq, rows, self.local_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, batch=None) -> torch.Tensor:
-        x = x + self._attention(self._norm(self.ln_attn, x))
+        x = x + self._attention(self._norm(self.ln_attn, x), batch)
         return x + self.fc2(F.gelu(self.fc(self._norm(self.ln_mlp, x))))
 
 

@@ -215,10 +215,11 @@ def validate(job: JobConfig) -> None:
             f"data.tokens_per_image={job.data.tokens_per_image} differs from "
             f"model.tokens_per_image={m.tokens_per_image}; set both to the same value"
         )
-    if job.data.seq_len > m.max_seq:
+    if job.data.row_len > m.max_seq:
         raise ConfigError(
-            f"sequences are {job.data.seq_len} tokens but model.max_seq={m.max_seq}; "
-            f"raise model.max_seq to {job.data.seq_len} or shorten data.max_relation_images"
+            f"training rows are {job.data.row_len} tokens (data.pack_len={job.data.pack_len}, longest sample "
+            f"{job.data.seq_len}) but model.max_seq={m.max_seq}; raise model.max_seq to {job.data.row_len}, "
+            "lower data.pack_len or shorten data.max_relation_images"
         )
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps} must be >= 1")
@@ -233,7 +234,8 @@ def validate(job: JobConfig) -> None:
 def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
     """Schedule, tensor-parallel, precision and offload settings."""
     p, sched = job.parallel, job.schedule
-    padded = job.data.seq_len + (-job.data.seq_len % p.tp if p.tp > 1 and p.sequence_parallel else 0)
+    rows = job.data.row_len
+    padded = rows + (-rows % p.tp if p.tp > 1 and p.sequence_parallel else 0)
     if padded > job.model.max_seq:  # sequence parallelism pads sequences to a multiple of tp
         raise ConfigError(
             f"sequences padded for sequence parallelism are {padded} tokens but model.max_seq="

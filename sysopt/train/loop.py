@@ -231,6 +231,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         "params": runtime.model.param_count() if job.parallel.tp == 1 else None,
         "world_size": job.world_size,
         "pipeline_boundaries": list(runtime.boundaries),
+        "low_precision_layers": runtime.low_precision_layers,
     }
     if is_main:
         write_json_atomic(out / "summary.json", summary)

@@ -31,7 +31,8 @@ from sysopt.train.config import JobConfig
 
 def pad_sequence(batch: Batch, multiple: int) -> Batch:
     """`batch` with its sequence padded at the end to a multiple of `multiple` (pad tokens, no images, no
-    loss): causal attention never lets a real position see the padding, so the result is unchanged."""
+    loss; a packed batch's padding is its own segment): causal attention never lets a real position see
+    the padding, so the result is unchanged."""
     length = batch.tokens.shape[1]
     extra = -length % multiple
     if extra == 0:
@@ -43,6 +44,8 @@ def pad_sequence(batch: Batch, multiple: int) -> Batch:
         targets=pad(batch.targets, 0),
         image_slots=pad(batch.image_slots, -1),
         loss_mask=pad(batch.loss_mask, 0.0),
+        segment_ids=None if batch.segment_ids is None else pad(batch.segment_ids, -1),
+        position_ids=None if batch.position_ids is None else pad(batch.position_ids, 0),
     )
 
 
@@ -98,6 +101,8 @@ class ParallelVLM:
             convert(
                 model, job.precision.recipe, min_features=job.precision.min_features, keep_first_last=True
             )
+        # names of the layers whose GEMMs run in low precision (dense and tensor-parallel linears alike)
+        self.low_precision_layers = [n for n, m in model.named_modules() if hasattr(m, "scaling_state")]
         self.model = model
         self.schedule = None
         self.executor = None
