@@ -5,7 +5,8 @@ ScheduleInterleaved1F1B and ScheduleZBVZeroBubble. Two workloads: a uniform deco
 one where a vision encoder in front of the decoder adds the cost of one whole pipeline stage.
 
 The 8-chunk schedules and the peers run on one partition (the partitioner's choice for interleaved
-1F1B); V schedules also run on their own. The multimodal "even split" baseline spreads the decoder
+1F1B); V schedules also run on their own. zb_greedy plans its order on the stage costs, once at
+interleaved 1F1B's activation peak and once allowed twice that peak (the peak it reached is recorded). The multimodal "even split" baseline spreads the decoder
 layers evenly with the vision encoder in front of chunk 0 (megatron-core LLaVA's layout). Time unit
 (a decoder layer's F = I = W = unit/2): 40 ms, 3 timed steps per figure; --quick: 20 ms, 2 steps.
 Writes Gantt charts of the best schedule's measured and simulated step beside the JSON."""
@@ -19,8 +20,9 @@ from pathlib import Path
 
 from sysopt.benchmark import BenchContext, Record, SuiteResult, goal_ratio, register_suite
 from sysopt.dist import launch
-from sysopt.schedules import Action, Costs, Simulation, Span, build, partition, simulate
+from sysopt.schedules import Action, Costs, Schedule, Simulation, Span, build, partition, simulate
 from sysopt.schedules.emulate import StageCost, layer_costs_to_stages
+from sysopt.schedules.greedy import default_max_activations
 from sysopt.schedules.render import gantt_png
 from sysopt.schedules.runners import RunSpec, time_runs
 from sysopt.schedules.simulate import peak_activations
@@ -36,6 +38,8 @@ SCHEDULES = [
     ("zb_h1_vpp2", "zb_h1", 2),
     ("zbv", "zbv", 2),
     ("dualpipev", "dualpipev", 2),
+    ("zb_greedy", "zb_greedy", 2),  # planned on the stage costs, at interleaved 1F1B's activation peak
+    ("zb_greedy_mem2x", "zb_greedy", 2),  # the same allowed twice that peak (ZB-H2's memory trade)
 ]
 QUICK_SKIP = {"1f1b", "zb_h1"}  # the 4-chunk schedules: quick mode keeps the 8-chunk ones
 PEERS = [("megatron", "interleaved_1f1b"), ("torch", "interleaved_1f1b"), ("torch", "zbv")]
@@ -77,15 +81,29 @@ def _costs(bounds, layers) -> tuple[StageCost, ...]:
     return tuple(layer_costs_to_stages(bounds, *layers))
 
 
-def _simulation(name: str, vpp: int, costs: tuple[StageCost, ...], p2p_s: float) -> Simulation:
+def _sim_costs(costs: tuple[StageCost, ...], p2p_s: float) -> Costs:
     forward, backward, weight = (
         [getattr(c, f) for c in costs] for f in ("forward_s", "backward_s", "weight_s")
     )
-    return simulate(build(name, PP, vpp, MICROBATCHES), Costs(forward, backward, weight, p2p_s))
+    return Costs(forward, backward, weight, p2p_s)
 
 
-def _simulated(name: str, vpp: int, costs: tuple[StageCost, ...], p2p_s: float) -> float:
-    return _simulation(name, vpp, costs, p2p_s).step_time
+def _options(label: str, name: str, vpp: int, costs: tuple[StageCost, ...], p2p_s: float) -> dict:
+    """Builder options: zb_greedy plans on the stage costs (and, for "_mem2x", with twice the cap)."""
+    if name != "zb_greedy":
+        return {}
+    options = {"costs": _sim_costs(costs, p2p_s)}
+    if label.endswith("_mem2x"):
+        options["max_activations"] = 2 * default_max_activations(PP, vpp, MICROBATCHES)
+    return options
+
+
+def _simulation(name: str, vpp: int, costs: tuple[StageCost, ...], p2p_s: float, options=None) -> Simulation:
+    return simulate(build(name, PP, vpp, MICROBATCHES, **(options or {})), _sim_costs(costs, p2p_s))
+
+
+def _simulated(name: str, vpp: int, costs: tuple[StageCost, ...], p2p_s: float, options=None) -> float:
+    return _simulation(name, vpp, costs, p2p_s, options).step_time
 
 
 def _measured(label: str, times: list[float], config: dict) -> Record:
@@ -134,7 +152,7 @@ def run(ctx: BenchContext) -> SuiteResult:
     common = {"pp": PP, "microbatches": MICROBATCHES, "activation_shape": list(SHAPE), "activation_bytes": nbytes,
               "unit_s": unit_s, "p2p_s": p2p_s, "emulated": True, "ranks": PP, "backend": "gloo"}  # fmt: skip
 
-    specs, meta = [], {}
+    specs, meta, options = [], {}, {}
     for workload in ("uniform", "multimodal"):
         layers = layer_costs(workload, unit_s)
         shared = _partition(layers, 2, "interleaved_1f1b", p2p_s)
@@ -142,15 +160,17 @@ def run(ctx: BenchContext) -> SuiteResult:
             bounds = shared.boundaries if vpp == 2 else _partition(layers, vpp, name, p2p_s).boundaries
             key = f"sysopt/{label}/{workload}"
             costs = _costs(bounds, layers)
+            options[key] = _options(label, name, vpp, costs, p2p_s)
             # quick mode warms up only the first sysopt run: later executors have nothing lazy left
             warm = warmup if not (ctx.quick and specs) else 0
             specs.append(RunSpec(key, "sysopt", name, vpp, MICROBATCHES, costs, SHAPE, warm, repeats,
-                                 trace=workload == "multimodal"))  # fmt: skip
+                                 trace=workload == "multimodal", options=tuple(options[key].items())))  # fmt: skip
             meta[key] = (name, vpp, bounds, costs, workload)
-            own = _partition(layers, vpp, name, p2p_s).boundaries
+            own = bounds if name == "zb_greedy" else _partition(layers, vpp, name, p2p_s).boundaries
             if not ctx.quick and own != bounds:  # V schedules: also on their own cost-based split
                 key = f"sysopt/{label}/{workload}_own_partition"
                 costs = _costs(own, layers)
+                options[key] = {}
                 specs.append(RunSpec(key, "sysopt", name, vpp, MICROBATCHES, costs, SHAPE, warmup, repeats))
                 meta[key] = (name, vpp, own, costs, workload)
         for impl, name in PEERS:
@@ -158,8 +178,10 @@ def run(ctx: BenchContext) -> SuiteResult:
             costs = _costs(shared.boundaries, layers)
             specs.append(RunSpec(key, impl, name, 2, MICROBATCHES, costs, SHAPE, warmup, repeats))
             meta[key] = (name, 2, shared.boundaries, costs, workload)
+            options[key] = {}
     timeout_s = 300 + 3 * sum(
-        (warmup + repeats) * _simulated(*meta[s.label][:2], meta[s.label][3], p2p_s) for s in specs
+        (warmup + repeats) * _simulated(*meta[s.label][:2], meta[s.label][3], p2p_s, options[s.label])
+        for s in specs
     )
     per_rank = launch(time_runs, PP, args=(specs,), timeout_s=timeout_s)
 
@@ -168,23 +190,28 @@ def run(ctx: BenchContext) -> SuiteResult:
     for key, (name, vpp, bounds, costs, workload) in meta.items():
         config = {**common, "schedule": name, "vpp": vpp, "workload": workload, "boundaries": list(bounds),
                   "stage_costs_s": [c.to_dict() for c in costs]}  # fmt: skip
-        records.append(_measured(f"{key}/measured_step_s", times[key], config))
         if key.startswith("sysopt/"):
-            sim = _simulated(name, vpp, costs, p2p_s)
+            simulation = _simulation(name, vpp, costs, p2p_s, options[key])
+            config["peak_activations"] = list(simulation.peak_activations)
+            if options[key].get("max_activations"):
+                config["max_activations"] = options[key]["max_activations"]
+            sim = simulation.step_time
             records.append(Record(f"{key}/simulated_step_s", sim, "s", 1, sim, sim, config))
+        records.append(_measured(f"{key}/measured_step_s", times[key], config))
     by_name = {r.name: r for r in records}
 
     # the best sysopt schedule on the multimodal workload among those on the peers' partition
     on_shared = [f"sysopt/{label}/multimodal" for label, _, vpp in schedules if vpp == 2]
     best_key = min(on_shared, key=lambda k: by_name[f"{k}/measured_step_s"].value)
     best_name, best_vpp, _, best_costs, _ = meta[best_key]
+    best_label = best_key.split("/")[1]
     layers = layer_costs("multimodal", unit_s)
     even_bounds = even_split("multimodal", PP * best_vpp)
     even_costs = _costs(even_bounds, layers)
     even_key = f"{best_key}_even_split"
-    even_run = RunSpec(
-        even_key, "sysopt", best_name, best_vpp, MICROBATCHES, even_costs, SHAPE, warmup, repeats
-    )
+    options[even_key] = _options(best_label, best_name, best_vpp, even_costs, p2p_s)
+    even_run = RunSpec(even_key, "sysopt", best_name, best_vpp, MICROBATCHES, even_costs, SHAPE, warmup, repeats,
+                       options=tuple(options[even_key].items()))  # fmt: skip
     even_times = launch(time_runs, PP, args=([even_run],), timeout_s=timeout_s)[0][0]["times_s"]
     equal_layers = _partition(layers, best_vpp, best_name, p2p_s)
     even_config = {**common, "schedule": best_name, "vpp": best_vpp, "workload": "multimodal",
@@ -193,7 +220,7 @@ def run(ctx: BenchContext) -> SuiteResult:
                    "equal_layer_count_split": list(equal_layers.even_boundaries),
                    "equal_layer_count_split_simulated_s": equal_layers.even_step_time}  # fmt: skip
     records.append(_measured(f"{even_key}/measured_step_s", even_times, even_config))
-    sim = _simulated(best_name, best_vpp, even_costs, p2p_s)
+    sim = _simulated(best_name, best_vpp, even_costs, p2p_s, options[even_key])
     records.append(Record(f"{even_key}/simulated_step_s", sim, "s", 1, sim, sim, even_config))
     by_name = {r.name: r for r in records}
 
@@ -219,8 +246,9 @@ def run(ctx: BenchContext) -> SuiteResult:
     out_dir = Path(ctx.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"{best_key} vpp={best_vpp}"
-    gantt_png(measured_timeline(best_name, best_vpp, best_spans, title), out_dir / "schedules_gantt.png")
-    simulated = _simulation(best_name, best_vpp, best_costs, p2p_s)
+    best_schedule = build(best_name, PP, best_vpp, MICROBATCHES, **options[best_key])
+    gantt_png(measured_timeline(best_schedule, best_spans, title), out_dir / "schedules_gantt.png")
+    simulated = _simulation(best_name, best_vpp, best_costs, p2p_s, options[best_key])
     gantt_png(
         replace(simulated, schedule_name=f"{title} (simulated, s)"), out_dir / "schedules_gantt_simulated.png"
     )
@@ -228,10 +256,9 @@ def run(ctx: BenchContext) -> SuiteResult:
 
 
 def measured_timeline(
-    name: str, vpp: int, spans_per_rank: list[list[tuple[str, float, float]]], title: str
+    sched: Schedule, spans_per_rank: list[list[tuple[str, float, float]]], title: str
 ) -> Simulation:
     """A measured step as a Simulation (times from the first action's start), so render draws it."""
-    sched = build(name, PP, vpp, MICROBATCHES)
     t0 = min(start for spans in spans_per_rank for _, start, _ in spans)
     timeline = {
         rank: tuple(Span(Action.parse(a), start - t0, end - t0) for a, start, end in spans)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sysopt.data import DigitsTaskConfig
-from sysopt.data.batching import BatchSampler, collate, collate_packed, pack_rows, sample_lengths
+from sysopt.data.batching import BatchSampler, collate, pack_rows, sample_lengths
 from sysopt.data.digits import DigitsDataset
 from sysopt.models import VLM, VLMConfig, vlm_loss
 from sysopt.models.decoder import packed_causal_mask

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from sysopt.dist import launch
-from sysopt.schedules import build
+from sysopt.schedules import Costs, build
 from sysopt.schedules.executor import ScheduleExecutor
 
 WIDTH, ROWS = 8, 3  # features, rows per microbatch
@@ -68,6 +68,12 @@ CASES = {
         ("zb_h1", 2, 4, {}),
         ("zbv", 2, 3, {}),
         ("dualpipev", 2, 5, {}),
+        (
+            "zb_greedy",
+            2,
+            3,
+            {"costs": Costs([3.0, 1.0, 1.0, 2.0], [6.0, 2.0, 2.0, 4.0], [3.0, 1.0, 1.0, 2.0])},
+        ),
     ],
     4: [
         ("1f1b", 1, 6, {}),
@@ -75,6 +81,7 @@ CASES = {
         ("interleaved_1f1b", 2, 10, {"microbatch_group_size": 5}),  # Megatron's flexible m
         ("zbv", 2, 7, {}),
         ("dualpipev", 2, 9, {}),
+        ("zb_greedy", 2, 6, {"placement": "v"}),
     ],
 }
 SLOW_CASES = {4: [("gpipe", 1, 5, {}), ("zb_h1", 1, 6, {}), ("zb_h1", 2, 8, {})]}

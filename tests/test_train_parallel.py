@@ -58,7 +58,9 @@ def test_packed_rows_train_the_same_under_tp_sp_and_pp(tmp_path):
     data = DigitsTaskConfig(pack_len=31)
     job = dataclasses.replace(base_job(global_batch=8), data=data)
     run_training(job, tmp_path / "single")
-    parallel = dataclasses.replace(job, parallel=ParallelConfig(tp=2, pp=2), schedule=ScheduleConfig("1f1b", 2))
+    parallel = dataclasses.replace(
+        job, parallel=ParallelConfig(tp=2, pp=2), schedule=ScheduleConfig("1f1b", 2)
+    )
     run_training(parallel, tmp_path / "tp2pp2")
     ref, got = losses(tmp_path / "single"), losses(tmp_path / "tp2pp2")
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)

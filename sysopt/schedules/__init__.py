@@ -5,6 +5,7 @@ gradients), megatron_adapter (megatron-core's forward_backward_func), emulate an
 """
 
 from sysopt.schedules.builders import BUILDERS, build, loop_placement, register, v_placement
+from sysopt.schedules.greedy import zb_greedy  # registers "zb_greedy"
 from sysopt.schedules.ir import Action, Kind, Schedule, ScheduleError, validate
 from sysopt.schedules.lower import add_comms
 from sysopt.schedules.partition import Partition, partition
@@ -30,4 +31,5 @@ __all__ = [
     "simulate",
     "v_placement",
     "validate",
+    "zb_greedy",
 ]

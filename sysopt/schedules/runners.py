@@ -39,6 +39,7 @@ class RunSpec:
     warmup: int = 1
     repeats: int = 3
     trace: bool = False  # also return the last step's (action, start, end) compute spans (sysopt only)
+    options: tuple[tuple[str, object], ...] = ()  # builder options, e.g. (("costs", Costs(...)),)
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLEMENTATIONS:
@@ -88,7 +89,7 @@ def _loss(y: torch.Tensor, _target=None) -> torch.Tensor:
 
 
 def _sysopt(spec: RunSpec):
-    schedule = build(spec.schedule, dist.get_world_size(), spec.vpp, spec.microbatches)
+    schedule = build(spec.schedule, dist.get_world_size(), spec.vpp, spec.microbatches, **dict(spec.options))
     modules = {s: EmulatedStage(spec.costs[s], spec.shape[-1]) for s in schedule.stages_of(dist.get_rank())}
     executor = ScheduleExecutor(schedule, modules, _loss, boundary_shape=spec.shape)
     spans: list[tuple[str, float, float]] = []
