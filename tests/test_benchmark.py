@@ -219,3 +219,50 @@ def test_bench_context_result_stamps_profile_and_versions():
     result = ctx.result("toy", [r], [])
     assert result.profile == {} and result.versions["sysopt"] and result.records == (r,)
     assert datetime.datetime.fromisoformat(result.created).tzinfo is not None
+
+
+# ---- bench/README.md results section -------------------------------------------------------------
+
+
+def test_report_table_comes_from_the_json_and_keeps_the_prose(tmp_path):
+    from sysopt.bench_report import BEGIN, END, update_readme
+
+    results = tmp_path / "results"
+    write_result(sample_result(), results / "schedules.json")
+    missed = Record("toy/ratio", 0.5, "x", 1, 0.5, 0.5, {})
+    other = SuiteResult("toy", "2025-01-02T00:00:00+00:00", {}, {"git_commit": "abc123def4567890"}, (missed,),
+                        (goal("toy | ratio", 0.5, ">= 1.0", ["toy/ratio"]),))  # fmt: skip
+    write_result(other, results / "toy.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n\n{BEGIN}\nstale table\n{END}\n\ntrailing prose\n")
+    assert update_readme(readme, results)
+    text = readme.read_text()
+    assert text.startswith("# intro\n") and text.endswith(f"{END}\n\ntrailing prose\n")
+    assert "stale table" not in text
+    assert "| interleaved_1f1b vs megatron-core | 0.9694 | <= 1.0 | yes |" in text  # 0.412 / 0.425
+    assert "| toy \\| ratio | 0.5 | >= 1.0 | **no** |" in text
+    assert "commit `abc123def456`" in text and text.index("### schedules") < text.index("### toy")
+    assert not update_readme(readme, results)  # regenerating unchanged results changes nothing
+
+
+def test_report_without_markers_is_a_clear_error(tmp_path):
+    from sysopt.bench_report import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="must contain the line"):
+        update_readme(readme, tmp_path)
+    assert readme.read_text() == "no markers\n"
+
+
+def test_committed_bench_readme_matches_committed_results(tmp_path):
+    """bench/README.md's results section is what `sysopt-bench report` makes of bench/results/*.json."""
+    import shutil
+
+    from sysopt.bench_report import update_readme
+
+    copy = tmp_path / "README.md"
+    shutil.copy(REPO_BENCH / "README.md", copy)
+    assert not update_readme(copy, REPO_BENCH / "results"), (
+        "run `sysopt-bench report` and commit bench/README.md"
+    )

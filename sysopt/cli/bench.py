@@ -1,6 +1,9 @@
 """sysopt-bench: run benchmark suites from bench/<suite>.py and write bench/results/<suite>.json (+ .png).
 
-sysopt-bench list | all | <suite> [--json PATH] [--repeats N] [--quick]
+sysopt-bench list | all | report | <suite> [--json PATH] [--repeats N] [--quick]
+
+`report` regenerates the results section of bench/README.md from bench/results/*.json; running a suite
+into bench/results does that too.
 """
 
 from __future__ import annotations
@@ -87,12 +90,23 @@ def run_suite(
     _, png_path = benchmark.write_result(result, json_path)
     print_summary(result, console)
     console.print(f"wrote {json_path} and {png_path}")
+    if json_path.parent.resolve() == (folder / "results").resolve():
+        _report(folder, console)
     return json_path
+
+
+def _report(folder: Path, console: Console) -> None:
+    from sysopt.bench_report import update_readme
+
+    readme = folder / "README.md"
+    if readme.is_file():
+        changed = update_readme(readme, folder / "results")
+        console.print(f"{'updated' if changed else 'unchanged'}: results table in {readme}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sysopt-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("suite", help="a suite name (a file bench/<suite>.py), 'all', or 'list'")
+    parser.add_argument("suite", help="a suite name (a file bench/<suite>.py), 'all', 'list' or 'report'")
     parser.add_argument(
         "--json", type=Path, default=None, help="result path (default bench/results/<suite>.json)"
     )
@@ -106,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     names = available_suites(folder)
     if args.suite == "list":
         console.print("\n".join(names) if names else f"no suites in {folder}")
+        return 0
+    if args.suite == "report":
+        _report(folder, console)
         return 0
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats={args.repeats} must be >= 1")
