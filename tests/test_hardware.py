@@ -67,6 +67,18 @@ def test_profile_json_round_trip(tmp_path):
     assert set(d) == {"cpu", "gpus", "calibration", "created"}
     assert set(d["calibration"]["copy"]["h2d_pinned"]) == {"latency_s", "bytes_per_s"}
     assert [f.name for f in dataclasses.fields(GPUInfo)] == list(d["gpus"][0])
+    # profiles written before the tensor-parallel fits existed still load, without them
+    for key in ("tp_collectives", "tp_chunk_overhead_s"):
+        del d["calibration"][key]
+    old = HardwareProfile.from_json(json.dumps(d))
+    assert old.calibration.tp_collectives == {} and old.calibration.tp_chunk_overhead_s is None
+    with_tp = dataclasses.replace(
+        profile.calibration, tp_collectives={"all_gather": LinkFit(1e-3, 1e9)}, tp_chunk_overhead_s=2e-4
+    )
+    assert (
+        HardwareProfile.from_json(dataclasses.replace(profile, calibration=with_tp).to_json()).calibration
+        == with_tp
+    )
 
 
 def test_cost_queries_follow_the_calibration():
@@ -246,8 +258,11 @@ def test_quick_calibration_fits_are_positive(calibrated):
     cal = profile.calibration
     assert steps == ["matmul", "copy", "collectives", "optimizer"]
     assert cal.device == "cpu" and set(cal.copy) == {"memcpy"}
-    fits = [*cal.copy.values(), cal.p2p, cal.allreduce]
+    fits = [*cal.copy.values(), cal.p2p, cal.allreduce, *cal.tp_collectives.values()]
     assert all(f is not None and f.latency_s > 0 and f.bytes_per_s > 0 for f in fits)
+    assert set(cal.tp_collectives) == {"all_gather", "reduce_scatter"}
+    assert cal.tp_chunk_overhead_s is not None and cal.tp_chunk_overhead_s >= 0
+    assert any(s.name.startswith("tp_all_gather/") and s.config["ops"] == 4 for s in samples)
     assert (cal.collective_world_size, cal.collective_backend) == (2, "gloo")
     assert cal.optimizer_params_per_s["host"] > 0
     assert cal.optimizer_params_per_s["device"] == cal.optimizer_params_per_s["host"]  # CPU-only

@@ -108,6 +108,55 @@ def test_collective_model_reduces_to_the_all_reduce_fit():
         )
 
 
+def test_calibrated_tp_collective_fits_take_precedence():
+    """With per-op fits of the TP collectives (measured as the layers issue them) the model uses those,
+    ring-scaled from the calibrated world size; the all-reduce fit is then unused for them."""
+    import dataclasses
+
+    from sysopt.hardware.profile import LinkFit
+
+    base = fake_profile(latency_s=3e-4, bytes_per_s=1.5e9)
+    fits = {"all_gather": LinkFit(8e-4, 1.8e9), "reduce_scatter": LinkFit(4e-4, 0.8e9)}
+    cal = dataclasses.replace(base.calibration, tp_collectives=fits)
+    profile = dataclasses.replace(base, calibration=cal)
+    for kind, fit in fits.items():
+        for nbytes in (0, 1 << 20):
+            assert collective_time_s(profile, kind, nbytes, 2) == pytest.approx(fit.time_s(nbytes))
+            # tp=4 from a 2-rank fit: 3 ring steps (3x latency), each 1/4 of the tensor (1.5x the bytes)
+            want = 3 * fit.latency_s + 1.5 * nbytes / fit.bytes_per_s
+            assert collective_time_s(profile, kind, nbytes, 4) == pytest.approx(want)
+    assert collective_time_s(profile, "all_reduce", 1 << 20, 2) == pytest.approx(
+        base.allreduce_time_s(1 << 20)
+    )
+
+
+def test_auto_reads_the_calibrated_chunk_overhead():
+    import dataclasses
+
+    op = GemmCollective("reduce_scatter", rows=1024, n=512, k=2048, tp=2)
+    base = fake_profile(flops_per_s=5e10, latency_s=1e-5, bytes_per_s=2e9)
+
+    def chunks_with(overhead_s):
+        cal = dataclasses.replace(base.calibration, tp_chunk_overhead_s=overhead_s)
+        return OverlapPolicy("auto", profile=dataclasses.replace(base, calibration=cal)).plan(op).chunks
+
+    cheap, costly = chunks_with(1e-6), chunks_with(5e-3)
+    assert cheap > 2 and costly == 1  # a 5 ms chunk never pays; a 1 us one does
+    explicit = OverlapPolicy("auto", chunk_overhead_s=1e-6, profile=base).plan(op).chunks
+    assert explicit == cheap  # an explicit value wins; without calibration the default constant is used
+    assert OverlapPolicy.from_dict(OverlapPolicy("auto").to_dict()) == OverlapPolicy("auto")
+
+
+def test_burst_fit_recovers_per_op_latency_and_bandwidth():
+    from sysopt.hardware.collectives import fit_bursts
+
+    latency, bandwidth = 7e-4, 1.2e9
+    bursts = {(n, k): [k * latency + n / bandwidth] * 3 for n in (1 << 12, 1 << 18, 1 << 22) for k in (1, 4)}
+    fit = fit_bursts(bursts)
+    assert fit.latency_s == pytest.approx(latency, rel=1e-6)
+    assert fit.bytes_per_s == pytest.approx(bandwidth, rel=1e-6)
+
+
 def test_too_many_chunks_is_a_clear_error():
     op = GemmCollective("reduce_scatter", rows=6, n=8, k=8, tp=2)
     with pytest.raises(ValueError, match=r"chunks=7 .* use chunks <= 6"):

@@ -237,7 +237,7 @@ def _calibrate(profile, quick, world_size, device, repeats, progress, samples) -
     ]
     found = {name: run() for name, run in (progress(steps, "calibrating") if progress else steps)}
     points, best = found["matmul"]
-    p2p, allreduce, backend = found["collectives"]
+    p2p, allreduce, backend, tp_collectives, chunk_overhead = found["collectives"]
     calibration = Calibration(
         device=str(dev),
         matmul=points,
@@ -249,5 +249,7 @@ def _calibrate(profile, quick, world_size, device, repeats, progress, samples) -
         collective_backend=backend,
         optimizer_params_per_s=found["optimizer"],
         created=now_iso(),
+        tp_collectives=tp_collectives,
+        tp_chunk_overhead_s=chunk_overhead,
     )
     return dataclasses.replace(profile, calibration=calibration)

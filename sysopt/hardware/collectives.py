@@ -42,31 +42,99 @@ def _allreduce_s(buf: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+TP_KINDS = ("all_gather", "reduce_scatter")
+TP_BURSTS = (1, 4)  # ops issued back to back, as a chunked tensor-parallel layer issues them
+
+
+def _tp_burst_s(kind: str, full: torch.Tensor, ops: int) -> float:
+    """Issue `ops` asynchronous collectives of 1/ops of `full` each (through sysopt.tensor_parallel.comm,
+    the code path the TP layers use), then wait for all; returns seconds for the burst."""
+    from sysopt.tensor_parallel import comm
+
+    world = dist.get_world_size()
+    if kind == "all_gather":  # full = the gathered output; each rank contributes 1/world of it
+        pieces = full[: full.shape[0] // world].chunk(ops)
+        issue = lambda piece: comm.all_gather(piece, None)  # noqa: E731
+    else:  # full = the reduce-scatter input
+        pieces = full.view(world, -1).chunk(ops, dim=1)
+        issue = lambda piece: comm.reduce_scatter(piece.contiguous().view(-1), None)  # noqa: E731
+    dist.barrier()
+    start = time.perf_counter()
+    pending = [issue(piece) for piece in pieces]
+    for p in pending:
+        p.wait()
+    _sync(full.device)
+    return time.perf_counter() - start
+
+
+def _chunk_overhead_s(repeats: int, warmup: int, device: torch.device, many: int = 8) -> float:
+    """Host cost of one more chunk in a chunked tensor-parallel layer: a sequence-parallel column linear
+    on a tiny input (GEMMs and bytes negligible) timed with 1 and `many` chunks; (t_many - t_1)/(many - 1).
+    It covers what a chunk costs beyond its GEMM and bytes: slicing, launching, waiting, bookkeeping."""
+    from sysopt.tensor_parallel import ColumnParallelLinear
+
+    world = dist.get_world_size()
+    x = torch.randn(8 * many, 1, 16, device=device)
+    times = {}
+    for chunks in (1, many):
+        layer = ColumnParallelLinear(
+            16, 16 * world, bias=False, sequence_parallel=True, overlap=f"chunked:{chunks}"
+        )
+        layer = layer.to(device)
+        runs = []
+        for _ in range(warmup + repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            layer(x)
+            _sync(device)
+            runs.append(time.perf_counter() - start)
+        times[chunks] = median(runs[warmup:])
+    return max(0.0, (times[many] - times[1]) / (many - 1))
+
+
 def collective_worker(sizes_bytes: tuple[int, ...], repeats: int, warmup: int) -> dict | None:
-    """Runs on every rank under sysopt.dist.launch; rank 0 returns {kind: {n_bytes: [seconds]}}."""
-    rank = dist.get_rank()
+    """Runs on every rank under sysopt.dist.launch; rank 0 returns {kind: {n_bytes: [seconds]}}, and for
+    the tensor-parallel collectives {"tp_<kind>": {(n_bytes, ops): [seconds per burst]}} and
+    "tp_chunk_overhead_s"."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     on_gpu = dist.get_backend() == "nccl"  # launch bound this rank to its GPU
     device = torch.device("cpu")
     if on_gpu:
         device = torch.device("cuda", torch.cuda.current_device())  # cuda-ok: NCCL backend only
-    out: dict[str, dict[int, list[float]]] = {"p2p": {}, "allreduce": {}}
+    out: dict = {"p2p": {}, "allreduce": {}}
     for n_bytes in sizes_bytes:
         buf = torch.zeros(max(n_bytes // 4, 1), dtype=torch.float32, device=device)
         dist.barrier()
         out["p2p"][n_bytes] = [_p2p_round_trip_s(buf, rank) for _ in range(warmup + repeats)][warmup:]
         dist.barrier()
         out["allreduce"][n_bytes] = [_allreduce_s(buf) for _ in range(warmup + repeats)][warmup:]
+        elements = max(n_bytes // 4, 1)
+        full = torch.zeros(elements - elements % (world * max(TP_BURSTS)) or world * max(TP_BURSTS),
+                           dtype=torch.float32, device=device)  # fmt: skip
+        for kind in TP_KINDS:
+            for ops in TP_BURSTS:
+                runs = [_tp_burst_s(kind, full, ops) for _ in range(warmup + repeats)][warmup:]
+                out.setdefault(f"tp_{kind}", {})[(4 * full.numel(), ops)] = runs
+    out["tp_chunk_overhead_s"] = _chunk_overhead_s(3 * repeats, warmup, device)
     dist.barrier()
     return out if rank == 0 else None
 
 
+def fit_bursts(by_burst: dict[tuple[int, int], list[float]]) -> LinkFit:
+    """Per-op latency and bandwidth of a collective issued in bursts: a burst of k ops over n bytes in all
+    takes k * latency + n / bandwidth, so each (n/k bytes, t/k seconds) is one point of an alpha-beta fit."""
+    points = sorted((n / ops, median(times) / ops) for (n, ops), times in by_burst.items())
+    return fit_alpha_beta([p[0] for p in points], [p[1] for p in points])
+
+
 def calibrate_collectives(
     world_size: int, *, quick: bool, repeats: int, warmup: int = 1, samples: list | None = None
-) -> tuple[LinkFit | None, LinkFit | None, str]:
-    """(p2p fit, all-reduce fit, backend). Fits are None when world_size < 2 or the launch fails
+) -> tuple[LinkFit | None, LinkFit | None, str, dict[str, LinkFit], float | None]:
+    """(p2p fit, all-reduce fit, backend, {tensor-parallel collective: per-op fit}, host seconds per extra
+    chunk of a chunked TP layer). Fits are None (the dict empty) when world_size < 2 or the launch fails
     (a warning says why): calibration of everything else still stands."""
     if world_size < 2:
-        return None, None, ""
+        return None, None, "", {}, None
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
     sizes = QUICK_SIZES_BYTES if quick else FULL_SIZES_BYTES
     try:
@@ -77,7 +145,7 @@ def calibrate_collectives(
         )
     except Exception as exc:  # noqa: BLE001 - ImportError, LaunchError, LaunchTimeout
         warnings.warn(f"collective calibration skipped: {type(exc).__name__}: {exc}", stacklevel=2)
-        return None, None, backend
+        return None, None, backend, {}, None
     fits = {}
     for kind in ("p2p", "allreduce"):
         by_size = results[0][kind]
@@ -87,4 +155,13 @@ def calibrate_collectives(
                 config = {"n_bytes": n, "world_size": world_size, "backend": backend}
                 samples.append(TimingSamples(f"{kind}/{n}B", config, tuple(by_size[n])))
         fits[kind] = fit_alpha_beta(sizes_sorted, [median(by_size[n]) for n in sizes_sorted])
-    return fits["p2p"], fits["allreduce"], backend
+    tp_fits = {}
+    for kind in TP_KINDS:
+        by_burst = results[0][f"tp_{kind}"]
+        if samples is not None:
+            for (n, ops), times in sorted(by_burst.items()):
+                config = {"n_bytes": n, "ops": ops, "world_size": world_size, "backend": backend}
+                samples.append(TimingSamples(f"tp_{kind}/{n}B/{ops}ops", config, tuple(times)))
+        tp_fits[kind] = fit_bursts(by_burst)
+    overhead = results[0]["tp_chunk_overhead_s"]
+    return fits["p2p"], fits["allreduce"], backend, tp_fits, overhead

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,10 @@ class Calibration:
     collective_backend: str
     optimizer_params_per_s: dict[str, float]  # "host" and "device"
     created: str
+    # per-op fits of the tensor-parallel collectives ("all_gather", "reduce_scatter") as the TP layers run
+    # them (asynchronous, issued in bursts), on collective_world_size ranks; n = the full tensor's bytes
+    tp_collectives: dict[str, LinkFit] = field(default_factory=dict)
+    tp_chunk_overhead_s: float | None = None  # host seconds one more chunk costs a chunked TP layer
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +132,8 @@ class Calibration:
             "collective_backend": self.collective_backend,
             "optimizer_params_per_s": dict(self.optimizer_params_per_s),
             "created": self.created,
+            "tp_collectives": {k: v.to_dict() for k, v in self.tp_collectives.items()},
+            "tp_chunk_overhead_s": self.tp_chunk_overhead_s,
         }
 
     @classmethod
@@ -143,6 +149,8 @@ class Calibration:
             collective_backend=d["collective_backend"],
             optimizer_params_per_s={k: float(v) for k, v in d["optimizer_params_per_s"].items()},
             created=d["created"],
+            tp_collectives={k: LinkFit.from_dict(v) for k, v in d.get("tp_collectives", {}).items()},
+            tp_chunk_overhead_s=d.get("tp_chunk_overhead_s"),
         )
 
 

@@ -96,12 +96,21 @@ def choose_chunks(kind: str, costs: ChunkCosts, max_chunks: int) -> ChunkChoice:
 
 
 def collective_time_s(profile: HardwareProfile, kind: str, nbytes: float, tp: int) -> float:
-    """Ring-model time of a collective over `tp` ranks on `nbytes` per rank (reduce-scatter input,
-    all-gather output, all-reduce buffer), scaled from the profile's all-reduce alpha-beta fit."""
+    """Time of one collective over `tp` ranks on `nbytes` per rank (reduce-scatter input, all-gather
+    output, all-reduce buffer). From the profile's per-op fit of that collective as the TP layers issue
+    it when the calibration has one (ring-scaled from its world size to tp), else ring-scaled from the
+    all-reduce alpha-beta fit."""
     if tp < 2:
         return 0.0
     cal = profile.calibration
     world = max(2, cal.collective_world_size if cal is not None else 2)
+    fit = cal.tp_collectives.get(kind) if cal is not None else None
+    if fit is not None:  # ring: (tp-1) steps, each moving 1/tp of the tensor
+        steps, measured_steps = tp - 1, world - 1
+        return (
+            fit.latency_s * steps / measured_steps
+            + nbytes * (steps / tp) / (measured_steps / world) / fit.bytes_per_s
+        )
     latency_s = profile.allreduce_time_s(0)
     probe_bytes = 1 << 20
     per_byte_s = (profile.allreduce_time_s(probe_bytes) - latency_s) / probe_bytes

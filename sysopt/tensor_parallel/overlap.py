@@ -44,13 +44,14 @@ class ChunkPlan:
 @dataclass(frozen=True)
 class OverlapPolicy:
     """strategy: "none" | "chunked" | "auto"; chunks: k for "chunked"; max_chunks: the largest k
-    "auto" considers; chunk_overhead_s: host cost per chunk in auto's model; profile: the
-    calibrated HardwareProfile "auto" reads (default: the cached one)."""
+    "auto" considers; chunk_overhead_s: host cost per chunk in auto's model (None: the profile's
+    calibrated tp_chunk_overhead_s, or CHUNK_OVERHEAD_S when it has none); profile: the calibrated
+    HardwareProfile "auto" reads (default: the cached one)."""
 
     strategy: str = "none"
     chunks: int = 4
     max_chunks: int = 16
-    chunk_overhead_s: float = CHUNK_OVERHEAD_S
+    chunk_overhead_s: float | None = None
     profile: HardwareProfile | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,7 +73,12 @@ class OverlapPolicy:
                     f"sequence, or overlap='auto'"
                 )
             return ChunkPlan(overlap=True, chunks=self.chunks)
-        choice = choose_chunks_for(self._profile(), op, self.max_chunks, self.chunk_overhead_s)
+        profile = self._profile()
+        overhead = self.chunk_overhead_s
+        if overhead is None:
+            calibrated = profile.calibration.tp_chunk_overhead_s if profile.calibration is not None else None
+            overhead = CHUNK_OVERHEAD_S if calibrated is None else calibrated
+        choice = choose_chunks_for(profile, op, self.max_chunks, overhead)
         return ChunkPlan(
             overlap=True, chunks=choice.chunks, predicted_s=choice.predicted_s, serial_s=choice.serial_s
         )
@@ -102,7 +108,12 @@ class OverlapPolicy:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OverlapPolicy:
-        return cls(d["strategy"], int(d["chunks"]), int(d["max_chunks"]), float(d["chunk_overhead_s"]))
+        return cls(
+            d["strategy"],
+            int(d["chunks"]),
+            int(d["max_chunks"]),
+            None if d["chunk_overhead_s"] is None else float(d["chunk_overhead_s"]),
+        )
 
 
 def resolve_overlap(overlap: str | OverlapPolicy) -> OverlapPolicy:
