@@ -104,6 +104,7 @@ class OffloadConfig:
     strategy: str = "none"  # none (torch AdamW) | device | host | fraction | interleaved (OffloadAdamW)
     device_budget_bytes: int | None = None
     fraction: float = 0.5  # share of subgroups kept on the device for strategy=fraction
+    state_dtype: str = "fp32"  # fp32 | bf16: host moments in bf16 with stochastic rounding (fp32 masters)
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
     p, sched = job.parallel, job.schedule
     rows = job.data.row_len
     padded = rows + (-rows % p.tp if p.tp > 1 and p.sequence_parallel else 0)
-    if padded > job.model.max_seq:  # sequence parallelism pads sequences to a multiple of tp
+    if rows <= job.model.max_seq < padded:  # sequence parallelism pads sequences to a multiple of tp
         raise ConfigError(
             f"sequences padded for sequence parallelism are {padded} tokens but model.max_seq="
             f"{job.model.max_seq}; raise model.max_seq to {padded} or set parallel.sequence_parallel=false"
@@ -272,6 +273,12 @@ def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
     if job.offload.strategy not in OFFLOAD_STRATEGIES:
         raise ConfigError(
             f"offload.strategy={job.offload.strategy!r} must be one of {', '.join(OFFLOAD_STRATEGIES)}"
+        )
+    if job.offload.state_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"offload.state_dtype={job.offload.state_dtype!r} must be fp32 or bf16")
+    if job.offload.state_dtype == "bf16" and job.offload.strategy == "none":
+        raise ConfigError(
+            "offload.state_dtype=bf16 needs sysopt's OffloadAdamW: set offload=host (or fraction, interleaved)"
         )
     recipe = job.precision.recipe
     if recipe is not None and recipe != "auto":

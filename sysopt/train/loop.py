@@ -104,6 +104,7 @@ def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.op
         strategy=off.strategy,
         device_budget_bytes=off.device_budget_bytes,
         fraction=off.fraction,
+        state_dtype=torch.bfloat16 if off.state_dtype == "bf16" else torch.float32,
     )
 
 

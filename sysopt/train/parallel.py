@@ -87,7 +87,10 @@ class ParallelVLM:
         self.microbatches = job.schedule.resolved_microbatches(p.pp)
         model = VLM(job.model)
         costs = None
-        if p.pp > 1 and boundaries is None:  # time dense blocks before sharding (no collectives inside)
+        # time dense blocks before sharding (no collectives inside): for the partitioner, and for zb_greedy,
+        # which plans its order on the stage costs at every start (the order does not change the numbers:
+        # each stage still accumulates its microbatches' weight gradients in microbatch order)
+        if p.pp > 1 and (boundaries is None or job.schedule.name == "zb_greedy"):
             costs = self._dense_block_costs(model, sample_batch)
         if p.tp > 1:
             tensor_parallelize(
@@ -159,6 +162,15 @@ class ParallelVLM:
         payload = [tuple(boundaries)]
         dist.broadcast_object_list(payload, src=0)
         self.boundaries = tuple(payload[0])
+        if name == "zb_greedy":  # re-plan on this partition's stage costs (identical on every rank)
+            from sysopt.schedules import Costs
+
+            forward, backward = costs
+            f, b = (
+                [sum(x[a:z]) for a, z in zip(self.boundaries, self.boundaries[1:])]
+                for x in (forward, backward)
+            )
+            self.schedule = build(name, p.pp, p.vpp, self.microbatches, costs=Costs(f, b, [x / 2 for x in b]))
         chunks = split_into_stages(self.model, self.boundaries)
         pp_rank = self.groups.coords.pp
         self.stages = {s: chunks[s] for s in self.schedule.stages_of(pp_rank)}
