@@ -316,6 +316,49 @@ def test_fit_reproduces_the_measured_step():
     assert CostModel(workload, machine, fast).predict(config).step_s == pytest.approx(0.9 * base, rel=1e-4)
 
 
+def test_joint_fit_recovers_known_overheads_from_several_runs():
+    """Runs 'measured' by the model itself under known terms: the joint fit finds terms that reproduce all
+    of them (the terms themselves are not identifiable beyond what the runs constrain)."""
+    import dataclasses
+
+    from sysopt.planner import PlannerCalibration, fit_calibration
+
+    workload = Workload.from_data(MODEL, DATA, 16)
+    machine = Machine.from_profile(cpu_profile(), 2)
+    truth = PlannerCalibration(op_overhead_s=4e-5, gemm_scale=0.5, step_overhead_s=2e-3)
+    configs = [
+        PlanConfig(dp=2, micro_batch_size=8),
+        PlanConfig(dp=2, microbatches=4, micro_batch_size=2),
+        PlanConfig(pp=2, schedule="1f1b", microbatches=4, micro_batch_size=4),
+        PlanConfig(dp=2, micro_batch_size=8, precision="int8_rowwise"),
+    ]
+    runs = [(c, CostModel(workload, machine, truth).predict(c).step_s) for c in configs]
+    fitted = fit_calibration(workload, machine, runs)
+    for c, measured in runs:
+        assert CostModel(workload, machine, fitted).predict(c).step_s == pytest.approx(measured, rel=0.03)
+    assert "fitted to 4 runs" in fitted.source
+    # one run: falls back to the one-term fit, which reproduces that run exactly
+    single = fit_calibration(workload, machine, runs[:1])
+    assert dataclasses.replace(single, source="", profile_created="") != PlannerCalibration()
+    assert CostModel(workload, machine, single).predict(configs[0]).step_s == pytest.approx(
+        runs[0][1], rel=1e-4
+    )
+    with pytest.raises(ValueError, match="at least one"):
+        fit_calibration(workload, machine, [])
+
+
+def test_spread_spans_the_knobs_before_filling_by_rank():
+    from sysopt.cli.plan import spread
+
+    model = cost_model(devices=2)
+    ranking = rank(model, enumerate_configs(MODEL, 2, 16, SpaceOptions(offloads=("device", "host"))))
+    picked = spread(ranking.ranked, 8)
+    assert len(picked) == 8 and picked[0] is ranking.ranked[0] and len(set(map(id, picked))) == 8
+    for knob in ("tp", "pp", "dp", "offload"):
+        values = {getattr(p.config, knob) for p in ranking.ranked}
+        assert {getattr(p.config, knob) for p in picked} == values or len(values) > 8
+
+
 def test_measure_reports_configs_the_trainer_refuses_instead_of_crashing():
     from sysopt.planner.measure import base_job_for
 

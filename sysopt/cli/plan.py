@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
     p.add_argument("--json", type=Path, help="write the ranking (and measured records) here")
     p.add_argument("--measure", type=int, default=0, metavar="K", help="run the top K here and compare")
+    p.add_argument(
+        "--spread",
+        action="store_true",
+        help="with --measure: K configurations spanning the knobs, not the top K",
+    )
     p.add_argument("--steps", type=int, default=40, help="training steps per measured run")
     p.add_argument(
         "--repeats", type=int, default=1, help="measure the K configs this many rounds, round-robin (median)"
@@ -178,31 +183,78 @@ def resolve_calibration(args, profile, machine):
     return calibration
 
 
+def reference_configs(devices: int, global_batch: int) -> list:
+    """The runs --fit measures: pure data parallel with one and with four microbatches (same GEMM work,
+    4x the ops), the same in int8 (the low-precision linear's extra ops), and a pipeline (bubble, p2p).
+    Together they separate GEMM speed, per-op and per-step overheads."""
+    from sysopt.planner import PlanConfig
+
+    per_rank = global_batch // devices
+    out = [
+        PlanConfig(dp=devices, micro_batch_size=per_rank),
+        PlanConfig(dp=devices, microbatches=4, micro_batch_size=per_rank // 4),
+        PlanConfig(dp=devices, micro_batch_size=per_rank, precision="int8_rowwise"),
+    ]
+    if devices > 1:
+        m = 2 * devices
+        out.append(
+            PlanConfig(pp=devices, schedule="1f1b", microbatches=m, micro_batch_size=global_batch // m)
+        )
+    return out
+
+
 def fit_here(args, workload, machine, base_job):
-    """Measure the plainest config (pure data parallel) here, fit the per-op overhead to it, save it."""
-    from sysopt.planner import PlanConfig, default_calibration_path, fit_op_overhead, violations
+    """Measure the reference configs here, fit the planner calibration to them, save it."""
+    from sysopt.planner import default_calibration_path, fit_calibration, violations
     from sysopt.planner import measure as measuring
 
-    reference = PlanConfig(dp=machine.devices, micro_batch_size=args.global_batch // machine.devices)
-    problems = violations(reference, workload.model, machine.devices, args.global_batch)
-    if problems:
-        raise SystemExit(f"sysopt-plan: --fit runs {reference.label()}, which is invalid: {problems[0]}")
-    print(f"fitting the per-op overhead to a measured run of {reference.label()} ...", flush=True)
-    record = measuring.measure_config(reference, float("nan"), base_job)
-    if record.measured_step_s is None:
-        raise SystemExit(f"sysopt-plan: the fitting run did not complete: {record.status}: {record.detail}")
-    calibration = fit_op_overhead(workload, machine, reference, record.measured_step_s)
+    runs = []
+    for reference in reference_configs(machine.devices, args.global_batch):
+        problems = violations(reference, workload.model, machine.devices, args.global_batch)
+        if problems:
+            print(f"sysopt-plan: --fit skips {reference.label()}: {problems[0]}", file=sys.stderr)
+            continue
+        print(f"fitting: measuring {reference.label()} ...", flush=True)
+        record = measuring.measure_config(reference, float("nan"), base_job, min_features=args.min_features)
+        if record.measured_step_s is None:
+            raise SystemExit(
+                f"sysopt-plan: fitting run {reference.label()} failed: {record.status}: {record.detail}"
+            )
+        runs.append((reference, record.measured_step_s))
+    if not runs:
+        raise SystemExit("sysopt-plan: --fit found no valid reference configuration for this machine")
+    calibration = fit_calibration(workload, machine, runs)
     target = calibration.save(args.calibration or default_calibration_path())
     print(f"calibration: {calibration.source}\n  saved to {target}")
     return calibration
+
+
+def spread(ranked: list, count: int) -> list:
+    """`count` configurations that span the knobs (tp, pp, vpp, dp, schedule, microbatches, TP overlap,
+    offload, precision): greedy coverage, each pick the configuration bringing the most knob values not
+    yet taken (the better ranked on ties), starting from the top choice; then the best remaining."""
+    knobs = ("tp", "pp", "vpp", "dp", "schedule", "microbatches", "tp_overlap", "offload", "precision")
+    values = [{(k, getattr(p.config, k)) for k in knobs} for p in ranked]
+    chosen = [0] if ranked else []
+    seen = set(values[0]) if ranked else set()
+    while len(chosen) < min(count, len(ranked)):
+        gain, index = max((len(v - seen), -i) for i, v in enumerate(values) if i not in chosen)
+        if gain == 0:
+            break
+        chosen.append(-index)
+        seen |= values[-index]
+    chosen += [i for i in range(len(ranked)) if i not in chosen][: count - len(chosen)]
+    return [ranked[i] for i in chosen]
 
 
 def measure_top(args, ranking, base_job) -> list:
     """Run the top --measure configs here; print predicted against measured and how the top did."""
     from sysopt.planner import measure as measuring
 
-    print(f"\nmeasuring the top {args.measure} here ({args.repeats} x {args.steps} steps each):")
-    candidates = [(p.config, p.step_s) for p in ranking.ranked[: args.measure]]
+    picked = spread(ranking.ranked, args.measure) if args.spread else ranking.ranked[: args.measure]
+    which = "configurations spanning the knobs" if args.spread else "top"
+    print(f"\nmeasuring {len(picked)} {which} here ({args.repeats} x {args.steps} steps each):")
+    candidates = [(p.config, p.step_s) for p in picked]
     records = measuring.measure_many(candidates, base_job, args.repeats, min_features=args.min_features)
     for r in records:
         head = f"  {r.config.label()}: predicted {r.predicted_step_s * 1e3:.4g} ms"

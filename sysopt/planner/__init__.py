@@ -1,7 +1,7 @@
 """The planner: one cost model over schedules, TP overlap, offloading, precision and the hardware profile,
 ranking ways to train a model on a machine by predicted step time and peak memory per device."""
 
-from sysopt.planner.calibrate import default_calibration_path, fit_op_overhead
+from sysopt.planner.calibrate import default_calibration_path, fit_calibration, fit_op_overhead
 from sysopt.planner.context import Machine, PlannerCalibration, Workload
 from sysopt.planner.measure import MeasureRecord, job_for, measure_config
 from sysopt.planner.model import CostModel, LayerCost, Memory, Prediction
@@ -28,6 +28,7 @@ __all__ = [
     "default_calibration_path",
     "enumerate_configs",
     "explain",
+    "fit_calibration",
     "fit_op_overhead",
     "job_for",
     "layers",
