@@ -325,7 +325,9 @@ def test_joint_fit_recovers_known_overheads_from_several_runs():
 
     workload = Workload.from_data(MODEL, DATA, 16)
     machine = Machine.from_profile(cpu_profile(), 2)
-    truth = PlannerCalibration(op_overhead_s=4e-5, gemm_scale=0.5, step_overhead_s=2e-3)
+    truth = PlannerCalibration(
+        op_overhead_s=4e-5, gemm_scale=0.5, step_overhead_s=2e-3, action_overhead_s=4e-4
+    )
     configs = [
         PlanConfig(dp=2, micro_batch_size=8),
         PlanConfig(dp=2, microbatches=4, micro_batch_size=2),

@@ -75,8 +75,9 @@ def fit_calibration(
     *,
     gemm_scales: tuple[float, ...] | None = None,
     op_overheads_s: tuple[float, ...] | None = None,
+    action_overheads_s: tuple[float, ...] | None = None,
 ) -> PlannerCalibration:
-    """Fit gemm_scale, op_overhead_s and step_overhead_s together to several measured runs
+    """Fit gemm_scale, op_overhead_s, action_overhead_s and step_overhead_s together to several measured runs
     [(config, measured step seconds)], minimising the sum of squared relative errors.
 
     The runs should differ in what they stress (ops per step, GEMM work, pipeline): with one run the three
@@ -90,11 +91,19 @@ def fit_calibration(
     if len(runs) == 1:
         return fit_op_overhead(workload, machine, runs[0][0], runs[0][1])
     gemm_scales = gemm_scales or tuple(2.0 ** (k / 2) for k in range(-12, 3))  # 1/64 .. 2
-    op_overheads_s = op_overheads_s or (0.0, *(1e-6 * 2.0 ** (k / 2) for k in range(0, 21)))  # 0, 1us .. 1ms
+    op_overheads_s = op_overheads_s or (0.0, *(1e-6 * 2.0**k for k in range(0, 11)))  # 0, 1us .. 1ms
+    action_overheads_s = action_overheads_s or (
+        0.0,
+        *(5e-5 * 2.0**k for k in range(0, 7)),
+    )  # 0, 50us .. 3.2ms
     measured = [m for _, m in runs]
 
-    def best_step_overhead(gemm_scale: float, op_overhead_s: float) -> tuple[float, PlannerCalibration]:
-        trial = PlannerCalibration(op_overhead_s=op_overhead_s, gemm_scale=gemm_scale)
+    def best_step_overhead(
+        gemm_scale: float, op_overhead_s: float, action_overhead_s: float = 0.0
+    ) -> tuple[float, PlannerCalibration]:
+        trial = PlannerCalibration(
+            op_overhead_s=op_overhead_s, gemm_scale=gemm_scale, action_overhead_s=action_overhead_s
+        )
         base = [predicted_step_s(workload, machine, trial, c) for c, _ in runs]
         # minimise sum(((b + s) / m - 1)^2) over s >= 0
         s = sum((m - b) / (m * m) for b, m in zip(base, measured)) / sum(1 / (m * m) for m in measured)
@@ -102,17 +111,23 @@ def fit_calibration(
         loss = sum(((b + s) / m - 1) ** 2 for b, m in zip(base, measured))
         return loss, dataclasses.replace(trial, step_overhead_s=s)
 
-    best = min((best_step_overhead(g, o) for g in gemm_scales for o in op_overheads_s), key=lambda t: t[0])
+    grid = ((g, o, a) for g in gemm_scales for o in op_overheads_s for a in action_overheads_s)
+    best = min((best_step_overhead(*point) for point in grid), key=lambda t: t[0])
     for _ in range(2):  # refine: a finer grid around the best point
-        g0, o0 = best[1].gemm_scale, best[1].op_overhead_s
-        gs = tuple(g0 * 2.0 ** (k / 8) for k in range(-3, 4))
-        os_ = tuple(max(0.0, o0 * 2.0 ** (k / 8)) for k in range(-3, 4)) if o0 > 0 else (0.0, 5e-7)
-        best = min([best, *(best_step_overhead(g, o) for g in gs for o in os_)], key=lambda t: t[0])
+
+        def around(x: float) -> tuple[float, ...]:
+            return tuple(x * 2.0 ** (k / 4) for k in range(-2, 3)) if x > 0 else (0.0,)
+
+        c0 = best[1]
+        fine = ((g, o, a) for g in around(c0.gemm_scale) for o in around(c0.op_overhead_s)
+                for a in around(c0.action_overhead_s))  # fmt: skip
+        best = min([best, *(best_step_overhead(*point) for point in fine)], key=lambda t: t[0])
     calibration = best[1]
     errors = _relative_errors(workload, machine, calibration, runs)
     labels = ", ".join(f"{c.label()} {m * 1e3:.1f} ms ({e:+.1%})" for (c, m), e in zip(runs, errors))
     source = (
         f"gemm_scale={calibration.gemm_scale:.4g} op_overhead_s={calibration.op_overhead_s:.4g} "
+        f"action_overhead_s={calibration.action_overhead_s:.4g} "
         f"step_overhead_s={calibration.step_overhead_s:.4g} fitted to {len(runs)} runs: {labels}; "
         f"profile of {machine.profile.created}"
     )

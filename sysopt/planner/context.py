@@ -88,12 +88,16 @@ class PlannerCalibration:
 
     A layer's forward + backward costs `gemm_scale` x its modelled GEMM time (x3) plus `op_overhead_s`
     for each torch op it dispatches (launch, dispatch, Python: Layer.ops, more in low precision), so its
-    overhead grows with its op count and with every microbatch. `step_overhead_s` is added once per step
+    overhead grows with its op count and with every microbatch; `action_overhead_s` is paid by every
+    forward, input-gradient and weight-gradient action of every stage. `step_overhead_s` is added once per step
     (data, gradient clipping). `source` says what the numbers were fitted to."""
 
     op_overhead_s: float = 0.0
     gemm_scale: float = 1.0
     step_overhead_s: float = 0.0
+    # fixed cost of each forward / backward action of each (stage, microbatch): the executor's dispatch,
+    # posting and completing its messages, the hop latency a profile's p2p fit does not see
+    action_overhead_s: float = 0.0
     source: str = "uncalibrated"
     profile_created: str = ""  # the HardwareProfile (its `created`) the fit was made against
 

@@ -281,10 +281,13 @@ class CostModel:
         w = [lc.weight_s for lc in costs]
         schedule = build(c.schedule, c.pp, c.vpp, c.microbatches)
 
+        a = self.calibration.action_overhead_s
+
         def stage_costs(bounds: tuple[int, ...]) -> Costs:
             sf, sb, sw = chunk_costs(bounds, f, b, w)
             p2p = [self.p2p_s(model_layers[end - 1], c.tp) if c.pp > 1 else 0.0 for end in bounds[1:]]
-            return Costs(sf, sb, sw, p2p)
+            # F pays one action overhead; a backward two (I and W), which split schedules pay separately
+            return Costs([x + a for x in sf], [x + 2 * a for x in sb], [x + a for x in sw], p2p)
 
         chunks = c.pp * c.vpp
         if chunks == 1:
