@@ -52,6 +52,7 @@ def zb_greedy(
     max_activations: int | None = None,
     placement: str = "loop",
 ) -> Schedule:
+    """The zero-bubble order list-scheduled on `costs` (see the module docstring)."""
     if placement not in ("loop", "v"):
         raise ValueError(f"placement={placement!r} must be 'loop' (Megatron's) or 'v' (needs vpp=2)")
     if placement == "v" and vpp != 2:
@@ -62,7 +63,7 @@ def zb_greedy(
     duration = {F: c["forward"], W: c["weight"], I: tuple(b - w for b, w in zip(c["backward"], c["weight"]))}
     if max_activations is None:
         max_activations = default_max_activations(pp, vpp, m)
-    if max_activations < vpp and placement == "loop" or max_activations < 1:
+    if max_activations < vpp:  # a microbatch needs a slot on each of a rank's vpp chunks
         raise ValueError(
             f"max_activations={max_activations} cannot fill the pipeline: a rank must hold at least one "
             f"activation per chunk ({vpp}); raise max_activations"
@@ -78,7 +79,7 @@ def zb_greedy(
     # cap can fill with shallow chunks whose deeper chunks never get to run: a deadlock)
     forwards_here = [[0] * m for _ in range(pp)]
 
-    def admits(stage: int, i: int, rank: int) -> bool:
+    def admits(i: int, rank: int) -> bool:
         chunks = len(rank_stages[rank])
         after = forwards_here[rank][i] + 1
         reserved = sum(chunks - n for j, n in enumerate(forwards_here[rank]) if j != i and 0 < n < chunks)
@@ -89,7 +90,7 @@ def zb_greedy(
     def ready_at(action: Action, rank: int) -> float | None:
         s, i = action.stage, action.microbatch
         if action.kind is F:
-            if not admits(s, i, rank):
+            if not admits(i, rank):
                 return None
             if s == 0:
                 return 0.0
