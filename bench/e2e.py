@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sysopt.benchmark import BenchContext, Record, SuiteResult, goal_ratio, register_suite
+from sysopt.hardware import intraop_threads
 from sysopt.train import JobConfig, build_job, run_training, warmup_cosine_lr
 
 STEPS, QUICK_STEPS = 60, 30
@@ -99,12 +100,8 @@ def plain_pytorch(job: JobConfig) -> dict:
 
 
 def _one_thread(fn: Callable[[], dict]) -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intraop_threads(1):
         return fn()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _records(prefix: str, runs: list[dict], config: dict) -> list[Record]:

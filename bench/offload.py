@@ -25,13 +25,13 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from sysopt.benchmark import BenchContext, Record, SuiteResult, goal, goal_ratio, register_suite
+from sysopt.hardware.calibration import intraop_threads
 from sysopt.hardware.profile import HardwareProfile
 from sysopt.offload import (
     HOST,
@@ -56,16 +56,6 @@ def _cache_dir() -> Path:
     """JIT builds (sysopt's kernel, DeepSpeed's cpu_adam) go to TORCH_EXTENSIONS_DIR, by default ours."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "sysopt" / "torch_extensions"))
     return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-
-
-@contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _rate_record(name: str, n: float, seconds: list[float], unit: str, config: dict) -> Record:
@@ -190,7 +180,7 @@ def throughput(ctx: BenchContext) -> tuple[list[Record], list]:
     records, goals = [], []
     suffix = f" [DeepSpeed unavailable: {ds_missing}]" if ds_missing else ""
     for threads in ctx.track(sorted({1, os.cpu_count() or 1}), "offload: host update throughput"):
-        with _threads(threads):
+        with intraop_threads(threads):
             times = _take_turns(runnable, ctx.repeats)
         clocks = [("params_per_s", "params/s", 0)] + (
             [("params_per_cpu_s", "params/CPU-s", 1)] if threads == 1 else []
@@ -301,7 +291,7 @@ def loss_parity(ctx: BenchContext) -> tuple[list[Record], list]:
               "threads": VLM_THREADS, "seed": 0, "value": f"mean loss of the last {last} steps (min/max over those steps)",
               "warmup_steps": min(OptimConfig().warmup_steps, steps // 4)}  # fmt: skip
     records = {}
-    with _threads(VLM_THREADS):
+    with intraop_threads(VLM_THREADS):
         for run in ctx.track(list(RUNS), "offload: loss parity"):
             tail = _train_losses(run, steps, batch)[-last:]
             records[run] = Record(f"loss_parity/{run}/final_loss", statistics.fmean(tail), "loss", last,
@@ -361,7 +351,7 @@ def iteration_vs_model(ctx: BenchContext) -> tuple[list[Record], list]:
     batch, warmup, repeats = 4, 3, 2 * ctx.repeats
     subgroup_bytes = 16 * 2**20
     records, goals = [], []
-    with _threads(VLM_THREADS):
+    with intraop_threads(VLM_THREADS):
         for strategy in ctx.track(("device", "host", "fraction", "interleaved"), "offload: VLM per strategy"):
             model, groups, batches = _vlm_setup(model_config, batch, warmup + repeats)
             kwargs = {}

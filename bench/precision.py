@@ -25,6 +25,7 @@ from torch import nn
 
 import sysopt.precision as P
 from sysopt.benchmark import BenchContext, Record, SuiteResult, goal, goal_ratio, register_suite
+from sysopt.hardware import intraop_threads
 
 THREADS = 1
 SIZES = (1024, 2048, 4096)
@@ -179,14 +180,10 @@ def goals_for(records: list[Record], sizes: tuple[int, ...]) -> list:
 @register_suite("precision")
 def run(ctx: BenchContext) -> SuiteResult:
     sizes = QUICK_SIZES if ctx.quick else SIZES
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        records: list[Record] = []
+    records: list[Record] = []
+    with intraop_threads(THREADS):
         for size in ctx.track(sizes, "precision: linear fwd+bwd"):
             records += measure_size(size, ctx.repeats)[0]
-    finally:
-        torch.set_num_threads(threads)
     result = ctx.result("precision", records, goals_for(records, sizes))
     _plot_speedups(result, sizes, ctx.out_dir / "precision_speedup.png")
     return result

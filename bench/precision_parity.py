@@ -28,6 +28,7 @@ from torch import nn
 import sysopt.precision as P
 from sysopt.benchmark import BenchContext, Record, SuiteResult, goal, register_suite
 from sysopt.data import BatchSampler, DigitsDataset, DigitsTaskConfig, eval_batches, evaluate
+from sysopt.hardware import intraop_threads
 from sysopt.models import VLM, LMHead, VLMConfig, vlm_loss
 from sysopt.train.config import OptimConfig, TrainConfig
 from sysopt.train.lr import warmup_cosine_lr
@@ -173,17 +174,13 @@ def goals_for(runs: list[TrainRun]) -> list:
 @register_suite("precision_parity")
 def run(ctx: BenchContext) -> SuiteResult:
     steps = QUICK_STEPS if ctx.quick else STEPS
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
     runs: list[TrainRun] = []
     train_set = DigitsDataset(DigitsTaskConfig(), "train")
     eval_set = eval_batches(DigitsDataset(DigitsTaskConfig(), "eval"), TrainConfig().eval_batch)
-    try:
+    with intraop_threads(THREADS):
         for recipe in ctx.track([None, *sorted(P.RECIPES)], "precision parity: training"):
             runs.append(train_vlm(recipe, steps, train_set, eval_set)[1])
         runs.append(train_vlm(None, steps, train_set, eval_set, init_seed=CONTROL_SEED)[1])
-    finally:
-        torch.set_num_threads(threads)
     records = [r for run_ in runs for r in records_for(run_, steps)]
     result = ctx.result("precision_parity", records, goals_for(runs))
     _plot_losses(runs, steps, ctx.out_dir / "precision_parity_loss.png")

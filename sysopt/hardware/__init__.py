@@ -2,7 +2,7 @@
 HardwareProfile that cost models read."""
 
 from sysopt.hardware.cache import default_cache_path, load_cached, load_or_calibrate
-from sysopt.hardware.calibration import calibrate
+from sysopt.hardware.calibration import calibrate, intraop_threads
 from sysopt.hardware.probe import probe
 from sysopt.hardware.profile import (
     ISA_FLAGS,
@@ -25,6 +25,7 @@ __all__ = [
     "MatmulPoint",
     "TimingSamples",
     "calibrate",
+    "intraop_threads",
     "default_cache_path",
     "fit_alpha_beta",
     "load_cached",

@@ -194,12 +194,13 @@ def calibrate(
     list of steps (e.g. rich.progress.track); `samples`, when given, collects the raw wall times
     behind every figure. Collectives spawn processes: call this under `if __name__ == "__main__":`.
     """
-    with _intraop_threads(threads):
+    with intraop_threads(threads):
         return _calibrate(profile, quick, world_size, device, repeats, progress, samples)
 
 
 @contextlib.contextmanager
-def _intraop_threads(threads: int | None):
+def intraop_threads(threads: int | None):
+    """torch's intra-op thread count set to `threads` (None: unchanged) inside the block, restored after."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

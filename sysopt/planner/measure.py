@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sysopt.hardware.calibration import intraop_threads
 from sysopt.planner.space import PlanConfig
 
 # values that mean "this knob is off": left out of the trainer config, so a trainer that does not know
@@ -123,15 +124,12 @@ def measure_config(
         return MeasureRecord(config, predicted_step_s, None, "not runnable yet", str(exc))
     with tempfile.TemporaryDirectory(prefix="sysopt-plan-") as tmp:
         run_dir = Path(out_dir) if out_dir is not None else Path(tmp)
-        threads = torch.get_num_threads()
-        if job.world_size == 1 and not torch.cuda.is_available():
-            torch.set_num_threads(1)
+        one_thread = job.world_size == 1 and not torch.cuda.is_available()
         try:
-            summary = run_training(job, run_dir)
+            with intraop_threads(1 if one_thread else None):
+                summary = run_training(job, run_dir)
         except Exception as exc:  # noqa: BLE001 - a crashed run is a result to report, not a planner crash
             return MeasureRecord(config, predicted_step_s, None, "failed", f"{type(exc).__name__}: {exc}")
-        finally:
-            torch.set_num_threads(threads)
     return MeasureRecord(config, predicted_step_s, float(summary["step_time_s"]), "measured")
 
 
