@@ -246,9 +246,14 @@ def test_scale_shape_errors_name_the_fix():
         kernels.quantize(_data((2, 4)), torch.int8, "rowwise", (1, 2))
 
 
-def test_dispatch_picks_torch_on_cpu_and_honours_override(monkeypatch):
+def test_dispatch_picks_cpp_or_torch_on_cpu_and_honours_override(monkeypatch):
+    from sysopt.kernels import cpu
+
     monkeypatch.delenv("SYSOPT_KERNEL_BACKEND", raising=False)
+    assert kernels.backend_for("cpu") == ("cpp" if cpu.load() is not None else "torch")
+    monkeypatch.setenv("SYSOPT_CPU_KERNELS", "torch")  # the C++ kernels switched off: the torch reference
     assert kernels.backend_for("cpu") == "torch"
+    monkeypatch.delenv("SYSOPT_CPU_KERNELS")
     monkeypatch.setenv("SYSOPT_KERNEL_BACKEND", "triton")
     assert kernels.backend_for("cpu") == "triton"
     x = _data((3, 40))

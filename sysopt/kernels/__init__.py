@@ -42,6 +42,22 @@ def quantize_with_amax(
     return kernel_module("quantize", x.device).quantize_with_amax(x, dtype, amax, power_of_two=power_of_two)
 
 
+def contiguous_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x in bf16, row-major (x may be a transposed 2-D view, e.g. dy.t() in a grad-weight GEMM). On CPU with
+    the C++ kernels a transposed fp32 view is cast and transposed in one pass."""
+    if (
+        x.dim() == 2
+        and x.dtype == torch.float32
+        and not x.is_contiguous()
+        and x.t().is_contiguous()
+        and backend_for(x.device) == "cpp"
+    ):
+        from . import cpu
+
+        return cpu.transpose_bf16(x.t())
+    return x.to(torch.bfloat16).contiguous()
+
+
 def scaled_mm(
     a: torch.Tensor,
     a_scale: torch.Tensor,
@@ -64,6 +80,7 @@ __all__ = [
     "GRANULARITIES",
     "QMAX",
     "backend_for",
+    "contiguous_bf16",
     "dequantize",
     "expand_scale",
     "quantize",

@@ -1,6 +1,7 @@
-"""Pick the kernel backend per device: Triton on GPUs, the torch reference on CPU.
+"""Pick the kernel backend per device: Triton on GPUs; on CPU the fused C++ int8 kernels (`cpp`, see cpu.py)
+where they build, else the torch reference.
 
-SYSOPT_KERNEL_BACKEND=torch|triton overrides the choice (with TRITON_INTERPRET=1 set before the first Triton
+SYSOPT_KERNEL_BACKEND=torch|triton|cpp overrides the choice (with TRITON_INTERPRET=1 set before the first Triton
 import, `triton` runs the kernels on CPU in Triton's interpreter: slow, for tests). Triton modules are
 imported only when first used, so `import sysopt.kernels` works where Triton is missing or unusable.
 """
@@ -14,12 +15,14 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpp")
 _MODULES = {
     ("torch", "quantize"): "sysopt.kernels.quantize_ref",
     ("triton", "quantize"): "sysopt.kernels.quantize_triton",
     ("torch", "gemm"): "sysopt.kernels.gemm_ref",
     ("triton", "gemm"): "sysopt.kernels.gemm_triton",
+    ("cpp", "quantize"): "sysopt.kernels.cpu",
+    ("cpp", "gemm"): "sysopt.kernels.cpu",
 }
 
 
@@ -34,13 +37,21 @@ def triton_available() -> bool:
 
 
 def backend_for(device: torch.device | str) -> str:
-    """'triton' on CUDA/ROCm devices when Triton imports, else 'torch'; SYSOPT_KERNEL_BACKEND overrides."""
+    """'triton' on CUDA/ROCm devices when Triton imports; 'cpp' on CPU when the C++ kernels build; else 'torch'.
+    SYSOPT_KERNEL_BACKEND overrides."""
     forced = os.environ.get("SYSOPT_KERNEL_BACKEND")
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"SYSOPT_KERNEL_BACKEND={forced!r} must be one of {BACKENDS} (or unset)")
         return forced
-    return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "triton" if triton_available() else "torch"
+    if kind == "cpu":
+        from . import cpu
+
+        return "cpp" if cpu.load() is not None else "torch"
+    return "torch"
 
 
 def kernel_module(kind: str, device: torch.device | str) -> ModuleType:

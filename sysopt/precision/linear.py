@@ -19,11 +19,11 @@ def _high_mm(a: torch.Tensor, b: torch.Tensor, fmt: str, out_dtype: torch.dtype)
     """a @ b.T in high precision: bf16 GEMM or the operands' own dtype.
 
     For bf16, `a` is made row-major: oneDNN's bf16 GEMM with a transposed left operand (dy.T in grad-weight)
-    runs ~1.8x slower on CPU than a transposing copy costs. The cast comes first, in a's own layout (one
-    sequential pass), then the copy transposes 2-byte values: on this CPU ~1.4x faster than one fp32->bf16
-    cast that writes transposed."""
+    runs ~1.8x slower on CPU than a transposing copy costs. kernels.contiguous_bf16 casts and transposes in
+    one pass with the C++ CPU kernels; without them it casts in a's own layout (one sequential pass), then
+    copies 2-byte values transposed (~1.4x faster than a torch fp32->bf16 cast that writes transposed)."""
     if fmt == "bf16":
-        a = a.to(torch.bfloat16).contiguous()
+        a = kernels.contiguous_bf16(a)
         b = b.to(torch.bfloat16)
     return (a @ b.t()).to(out_dtype)
 

@@ -1,0 +1,144 @@
+"""The C++ CPU int8 kernels (sysopt.kernels.cpu, the `cpp` backend) against the torch reference: the same bits
+for quantisation, the dequantising epilogue and the transposing bf16 cast; fallbacks for what they do not
+cover; and a low-precision linear giving the same output and gradients under either backend."""
+
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from sysopt import kernels
+from sysopt.kernels import cpu, gemm_ref, quantize_ref
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ops():
+    """Built once per machine (cached on disk); skipped only where no compiler or ninja exists."""
+    module = cpu.load()
+    if module is None:
+        from torch.utils.cpp_extension import verify_ninja_availability
+
+        try:
+            verify_ninja_availability()
+            ninja = True
+        except RuntimeError:
+            ninja = False
+        if shutil.which(os.environ.get("CXX", "c++")) and ninja:
+            pytest.fail(f"a compiler and ninja exist but the CPU kernels did not build: {cpu.status().error}")
+        pytest.skip(f"no C++ toolchain here: {cpu.status().error}")
+    return module
+
+
+def _data(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * torch.logspace(-2, 2, shape[-1])
+
+
+# odd sizes (SIMD tails), 3-D, and one above the reference's row-chunk size (its chunked path)
+SHAPES = [(7, 33), (3, 5, 48), (64, 17), (300, 1030)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("power_of_two", [False, True])
+@pytest.mark.parametrize("granularity", ["rowwise", "tensorwise"])
+def test_int8_quantize_matches_reference_bitwise(shape, power_of_two, granularity):
+    x = _data(shape)
+    q, scale = cpu.quantize(x, torch.int8, granularity, power_of_two=power_of_two)
+    q_ref, scale_ref = quantize_ref.quantize(x, torch.int8, granularity, power_of_two=power_of_two)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert (q != 0).any()
+
+
+def test_transposed_view_and_saturating_cast_match_reference():
+    x = _data((40, 70), seed=1)
+    q, scale = cpu.quantize(x.t(), torch.int8, "tensorwise")
+    q_ref, scale_ref = quantize_ref.quantize(x.t(), torch.int8, "tensorwise")
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref) and q.stride() == q_ref.stride()
+    given = x.abs().max() / 4  # a delayed-scaling amax smaller than x's: values saturate at +-127
+    got = cpu.quantize_with_amax(x, torch.int8, given)
+    ref = quantize_ref.quantize_with_amax(x, torch.int8, given)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert (got[0].abs() == 127).sum() > 1
+
+
+def test_rows_with_bf16_copy_and_transposing_cast():
+    x = _data((33, 50), seed=2)
+    q, scale, x16 = cpu.quantize_rows_int8(x, with_bf16=True)
+    q_ref, scale_ref = quantize_ref.quantize(x, torch.int8, "rowwise")
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref) and torch.equal(x16, x.bfloat16())
+    for shape in [(33, 50), (64, 128), (16, 5)]:
+        y = _data(shape, seed=3)
+        t = cpu.transpose_bf16(y)
+        assert t.is_contiguous() and torch.equal(t, y.bfloat16().t().contiguous())
+    assert torch.equal(kernels.contiguous_bf16(y.t()), y.t().bfloat16().contiguous())
+
+
+def test_nonfinite_rows_give_nonfinite_scales_and_leave_the_others_alone():
+    x = _data((6, 40), seed=4)
+    x[1, 3], x[4, 7] = float("inf"), float("nan")
+    q, scale = cpu.quantize(x, torch.int8, "rowwise")
+    q_ref, scale_ref = quantize_ref.quantize(x, torch.int8, "rowwise")
+    finite = [0, 2, 3, 5]
+    assert not torch.isfinite(scale[[1, 4]]).any()
+    assert torch.equal(scale[finite], scale_ref[finite]) and torch.equal(q[finite], q_ref[finite])
+    t = cpu.transpose_bf16(x)
+    assert torch.isnan(t[7, 4]) and torch.equal(t[:, finite], x[finite].bfloat16().t())
+
+
+@pytest.mark.parametrize("ga", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("gb", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_epilogue_matches_reference_bitwise(ga, gb, with_bias):
+    a, b = _data((37, 96), seed=5), _data((45, 96), seed=6)
+    bias = torch.randn(45) if with_bias else None
+    qa, sa = quantize_ref.quantize(a, torch.int8, ga)
+    qb, sb = quantize_ref.quantize(b, torch.int8, gb)
+    got = cpu.scaled_mm(qa, sa, qb, sb, bias=bias)
+    ref = gemm_ref.scaled_mm(qa, sa, qb, sb, bias=bias)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    got16 = cpu.scaled_mm(qa, sa, qb, sb, bias=bias, out_dtype=torch.bfloat16)
+    assert torch.equal(got16, gemm_ref.scaled_mm(qa, sa, qb, sb, bias=bias, out_dtype=torch.bfloat16))
+    rel = (got - a @ b.t() - (bias if with_bias else 0)).norm() / (a @ b.t()).norm()
+    assert rel < 0.05  # and it is the product: a wrong scale would be off by orders of magnitude
+
+
+def test_what_the_cpp_kernels_do_not_cover_runs_the_reference():
+    x = _data((20, 64), seed=7)
+    for dtype, granularity, block in [
+        (torch.float8_e4m3fn, "rowwise", None),
+        (torch.int8, "blockwise", (1, 32)),
+    ]:
+        q, s = cpu.quantize(x, dtype, granularity, block)
+        q_ref, s_ref = quantize_ref.quantize(x, dtype, granularity, block)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    qa, sa = quantize_ref.quantize(x, torch.int8, "blockwise", (1, 32))
+    got = cpu.scaled_mm(qa, sa, qa, sa, a_block=(1, 32), b_block=(1, 32))
+    assert torch.equal(got, gemm_ref.scaled_mm(qa, sa, qa, sa, a_block=(1, 32), b_block=(1, 32)))
+    x64 = x.double()  # not fp32: the reference, which quantises any float dtype
+    assert torch.equal(
+        cpu.quantize(x64, torch.int8, "rowwise")[0], quantize_ref.quantize(x64, torch.int8, "rowwise")[0]
+    )
+
+
+@pytest.mark.parametrize("name", ["int8_rowwise", "int8_rowwise_full", "int8_tensorwise"])
+def test_low_precision_linear_same_bits_under_cpp_and_torch(name, monkeypatch):
+    import sysopt.precision as P
+
+    torch.manual_seed(0)
+    base = nn.Linear(96, 80)
+    x, dy = torch.randn(3, 40, 96), torch.randn(3, 40, 80)
+    results = {}
+    for backend in ("torch", "cpp"):
+        monkeypatch.setenv("SYSOPT_KERNEL_BACKEND", backend)
+        layer = P.LowPrecisionLinear.from_linear(copy.deepcopy(base), P.recipe(name))
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        results[backend] = (y.detach(), xi.grad, layer.weight.grad, layer.bias.grad)
+    for got, ref in zip(results["cpp"], results["torch"]):
+        assert torch.equal(got, ref)
+    assert not torch.equal(results["cpp"][0], base(x).detach())  # int8 really ran
