@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sysopt.schedules import Costs, build, simulate
+from sysopt.schedules import Costs, build, simulate, startup_lower_bound
 from sysopt.schedules.greedy import default_max_activations
 from sysopt.schedules.ir import F, I, W
 from sysopt.schedules.simulate import peak_activations
@@ -75,6 +75,9 @@ def test_reaches_startup_lower_bound_on_a_vision_heavy_pipeline():
     sim = simulate(build("zb_greedy", pp, vpp, m, costs=costs, max_activations=cap), costs)
     bound = max(sum(forward[:rank]) + rank * 0.002 + sim.busy_time[rank] for rank in range(pp))
     assert sim.step_time == pytest.approx(bound, rel=1e-9)
+    assert startup_lower_bound(build("interleaved_1f1b", pp, vpp, m), costs) == pytest.approx(
+        bound, rel=1e-12
+    )
     for other in ("interleaved_1f1b", "zb_h1"):
         assert sim.step_time < simulate(build(other, pp, vpp, m), costs).step_time
 
@@ -86,3 +89,18 @@ def test_bad_options_are_clear_errors():
         build("zb_greedy", 4, 2, 8, placement="diagonal")
     with pytest.raises(ValueError, match="max_activations=1 cannot fill the pipeline"):
         build("zb_greedy", 4, 2, 8, max_activations=1)
+
+
+@pytest.mark.parametrize("name,vpp", [("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1), ("zbv", 2), ("dualpipev", 2),
+                                      ("zb_greedy", 2)])  # fmt: skip
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_no_schedule_beats_the_startup_lower_bound(name, vpp, seed):
+    """Random unequal stage costs: every builder's simulated step time is at least the placement's bound, and
+    the bound is tight for one rank alone (no pipeline: all work, no start-up)."""
+    pp, m = 4, 8
+    costs = _random_costs(pp * vpp, seed)
+    sched = build(name, pp, vpp, m)
+    assert simulate(sched, costs).step_time >= startup_lower_bound(sched, costs) * (1 - 1e-12)
+    single = build("1f1b", 1, 1, m)
+    one = Costs(2.0, 3.0, 1.0)
+    assert startup_lower_bound(single, one) == pytest.approx(simulate(single, one).step_time) == m * 5.0

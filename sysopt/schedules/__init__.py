@@ -10,7 +10,7 @@ from sysopt.schedules.ir import Action, Kind, Schedule, ScheduleError, validate
 from sysopt.schedules.lower import add_comms
 from sysopt.schedules.partition import Partition, partition
 from sysopt.schedules.render import render
-from sysopt.schedules.simulate import Costs, Simulation, Span, simulate
+from sysopt.schedules.simulate import Costs, Simulation, Span, simulate, startup_lower_bound
 
 __all__ = [
     "BUILDERS",
@@ -29,6 +29,7 @@ __all__ = [
     "register",
     "render",
     "simulate",
+    "startup_lower_bound",
     "v_placement",
     "validate",
     "zb_greedy",

@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sysopt.schedules.ir import Action, B, F, I, Schedule, W, validate
+from sysopt.schedules.ir import Action, B, F, I, Schedule, W, is_cross_rank, validate
 
 Number = float | int
 
@@ -136,6 +136,27 @@ def simulate(schedule: Schedule, costs: Costs, check: bool = True) -> Simulation
         peak_activations=tuple(peak_activations(sched, r) for r in spans),
         timeline={r: tuple(v) for r, v in spans.items()},
     )
+
+
+def startup_lower_bound(schedule: Schedule, costs: Costs) -> float:
+    """A step time no schedule with this one's stage placement can beat, whatever its order or memory.
+
+    Rank r cannot start before the first forward input of its earliest stage arrives (the forwards of every
+    stage before it, plus a p2p hop at each rank boundary on the way), and then has all of its own work to do
+    one action at a time: max over ranks of (earliest start + microbatches x (forward + backward) of its
+    stages). On unequal stages this is what separates a better order from an impossible target."""
+    sched = schedule.compute_only()
+    c = costs.per_stage(sched.num_stages)
+    earliest = [0.0] * sched.num_stages
+    for s in range(1, sched.num_stages):
+        hop = c["p2p"][s - 1] if is_cross_rank(sched, s - 1, s) else 0.0
+        earliest[s] = earliest[s - 1] + c["forward"][s - 1] + hop
+    bound = 0.0
+    for rank in sched.actions:
+        stages = sched.stages_of(rank)
+        work = sched.microbatches * sum(c["forward"][s] + c["backward"][s] for s in stages)
+        bound = max(bound, min(earliest[s] for s in stages) + work)
+    return bound
 
 
 def step_time(schedule: Schedule, costs: Costs) -> float:
