@@ -1,11 +1,17 @@
-"""Summarise full-length parity runs (the default 1,500-step job, one `sysopt-train` run per variant) into a
-JSON and a PNG: `python bench/_full_job_parity.py RUNS_DIR OUT_DIR`, where RUNS_DIR holds one run directory
-per variant (hydra.run.dir=RUNS_DIR/<name>), one of them named fp32 (the reference). Not a suite (the
-leading underscore): the runs take about 40 minutes on 2 cores and are started by hand, e.g.
+"""Summarise full-length parity runs (the default 1,500-step job, one `sysopt-train` run per variant and seed)
+into a JSON and a PNG: `python bench/_full_job_parity.py RUNS_DIR OUT_DIR`. RUNS_DIR holds one run directory
+per run (hydra.run.dir=RUNS_DIR/<name>): `<variant>` is seed 0, `<variant>@seed<k>` seed k, and the variant
+`fp32` is the reference. Not a suite (the leading underscore): the runs take 2-8 minutes each on 2 cores and
+are started by hand, e.g.
   sysopt-train hydra.run.dir=RUNS/fp32
-  sysopt-train hydra.run.dir=RUNS/fp32_seed1 model.seed=1          # the noise floor
   sysopt-train hydra.run.dir=RUNS/bf16state offload=host offload.state_dtype=bf16
-  sysopt-train hydra.run.dir=RUNS/int8_rowwise precision=int8_rowwise   # and each other recipe
+  sysopt-train hydra.run.dir=RUNS/int8_rowwise precision=int8_rowwise         # and each other recipe
+  sysopt-train hydra.run.dir=RUNS/fp32@seed1 model.seed=1 data.seed=1 train.seed=1   # other seeds: all three
+  sysopt-train hydra.run.dir=RUNS/fp32_seed1 model.seed=1       # (older control: the model seed alone)
+
+Each run is compared with the fp32 run of the same seed (paired: same initial weights and batches, so the
+difference is the variant's, not the seed's). Per variant the JSON gives every seed's paired differences and
+their mean and spread over seeds; the spread of seed-to-seed differences of fp32 itself is the noise floor.
 """
 
 import json
@@ -18,57 +24,120 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-root = Path(sys.argv[1])
-out_dir = Path(sys.argv[2])
-out_dir.mkdir(parents=True, exist_ok=True)
-runs = {}
-for d in sorted(p for p in root.iterdir() if (p / "summary.json").is_file()):
+FIELDS = ("mean_loss_whole_run_rel", "mean_loss_second_half_rel", "final_loss_rel", "eval_accuracy_points")
+
+
+def load_run(d: Path) -> dict:
     s = json.loads((d / "summary.json").read_text())
-    m = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    m = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in m if "loss" in r]
     losses = [r["loss"] for r in m if "loss" in r]
-    half = losses[len(losses) // 2 :]
     acc = s["eval_accuracy"]
-    runs[d.name] = {
+    return {
         "overrides": json.loads((d / "job.json").read_text()).get("precision", {}),
         "final_loss": s["final_loss"],
         "mean_logged_loss_whole_run": statistics.mean(losses),
-        "mean_logged_loss_second_half": statistics.mean(half),
+        "mean_logged_loss_second_half": statistics.mean(losses[len(losses) // 2 :]),
         "eval_accuracy": acc,
         "mean_eval_accuracy": statistics.mean(acc.values()),
         "step_time_s": s["step_time_s"],
         "steps": s["steps"],
         "curve": [steps, losses],
     }
-ref = runs["fp32"]
-for r in runs.values():
-    r["vs_fp32"] = {
+
+
+def versus(r: dict, ref: dict) -> dict:
+    return {
         "mean_loss_whole_run_rel": r["mean_logged_loss_whole_run"] / ref["mean_logged_loss_whole_run"] - 1,
         "mean_loss_second_half_rel": r["mean_logged_loss_second_half"] / ref["mean_logged_loss_second_half"]
         - 1,
+        "final_loss_rel": r["final_loss"] / ref["final_loss"] - 1,
         "eval_accuracy_points": 100 * (r["mean_eval_accuracy"] - ref["mean_eval_accuracy"]),
         "worst_task_points": min(
             100 * (r["eval_accuracy"][t] - ref["eval_accuracy"][t]) for t in ref["eval_accuracy"]
         ),
     }
-(out_dir / "summary.json").write_text(
-    json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in runs.items()}, indent=2)
-    + "\n"
-)
-fig, ax = plt.subplots(figsize=(9, 5))
-for name, r in runs.items():
-    ax.plot(
-        *r["curve"], label=f"{name} ({100 * r['mean_eval_accuracy']:.1f}%)", lw=1.2 if name != "fp32" else 2.5
-    )
-ax.set_yscale("log")
-ax.set_xlabel("step")
-ax.set_ylabel("training loss (logged every 25 steps)")
-ax.set_title("default job, 1,500 steps, dp=2: each variant against fp32 (mean eval exact match in legend)")
-ax.legend(fontsize=8)
-fig.tight_layout()
-fig.savefig(out_dir / "loss.png", dpi=100)
-for name, r in runs.items():
-    v = r["vs_fp32"]
+
+
+def main(root: Path, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[tuple[str, int], dict] = {}
+    for d in sorted(p for p in root.iterdir() if (p / "summary.json").is_file()):
+        variant, _, seed = d.name.partition("@seed")
+        runs[(variant, int(seed or 0))] = load_run(d)
+    for (_variant, seed), r in runs.items():
+        ref = runs.get(("fp32", seed))
+        r["paired_with"] = f"fp32 seed {seed}" if ref is not None else "fp32 seed 0 (no same-seed fp32 run)"
+        r["vs_fp32"] = versus(r, ref if ref is not None else runs[("fp32", 0)])
+    variants: dict[str, dict] = {}
+    for variant in sorted({v for v, _ in runs}):
+        seeds = sorted(s for v, s in runs if v == variant)
+        per_seed = {s: runs[(variant, s)]["vs_fp32"] for s in seeds}
+        agg = {}
+        for field in FIELDS:
+            values = [per_seed[s][field] for s in seeds]
+            agg[field] = {
+                "mean": statistics.mean(values),
+                "stdev": statistics.stdev(values) if len(values) > 1 else None,
+                "min": min(values),
+                "max": max(values),
+            }
+        variants[variant] = {"seeds": seeds, "per_seed": per_seed, "over_seeds": agg}
+    # the noise floor: fp32 against fp32 of other seeds (every ordered pair of distinct seeds)
+    fp32_seeds = sorted(s for v, s in runs if v == "fp32")
+    pairs = [versus(runs[("fp32", a)], runs[("fp32", b)]) for a in fp32_seeds for b in fp32_seeds if a != b]
+    noise = {f: max(abs(p[f]) for p in pairs) for f in FIELDS} if pairs else None
+    summary = {
+        "runs": {
+            f"{v}@seed{s}": {k: x for k, x in r.items() if k != "curve"} for (v, s), r in sorted(runs.items())
+        },
+        "variants": variants,
+        "noise_floor_fp32_between_seeds_max_abs": noise,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, variant in enumerate(variants):
+        for seed in variants[variant]["seeds"]:
+            r = runs[(variant, seed)]
+            label = (
+                f"{variant} ({len(variants[variant]['seeds'])} seeds)"
+                if seed == variants[variant]["seeds"][0]
+                else None
+            )
+            ax.plot(*r["curve"], color=colors[i % len(colors)], lw=2.0 if variant == "fp32" else 1.0, alpha=0.8,
+                    label=label)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (logged every 25 steps)")
+    ax.set_title("default job, 1,500 steps, dp=2: each variant and seed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=100)
+
     print(
-        f"| {name} | {r['mean_logged_loss_whole_run']:.4f} | {100 * v['mean_loss_whole_run_rel']:+.1f}% | {r['mean_logged_loss_second_half']:.4f} | {100 * v['mean_loss_second_half_rel']:+.1f}% | {100 * r['mean_eval_accuracy']:.2f} | {v['eval_accuracy_points']:+.2f} | {v['worst_task_points']:+.2f} | {1e3 * r['step_time_s']:.1f} |"
+        "| variant | seeds | mean loss, whole run vs fp32 | 2nd half vs fp32 | final loss vs fp32 | eval exact match (points) |"
     )
+    print("|---|---|---|---|---|---|")
+    for variant, v in variants.items():
+        a = v["over_seeds"]
+
+        def cell(field, scale, unit, a=a):
+            s = a[field]
+            spread = f" [{scale * s['min']:+.1f}, {scale * s['max']:+.1f}]" if s["stdev"] is not None else ""
+            return f"{scale * s['mean']:+.1f}{unit}{spread}"
+
+        print(
+            f"| {variant} | {len(v['seeds'])} | {cell('mean_loss_whole_run_rel', 100, '%')} | "
+            f"{cell('mean_loss_second_half_rel', 100, '%')} | {cell('final_loss_rel', 100, '%')} | "
+            f"{cell('eval_accuracy_points', 1, '')} |"
+        )
+    if noise:
+        print(
+            "noise floor (fp32 between seeds, max |difference|):", {k: round(x, 4) for k, x in noise.items()}
+        )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
