@@ -205,8 +205,35 @@ void dequant_int32(const at::Tensor& acc, at::Tensor out, const at::Tensor& row,
   });
 }
 
+#ifdef SYSOPT_AVX512
+// r[k] <- column k of the 16 x 16 block whose rows are r[0..15] (unpack, in-lane shuffle, lane shuffles)
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+#endif
+
 // out[c][r] = bf16(x[r][c]): a transposing cast over 16-row x 64-column tiles (a tile's reads and writes touch
-// few pages). AVX-512: per column of a tile, a gather of its 16 values, stored as 16 contiguous bf16.
+// few pages). AVX-512: 16 x 16 blocks transposed in registers, each column stored as 16 contiguous bf16.
 void transpose_bf16(const at::Tensor& x, at::Tensor out) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
               "transpose_bf16: x must be a contiguous 2-D float32 tensor");
@@ -218,23 +245,22 @@ void transpose_bf16(const at::Tensor& x, at::Tensor out) {
   constexpr int64_t kRows = 16, kCols = 64;
   const int64_t col_tiles = (cols + kCols - 1) / kCols;
   at::parallel_for(0, col_tiles, 1, [&](int64_t first, int64_t last) {
-#ifdef SYSOPT_AVX512
-    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(static_cast<int>(cols)));
-    const bool gather = cols <= INT32_MAX / kRows;
-#endif
     for (int64_t t = first; t < last; ++t) {
       const int64_t c0 = t * kCols, c1 = std::min(cols, c0 + kCols);
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
         const int64_t nr = std::min(rows, r0 + kRows) - r0;
+        int64_t c = c0;
 #ifdef SYSOPT_AVX512
-        if (gather && nr == kRows) {
-          for (int64_t c = c0; c < c1; ++c)
-            store_bf16x16(op + c * rows + r0, _mm512_i32gather_ps(index, xp + r0 * cols + c, 4));
-          continue;
+        if (nr == kRows) {
+          for (; c + 16 <= c1; c += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(xp + (r0 + i) * cols + c);
+            transpose16x16(r);
+            for (int k = 0; k < 16; ++k) store_bf16x16(op + (c + k) * rows + r0, r[k]);
+          }
         }
 #endif
-        for (int64_t c = c0; c < c1; ++c)
+        for (; c < c1; ++c)
           for (int64_t r = 0; r < nr; ++r) op[c * rows + r0 + r] = c10::BFloat16(xp[(r0 + r) * cols + c]);
       }
     }
