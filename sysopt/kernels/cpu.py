@@ -124,7 +124,7 @@ def scaled_mm(
         return gemm_ref.scaled_mm(
             a, a_scale, b, b_scale, a_block=a_block, b_block=b_block, out_dtype=out_dtype, bias=bias
         )
-    acc = gemm_ref._mm(a, b)
+    acc = gemm_ref.accumulate_mm(a, b)
     # the reference's epilogue factors: one combined scale when either side is tensorwise, else row then column
     sa, sb = a_scale.float(), b_scale.float()
     if la.mode == TENSOR or lb.mode == TENSOR:

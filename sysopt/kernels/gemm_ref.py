@@ -14,7 +14,7 @@ from .scales import BLOCK, ROW, TENSOR, ScaleLayout, check_operands, k_block, sc
 _EPILOGUE_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 output per chunk: stays in L2 between the steps
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def accumulate_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T in the accumulation type: int32 for int8, fp32 for fp8."""
     if a.dtype != torch.int8:
         return a.float() @ b.float().t()
@@ -64,11 +64,11 @@ def scaled_mm(
     m, k = a.shape
     n = b.shape[0]
     if kb is None:
-        out = _mm(a, b)
+        out = accumulate_mm(a, b)
     else:
         out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
         for j, k0 in enumerate(range(0, k, kb)):
-            part = _mm(a[:, k0 : k0 + kb], b[:, k0 : k0 + kb]).float()
+            part = accumulate_mm(a[:, k0 : k0 + kb], b[:, k0 : k0 + kb]).float()
             if la.mode == BLOCK:
                 part.mul_(_block_column(a_scale, la, j, m)[:, None])
             if lb.mode == BLOCK:
