@@ -142,3 +142,21 @@ def test_low_precision_linear_same_bits_under_cpp_and_torch(name, monkeypatch):
     for got, ref in zip(results["cpp"], results["torch"]):
         assert torch.equal(got, ref)
     assert not torch.equal(results["cpp"][0], base(x).detach())  # int8 really ran
+
+
+def test_scaling_state_keeps_bf16_in_the_quantising_pass(monkeypatch):
+    """int8_rowwise's forward asks for x in bf16 beside its int8 quantisation: under `cpp` both come from
+    one fused pass; under `torch` from quantize + a cast; the two agree bit for bit."""
+    import sysopt.precision as P
+    from sysopt.precision.scaling import ScalingState
+
+    x = _data((24, 64), seed=8)
+    got = {}
+    for backend in ("cpp", "torch"):
+        monkeypatch.setenv("SYSOPT_KERNEL_BACKEND", backend)
+        state = ScalingState(P.recipe("int8_rowwise"), torch.zeros(3, 16), torch.zeros(3, dtype=torch.bool))
+        assert (state._quantize_keep_bf16(x, "int8", "input", "forward") is not None) == (backend == "cpp")
+        got[backend] = state.quantize(x, "int8", "input", "forward", keep_bf16=True)
+    for q in got.values():
+        assert torch.equal(q.bf16, x.bfloat16())
+    assert torch.equal(got["cpp"].q, got["torch"].q) and torch.equal(got["cpp"].scale, got["torch"].scale)

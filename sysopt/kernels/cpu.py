@@ -1,9 +1,10 @@
 """The `cpp` kernel backend: fused C++ int8 kernels for CPU tensors, the torch reference for everything else.
 
-On CPU the torch reference spends more time in its elementwise passes (amax, multiply, round, cast, and the
-epilogue's convert/scale/bias) than the int8 GEMM itself takes. Here int8 quantisation is one pass per row
-(amax, scale and cast while the row is in cache; optionally the row's bf16 copy as well) and the epilogue is
-one pass over the int32 accumulator, in place. Results equal quantize_ref / gemm_ref bit for bit (the same
+The torch reference makes a pass over memory per elementwise step (amax, multiply, round, cast; convert,
+scale, bias in the epilogue), which on CPU costs a large share of an int8 linear's step. Here int8
+quantisation is one pass per row (amax, scale and cast while the row is in cache; optionally the row's bf16
+copy as well, which the grad-weight GEMM of SwitchBack recipes keeps) and the epilogue is one pass over the
+int32 accumulator, in place; a transposing bf16 cast serves the grad-weight GEMM's left operand. Results equal quantize_ref / gemm_ref bit for bit (the same
 operations in the same order; tests/test_kernels_cpu.py). fp8, blockwise scales and non-fp32 inputs go to the
 reference. Built on first use (sysopt.kernels.jit); SYSOPT_CPU_KERNELS=torch turns it off.
 """

@@ -44,22 +44,27 @@ class LowPrecisionLinearFunction(torch.autograd.Function):
         recipe = state.recipe
         x2 = x.reshape(-1, x.shape[-1])
         fx, fw = recipe.forward
+        gi_w, gw_x = recipe.grad_input[1], recipe.grad_weight[1]
         qx = qw = None
         if fx in HIGH_FORMATS:
             y = _high_mm(x2, weight, fx, x.dtype)
             if bias is not None:
                 y = y + bias
         else:
-            qx = state.quantize(x2, fx, "input", "forward")
+            # a bf16 grad-weight GEMM keeps x in bf16: written in the quantising pass where the kernels can
+            keep_bf16 = gw_x == "bf16" and ctx.needs_input_grad[1]
+            qx = state.quantize(x2, fx, "input", "forward", keep_bf16=keep_bf16)
             qw = state.quantize(weight, fw, "weight", "forward")
             y = _low_mm(qx, qw, x.dtype, bias)
         # keep for backward only what it needs: reusable quantised operands, else the tensor itself
-        gi_w, gw_x = recipe.grad_input[1], recipe.grad_weight[1]
         ctx.qw_t = qw.t() if qw is not None and gi_w == fw and qw.transposable() else None
         ctx.qx_t = qx.t() if qx is not None and gw_x == fx and qx.transposable() else None
         x_saved = None
         if ctx.qx_t is None and ctx.needs_input_grad[1]:
-            x_saved = x2.to(torch.bfloat16) if gw_x == "bf16" else x2
+            if gw_x == "bf16":
+                x_saved = qx.bf16 if qx is not None and qx.bf16 is not None else x2.to(torch.bfloat16)
+            else:
+                x_saved = x2
         ctx.save_for_backward(x_saved, weight if ctx.qw_t is None else None)
         ctx.state, ctx.has_bias, ctx.x_shape = state, bias is not None, x.shape
         ctx.weight_dtype = weight.dtype

@@ -6,6 +6,7 @@ step costs no host sync; overflow.check_finite() reads all flags once per step.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class Quantized:
     q: torch.Tensor
     scale: torch.Tensor
     block: tuple[int, int] | None
+    bf16: torch.Tensor | None = None  # the operand itself in bf16, when quantize(..., keep_bf16=True)
 
     def t(self) -> Quantized:
         """The transposed operand; valid for tensorwise scales and for blockwise ones (blocks transpose too)."""
@@ -48,13 +50,23 @@ class ScalingState:
         self.nonfinite = nonfinite
         self.seen = dict.fromkeys(ROLES, False)
 
-    def quantize(self, t: torch.Tensor, fmt: str, role: str, gemm: str, *, record: bool = True) -> Quantized:
+    def quantize(
+        self, t: torch.Tensor, fmt: str, role: str, gemm: str, *, record: bool = True, keep_bf16: bool = False
+    ) -> Quantized:
         """Quantise operand t (rows, contraction) for `gemm` in format `fmt`.
 
         Activations and gradients use the recipe's granularity/activation_block, the weight its
         weight granularity/weight_block. With delayed scaling the scale comes from the role's amax history
         and, when `record`, t's amax is pushed into it (the first use of a role falls back to current scaling).
-        """
+        `keep_bf16` also returns t in bf16 (Quantized.bf16), written in the same pass where the C++ CPU
+        kernels quantise (int8 rowwise, current scaling)."""
+        if keep_bf16:
+            fused = self._quantize_keep_bf16(t, fmt, role, gemm)
+            if fused is not None:
+                return fused
+            return dataclasses.replace(
+                self.quantize(t, fmt, role, gemm, record=record), bf16=t.to(torch.bfloat16)
+            )
         recipe = self.recipe
         dtype = FORMAT_DTYPES[fmt]
         is_weight = role == "weight"
@@ -81,6 +93,26 @@ class ScalingState:
         q, scale = kernels.quantize(t, dtype, granularity, block, power_of_two=pow2)
         self._flag(gemm, scale)
         return Quantized(q, scale, block)
+
+    def _quantize_keep_bf16(self, t: torch.Tensor, fmt: str, role: str, gemm: str) -> Quantized | None:
+        """The fused int8-rowwise + bf16 pass of the C++ CPU kernels, where it applies; else None."""
+        recipe = self.recipe
+        granularity = recipe.weight_scaling_granularity if role == "weight" else recipe.granularity
+        if not (
+            fmt == "int8"
+            and granularity == "rowwise"
+            and recipe.scaling != "delayed"
+            and t.dtype == torch.float32
+            and t.dim() >= 2
+            and t.is_contiguous()
+            and kernels.backend_for(t.device) == "cpp"
+        ):
+            return None
+        from sysopt.kernels import cpu
+
+        q, scale, bf16 = cpu.quantize_rows_int8(t, power_of_two=recipe.power_of_two_scales, with_bf16=True)
+        self._flag(gemm, scale)
+        return Quantized(q, scale, None, bf16)
 
     @torch.no_grad()
     def _record(self, r: int, amax: torch.Tensor) -> None:
