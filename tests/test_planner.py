@@ -442,19 +442,28 @@ class _CountOps:
         self.mode.__exit__(*exc)
 
 
-def test_op_counts_match_the_model_blocks():
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_op_counts_match_the_model_blocks(backend, monkeypatch):
     """The planner's per-layer op counts (its overhead model) against ops dispatched by sysopt.models,
-    in high precision and converted to low-precision recipes."""
+    in high precision and converted to low-precision recipes, on each CPU kernel backend."""
     import torch
 
     from sysopt.data import BatchSampler, DigitsDataset
+    from sysopt.kernels import cpu
+    from sysopt.kernels.dispatch import backend_for
     from sysopt.models import vlm_loss
     from sysopt.precision import convert, recipe
 
+    if backend == "cpp" and cpu.load() is None:
+        pytest.skip(f"the C++ CPU kernels do not build here: {cpu.status().error}")
+    monkeypatch.setenv("SYSOPT_KERNEL_BACKEND", backend)
+    assert backend_for("cpu") == backend
+
     batch = BatchSampler(DigitsDataset(dataclasses.replace(DATA, n_train=64, n_eval_per_task=5), "train"), 4)
     batch = batch.global_batch(0)
-    model = cost_model(devices=1, min_features=64)
-    for precision in (None, "int8_rowwise", "fp8_tensorwise_delayed"):
+    machine = Machine.from_profile(cpu_profile(), 1, kernel_backend=backend)
+    model = CostModel(Workload.from_data(MODEL, DATA, 16), machine, min_features=64)
+    for precision in (None, "int8_rowwise", "int8_rowwise_full", "int8_tensorwise", "fp8_tensorwise_delayed"):
         vlm = VLM(MODEL) if precision is None else convert(VLM(MODEL), recipe(precision), min_features=64)
         inputs, x = [], None
         with torch.no_grad():
@@ -467,6 +476,12 @@ def test_op_counts_match_the_model_blocks():
                 y = block(x, batch)
                 (vlm_loss(y, batch) if layer.kind == "head" else y.sum()).backward()
             assert model.ops(layer, precision) == pytest.approx(counted.n, rel=0.1), (precision, layer.name)
+
+
+def test_a_machine_names_a_known_kernel_backend():
+    assert Machine.from_profile(cpu_profile(), 1).kernel_backend == "cpp"
+    with pytest.raises(ValueError, match="kernel_backend='cuda'"):
+        Machine.from_profile(cpu_profile(), 1, kernel_backend="cuda")
 
 
 @pytest.mark.parametrize(

@@ -285,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg, data_cfg = load_workload(args)
     profile = load_profile(args)
     machine = Machine.from_profile(profile, args.devices)
+    if not machine.on_gpu:  # a CPU plan runs its low-precision linears on this machine's CPU kernels
+        from sysopt.kernels.dispatch import backend_for
+
+        machine = dataclasses.replace(machine, kernel_backend=backend_for("cpu"))
     workload = Workload.from_data(model_cfg, data_cfg, args.global_batch)
     base_job = measuring.base_job_for(model_cfg, data_cfg, args.global_batch, args.steps)
     if args.fit:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sysopt.hardware.profile import HardwareProfile
+from sysopt.kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 from sysopt.models import VLMConfig
 from sysopt.planner.workload import BatchShape, images_per_sequence
 
@@ -48,6 +49,10 @@ class Machine:
     memory_bytes: int
     host_memory_bytes: int
     on_gpu: bool
+    # the kernel backend low-precision linears run on (sysopt.kernels.dispatch.BACKENDS): it sets their op
+    # counts. from_profile assumes Triton on GPUs and the fused C++ kernels on CPUs; callers that know (the
+    # CLI asks sysopt.kernels.dispatch.backend_for) pass it.
+    kernel_backend: str = "torch"
 
     @property
     def high(self) -> str:
@@ -68,7 +73,9 @@ class Machine:
         return NOMINAL_GPU_MEMORY_BYTES_PER_S if self.on_gpu else NOMINAL_CPU_MEMORY_BYTES_PER_S
 
     @classmethod
-    def from_profile(cls, profile: HardwareProfile, devices: int | None = None) -> Machine:
+    def from_profile(
+        cls, profile: HardwareProfile, devices: int | None = None, kernel_backend: str | None = None
+    ) -> Machine:
         cal = profile.calibration
         on_gpu = bool(profile.gpus) and (cal is None or str(cal.device).startswith("cuda"))
         if on_gpu:
@@ -79,7 +86,10 @@ class Machine:
             memory = profile.cpu.host_memory_bytes // count
         if count < 1:
             raise ValueError(f"devices={count} must be >= 1")
-        return cls(profile, count, memory, profile.cpu.host_memory_bytes, on_gpu)
+        backend = kernel_backend or ("triton" if on_gpu else "cpp")
+        if backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend={backend!r} must be one of {KERNEL_BACKENDS}")
+        return cls(profile, count, memory, profile.cpu.host_memory_bytes, on_gpu, backend)
 
 
 @dataclass(frozen=True)

@@ -181,12 +181,13 @@ class CostModel:
         low = sum(self.converted(lin, precision) for lin in layer.linears)
         if not low:
             return layer.ops
-        if precision not in EXTRA_OPS_PER_LOW_PRECISION_LINEAR:
+        extra = EXTRA_OPS_PER_LOW_PRECISION_LINEAR[self.machine.kernel_backend]
+        if precision not in extra:
             raise ValueError(
-                f"precision={precision!r} has no op count in EXTRA_OPS_PER_LOW_PRECISION_LINEAR "
-                f"({sorted(EXTRA_OPS_PER_LOW_PRECISION_LINEAR)}); count its ops and add it"
+                f"precision={precision!r} has no op count in EXTRA_OPS_PER_LOW_PRECISION_LINEAR"
+                f"[{self.machine.kernel_backend!r}] ({sorted(extra)}); count its ops and add it"
             )
-        return layer.ops + low * EXTRA_OPS_PER_LOW_PRECISION_LINEAR[precision]
+        return layer.ops + low * extra[precision]
 
     def gemm_s(self, layer: Layer, tp: int, precision: str | None) -> float:
         """GEMM time of one forward: a third of each linear's three GEMMs plus the attention GEMMs

@@ -13,17 +13,25 @@ from sysopt.models import VLMConfig
 # fc output and GELU output (2 x mlp_ratio). Flash attention keeps only per-row statistics beside them.
 SAVED_PER_BLOCK_BASE = 9
 # Dispatched torch ops of one forward + backward per block kind, and the extra ops a linear converted to a
-# low-precision recipe adds (scaling, casts, scaled GEMMs, dequantisation). Counted with a TorchDispatchMode
-# over sysopt.models' blocks and sysopt.precision.convert (tests/test_planner.py recounts them). Each op
-# carries a fixed host cost (dispatch, launch), so these set the per-layer overhead.
+# low-precision recipe adds (scaling, casts, scaled GEMMs, dequantisation), per kernel backend: the fused C++
+# int8 kernels (`cpp`, sysopt.kernels.cpu) dispatch fewer ops than the torch reference; fp8 goes to the
+# reference on every CPU backend. Counted with a TorchDispatchMode over sysopt.models' blocks and
+# sysopt.precision.convert (tests/test_planner.py recounts them under the backend it runs with). Each op
+# carries a fixed host cost (dispatch, launch), so these set the per-layer overhead. Triton's counts are
+# not measured here (no GPU); the torch reference's stand in for them.
 OPS_PER_LAYER = {"embed": 23, "vit": 97, "merge": 88, "decoder": 98, "head": 45}
+_EXTRA_OPS_TORCH = {
+    "int8_rowwise": 84,
+    "int8_rowwise_full": 138,
+    "int8_tensorwise": 82,
+    "fp8_rowwise": 223,
+    "fp8_blockwise": 250,
+    "fp8_tensorwise_delayed": 120,
+}
 EXTRA_OPS_PER_LOW_PRECISION_LINEAR = {
-    "int8_rowwise": 87,
-    "int8_rowwise_full": 140,
-    "int8_tensorwise": 88,
-    "fp8_rowwise": 225,
-    "fp8_blockwise": 260,
-    "fp8_tensorwise_delayed": 123,
+    "torch": _EXTRA_OPS_TORCH,
+    "triton": _EXTRA_OPS_TORCH,
+    "cpp": {**_EXTRA_OPS_TORCH, "int8_rowwise": 70, "int8_rowwise_full": 119, "int8_tensorwise": 79},
 }
 # Elements a block's memory-bound forward ops read and write, per row, in units of dim: two LayerNorms
 # (read + write: 4), two residual adds (2 reads + 1 write: 6), attention's q/k/v in and output out (4);
