@@ -22,6 +22,7 @@ from sysopt.planner import (
     enumerate_configs,
     explain,
     fit_op_overhead,
+    layers,
     param_count,
     rank,
     violations,
@@ -217,7 +218,7 @@ def test_doubling_tp_halves_gemm_time_and_adds_the_collectives():
     tp1 = model.layer_costs(8, 1, "none", 1, None)
     tp2 = model.layer_costs(8, 2, "none", 1, None)
     i = [layer.name for layer in model.layers(8)].index(decoder.name)
-    assert tp2[i].compute_s == pytest.approx(tp1[i].compute_s / 2, rel=1e-9)
+    assert tp2[i].weight_s == pytest.approx(tp1[i].weight_s / 2, rel=1e-9)  # modelled: GEMMs + memory traffic
     tokens, dim, hidden = 8 * DATA.seq_len, MODEL.dim, MODEL.mlp_ratio * MODEL.dim
     # sequence parallel: all-gather the [tokens, dim] input of qkv and fc, reduce-scatter proj outputs
     expected = 2 * collective_time_s(model.profile, "all_gather", tokens * dim * 4, 2)
@@ -252,9 +253,9 @@ def test_precision_uses_the_lower_precision_rate_where_convert_would_swap():
     by_name = {layer.name: layer.kind for layer in model.layers(16)}
     for h, lo in zip(high, low):
         if by_name[h.name] in ("vit", "decoder"):
-            assert lo.compute_s < h.compute_s
+            assert lo.forward_s < h.forward_s
         if by_name[h.name] in ("embed", "head"):  # first and last linears stay high precision
-            assert lo.compute_s == pytest.approx(h.compute_s)
+            assert lo.forward_s == pytest.approx(h.forward_s)
 
 
 # ---- memory, ranking, explain ------------------------------------------------------------------
@@ -513,3 +514,176 @@ def test_dp_exposure_closed_forms_and_subgroups_cover_the_parameters():
     groups = offload_subgroups([10, 25, 7], itemsize=4, subgroup_bytes=8 * 12)
     assert [g.numel for g in groups] == [12, 12, 12, 6]
     assert all(g.device_state_bytes == 8 * g.numel and g.host_state_bytes == 16 * g.numel for g in groups)
+
+
+# ---- measured block times ----------------------------------------------------------------------
+
+
+def _layer_times(sizes=(4, 8), tp=1, precision=None, scale=1.0):
+    """Synthetic block times: forward 1 ms x size, backward 2x, split backward 1.5x + 1x, per block."""
+    from sysopt.planner.layer_times import BlockTimes, LayerTimes
+
+    n = len(layers(MODEL, Workload.from_data(MODEL, DATA, 16).microbatch(1)))
+    entries = []
+    for size in sizes:
+        f = tuple(scale * 1e-3 * size * (1 + i) for i in range(n))
+        entries.append(
+            BlockTimes(
+                precision, tp, "none", 1, size, f, tuple(2 * x for x in f), tuple(1.5 * x for x in f), f
+            )
+        )
+    return LayerTimes(tuple(entries), "synthetic")
+
+
+def test_layer_times_look_up_interpolate_and_round_trip_through_the_calibration():
+    from sysopt.planner import PlannerCalibration
+
+    times = _layer_times()
+    f4, b4, i4, w4 = times.lookup(None, 1, "none", 1, 4)
+    f6 = times.lookup(None, 1, "chunked", 3, 6)[0]  # tp=1: the overlap knob is ignored
+    assert f6 == pytest.approx(tuple(1.5 * x for x in f4))  # halfway between sizes 4 and 8
+    assert b4 == tuple(2 * x for x in f4) and i4 == tuple(1.5 * x for x in f4) and w4 == f4
+    assert times.lookup(None, 1, "none", 1, 16) is None  # outside the measured sizes: no extrapolation
+    assert times.lookup("int8_rowwise", 1, "none", 1, 4) is None  # another precision was not timed
+    cal = PlannerCalibration(step_overhead_s=1e-3, host_tensor_overhead_s=2e-4, layer_times=times)
+    assert PlannerCalibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+
+
+def test_measured_block_times_replace_the_modelled_costs():
+    from sysopt.planner import PlannerCalibration
+
+    workload = Workload.from_data(MODEL, DATA, 8)
+    machine = Machine.from_profile(cpu_profile(), 2)
+    times = _layer_times(sizes=(4, 8))
+    model = CostModel(workload, machine, PlannerCalibration(layer_times=times))
+    f, b, i, w = times.lookup(None, 1, "none", 1, 8)
+    costs = model.layer_costs(8, 1, "none", 1, None)
+    assert [c.forward_s for c in costs] == list(f) and [c.backward_s for c in costs] == list(b)
+    assert all(c.measured for c in costs)
+    # one device, one microbatch: the step is every block's forward and one-pass backward, plus the optimizer
+    one = model.predict(PlanConfig(micro_batch_size=8))
+    assert one.compute_s == pytest.approx(sum(f) + sum(b), rel=1e-9)
+    # a split-backward schedule runs I + W (the executor walks the graph twice), a fused one B
+    split = CostModel(workload, machine, PlannerCalibration(layer_times=times))
+    zb = split.pipeline(PlanConfig(pp=2, schedule="zb_h1", microbatches=2, micro_batch_size=4))
+    fused = split.pipeline(PlanConfig(pp=2, schedule="1f1b", microbatches=2, micro_batch_size=4))
+    assert sum(zb.simulation.busy_time) > sum(fused.simulation.busy_time)
+    # a case the table does not cover falls back to the model
+    assert not any(c.measured for c in model.layer_costs(16, 1, "none", 1, None))
+
+
+def test_two_term_fit_is_nonnegative_least_squares():
+    from sysopt.planner.calibrate import _nonnegative_two_term_fit
+
+    base, per_h = [0.01, 0.02, 0.03], [0.0, 50.0, 0.0]
+    measured = [b + 0.004 + 2e-4 * d for b, d in zip(base, per_h)]
+    assert _nonnegative_two_term_fit(base, per_h, measured) == pytest.approx((0.004, 2e-4), rel=1e-6)
+    # runs faster than the base leave nothing to explain: both terms stay at 0, never negative
+    assert _nonnegative_two_term_fit(base, per_h, [0.9 * b for b in base]) == (0.0, 0.0)
+
+
+def test_fit_with_layer_times_recovers_step_and_host_tensor_overheads():
+    from sysopt.planner import PlannerCalibration, fit_calibration
+
+    workload = Workload.from_data(MODEL, DATA, 16)
+    machine = Machine.from_profile(cpu_profile(), 2)
+    times = _layer_times(sizes=(2, 4, 8))
+    truth = PlannerCalibration(
+        step_overhead_s=3e-3, host_tensor_overhead_s=1e-4, action_overhead_s=2e-4, layer_times=times
+    )
+    configs = [
+        PlanConfig(dp=2, micro_batch_size=8),
+        PlanConfig(dp=2, microbatches=2, micro_batch_size=4),
+        PlanConfig(dp=2, micro_batch_size=8, offload="host"),
+        PlanConfig(pp=2, microbatches=2, micro_batch_size=8),
+        PlanConfig(pp=2, microbatches=8, micro_batch_size=2),
+    ]
+    runs = [(c, CostModel(workload, machine, truth).predict(c).step_s) for c in configs]
+    fitted = fit_calibration(workload, machine, runs, layer_times=times)
+    assert fitted.gemm_scale == 1 and fitted.op_overhead_s == 0 and fitted.layer_times == times
+    assert fitted.step_overhead_s == pytest.approx(3e-3, rel=0.05)
+    assert fitted.host_tensor_overhead_s == pytest.approx(1e-4, rel=0.05)
+    for c, measured in runs:
+        assert CostModel(workload, machine, fitted).predict(c).step_s == pytest.approx(measured, rel=0.02)
+
+
+def test_param_tensor_counts_match_the_model_blocks():
+    vlm = VLM(MODEL)
+    counted = [len(list(block.parameters())) for block in vlm.blocks]
+    assert [
+        layer.param_tensors for layer in layers(MODEL, Workload.from_data(MODEL, DATA, 4).microbatch(4))
+    ] == counted
+
+
+@pytest.mark.timeout(240)
+def test_measure_layer_times_times_the_trainers_blocks(tmp_path):
+    """Real timing of one dense and one tensor-parallel (tp=2, gloo) case: one entry per block, positive
+    times, the first block has no input gradient; the cost model then uses them."""
+    from sysopt.planner import PlannerCalibration
+    from sysopt.planner.layer_times import cases_of, measure_layer_times
+    from sysopt.planner.measure import base_job_for
+
+    job = base_job_for(MODEL, dataclasses.replace(DATA, n_eval_per_task=5), 4, 2)
+    configs = [
+        PlanConfig(micro_batch_size=2),
+        PlanConfig(tp=2, micro_batch_size=4),
+        PlanConfig(micro_batch_size=2),
+    ]
+    cases = cases_of(configs)
+    assert cases == [(None, 1, "none", 1, 2), (None, 2, "none", 1, 4)]
+    times = measure_layer_times(job, cases, repeats=1, progress=False)
+    n = len(VLM(MODEL).blocks)
+    assert [(e.tp, e.micro_batch_size) for e in times.entries] == [(1, 2), (2, 4)]
+    for e in times.entries:
+        assert all(len(series) == n for series in e.times())
+        assert min(e.forward_s) > 0 and min(e.backward_s) > 0 and min(e.weight_s) > 0
+        assert e.input_s[0] < min(e.input_s[1:])  # the embedding block has no input gradient: nothing run
+    workload = Workload.from_data(MODEL, DATA, 4)
+    model = CostModel(workload, Machine.from_profile(cpu_profile(), 2), PlannerCalibration(layer_times=times))
+    assert all(c.measured for c in model.layer_costs(4, 2, "none", 1, None))
+
+
+def test_cli_fit_times_the_cases_the_space_needs_and_saves_them(tmp_path, capsys, monkeypatch):
+    from sysopt.cli import plan
+    from sysopt.planner import PlannerCalibration
+    from sysopt.planner import layer_times as layer_times_module
+    from sysopt.planner import measure as measure_module
+    from sysopt.planner.layer_times import BlockTimes, LayerTimes
+
+    asked = []
+
+    def fake_times(base_job, cases, **kwargs):
+        asked.extend(cases)
+        n = len(VLM(dataclasses.replace(MODEL, layers=3)).blocks)
+        entries = []
+        for precision, tp, overlap, chunks, size in cases:
+            f = tuple(1e-4 * size / tp for _ in range(n))
+            entries.append(BlockTimes(precision, tp, overlap, chunks, size, f, f, f, f))
+        return LayerTimes(tuple(entries), "fake")
+
+    def fake_measure(config, predicted_step_s, base_job, out_dir=None, min_features=None):
+        step = 0.02 + 1e-3 * config.microbatches + (5e-3 if config.offload == "host" else 0.0)
+        return measure_module.MeasureRecord(config, predicted_step_s, step, "measured")
+
+    monkeypatch.setattr(layer_times_module, "measure_layer_times", fake_times)
+    monkeypatch.setattr(measure_module, "measure_config", fake_measure)
+    cal_path = tmp_path / "cal.json"
+    args = ["--profile", write_profile(tmp_path, cpu_profile()), "--devices", "2", "--global-batch", "16"]
+    args += [
+        "--precision",
+        "none",
+        "--fit",
+        "--calibration",
+        str(cal_path),
+        "--json",
+        str(tmp_path / "p.json"),
+    ]
+    assert plan.main([*args, "model.layers=3"]) == 0
+    assert "blocks timed here" in capsys.readouterr().out
+    saved = PlannerCalibration.load(cal_path)
+    assert saved.layer_times is not None and len(saved.layer_times.entries) == len(set(asked))
+    ranked = json.loads((tmp_path / "p.json").read_text())["ranking"]
+    for r in ranked:  # every ranked config's case was timed
+        c = PlanConfig.from_dict(r["config"])
+        assert saved.layer_times.lookup(c.precision, c.tp, c.tp_overlap, c.tp_chunks, c.micro_batch_size)
+    assert {c[1] for c in asked} == {1, 2}  # tensor-parallel cases too

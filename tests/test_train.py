@@ -19,7 +19,7 @@ from sysopt.train import (
     save_checkpoint,
     warmup_cosine_lr,
 )
-from sysopt.train.config import ParallelConfig
+from sysopt.train.config import ParallelConfig, ScheduleConfig
 from sysopt.train.loop import FAULT_ENV
 
 
@@ -38,10 +38,16 @@ def _one_thread():
 
 
 @pytest.mark.timeout(180)
-def test_data_parallel_losses_equal_single_process(tmp_path):
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_data_parallel_losses_equal_single_process(tmp_path, microbatches):
+    """dp=2 equals one process; with 2 accumulation microbatches the buckets reduce during the last one's
+    backward (the accumulated gradients), which must still give the same losses."""
     job = small_job()
     single = run_training(job, tmp_path / "single")
-    dp2 = run_training(dataclasses.replace(job, parallel=ParallelConfig(dp=2)), tmp_path / "dp2")
+    dp = dataclasses.replace(
+        job, parallel=ParallelConfig(dp=2), schedule=ScheduleConfig("1f1b", microbatches)
+    )
+    dp2 = run_training(dp, tmp_path / "dp2")
     a = [r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl")]
     b = [r["loss"] for r in read_metrics(tmp_path / "dp2" / "metrics.jsonl")]
     assert len(a) == len(b) == job.train.max_steps

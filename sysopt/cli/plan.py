@@ -60,7 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=1, help="measure the K configs this many rounds, round-robin (median)"
     )
-    p.add_argument("--fit", action="store_true", help="fit the per-op overhead to one measured run here")
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="time the model's blocks here and fit the remaining overheads to measured reference runs",
+    )
+    p.add_argument(
+        "--no-layer-times",
+        action="store_true",
+        help="with --fit: do not time blocks; fit GEMM scale and per-op overhead instead",
+    )
     p.add_argument("--calibration", type=Path, help="planner calibration JSON (default: the cached fit)")
     p.add_argument("--no-calibration", action="store_true", help="ignore any planner calibration")
     p.add_argument(
@@ -185,8 +194,9 @@ def resolve_calibration(args, profile, machine):
 
 def reference_configs(devices: int, global_batch: int) -> list:
     """The runs --fit measures: pure data parallel with one and with four microbatches (same GEMM work,
-    4x the ops), the same in int8 (the low-precision linear's extra ops), and a pipeline (bubble, p2p).
-    Together they separate GEMM speed, per-op and per-step overheads."""
+    4x the ops), the same in int8 (the low-precision linear's extra ops), and pipelines with few and with
+    many microbatches (bubble and p2p against the per-action cost), and host offloading (its per-tensor
+    cost). Together they separate GEMM speed, per-op, per-action, per-host-tensor and per-step overheads."""
     from sysopt.planner import PlanConfig
 
     per_rank = global_batch // devices
@@ -194,36 +204,47 @@ def reference_configs(devices: int, global_batch: int) -> list:
         PlanConfig(dp=devices, micro_batch_size=per_rank),
         PlanConfig(dp=devices, microbatches=4, micro_batch_size=per_rank // 4),
         PlanConfig(dp=devices, micro_batch_size=per_rank, precision="int8_rowwise"),
+        PlanConfig(dp=devices, micro_batch_size=per_rank, offload="host"),
     ]
     if devices > 1:
-        m = 2 * devices
-        out.append(
-            PlanConfig(pp=devices, schedule="1f1b", microbatches=m, micro_batch_size=global_batch // m)
-        )
+        for m in (2 * devices, 8 * devices):
+            if global_batch % m == 0:
+                out.append(PlanConfig(pp=devices, microbatches=m, micro_batch_size=global_batch // m))
     return out
 
 
-def fit_here(args, workload, machine, base_job):
-    """Measure the reference configs here, fit the planner calibration to them, save it."""
+def fit_here(args, workload, machine, base_job, space: list) -> Any:
+    """Time every block here for the cases `space` and the reference runs need (unless --no-layer-times),
+    measure the reference configs, fit the remaining planner terms to them, save the calibration."""
     from sysopt.planner import default_calibration_path, fit_calibration, violations
     from sysopt.planner import measure as measuring
+    from sysopt.planner.layer_times import cases_of, measure_layer_times
 
-    runs = []
+    references = []
     for reference in reference_configs(machine.devices, args.global_batch):
         problems = violations(reference, workload.model, machine.devices, args.global_batch)
         if problems:
             print(f"sysopt-plan: --fit skips {reference.label()}: {problems[0]}", file=sys.stderr)
             continue
-        print(f"fitting: measuring {reference.label()} ...", flush=True)
-        record = measuring.measure_config(reference, float("nan"), base_job, min_features=args.min_features)
+        references.append(reference)
+    if not references:
+        raise SystemExit("sysopt-plan: --fit found no valid reference configuration for this machine")
+    layer_times = None
+    if not args.no_layer_times and not machine.on_gpu:
+        cases = cases_of([*space, *references])
+        print(f"fitting: timing the model's blocks for {len(cases)} cases ...", flush=True)
+        layer_times = measure_layer_times(base_job, cases, min_features=args.min_features)
+    print(f"fitting: measuring {len(references)} reference runs ({args.repeats} rounds) ...", flush=True)
+    candidates = [(reference, float("nan")) for reference in references]
+    records = measuring.measure_many(candidates, base_job, args.repeats, min_features=args.min_features)
+    runs = []
+    for record in records:
         if record.measured_step_s is None:
             raise SystemExit(
-                f"sysopt-plan: fitting run {reference.label()} failed: {record.status}: {record.detail}"
+                f"sysopt-plan: fitting run {record.config.label()} failed: {record.status}: {record.detail}"
             )
-        runs.append((reference, record.measured_step_s))
-    if not runs:
-        raise SystemExit("sysopt-plan: --fit found no valid reference configuration for this machine")
-    calibration = fit_calibration(workload, machine, runs)
+        runs.append((record.config, record.measured_step_s))
+    calibration = fit_calibration(workload, machine, runs, layer_times=layer_times)
     target = calibration.save(args.calibration or default_calibration_path())
     print(f"calibration: {calibration.source}\n  saved to {target}")
     return calibration
@@ -291,21 +312,20 @@ def main(argv: list[str] | None = None) -> int:
         machine = dataclasses.replace(machine, kernel_backend=backend_for("cpu"))
     workload = Workload.from_data(model_cfg, data_cfg, args.global_batch)
     base_job = measuring.base_job_for(model_cfg, data_cfg, args.global_batch, args.steps)
-    if args.fit:
-        calibration = fit_here(args, workload, machine, base_job)
-    else:
-        calibration = resolve_calibration(args, profile, machine)
-
     options = SpaceOptions(
         schedules=tuple(args.schedules.split(",")) if args.schedules else SpaceOptions().schedules,
         max_microbatches=args.max_microbatches,
         precisions=precisions(args.precision, profile),
     )
-    cost_model = CostModel(workload, machine, calibration, min_features=args.min_features)
+    # the TP chunk choice reads the profile only, so the space does not depend on the calibration
+    chooser = CostModel(workload, machine, min_features=args.min_features).choose_tp_chunks
     keep = where_filter(args.where)
-    space = enumerate_configs(
-        model_cfg, machine.devices, args.global_batch, options, cost_model.choose_tp_chunks
-    )
+    space = [c for c in enumerate_configs(model_cfg, machine.devices, args.global_batch, options, chooser)]
+    if args.fit:
+        calibration = fit_here(args, workload, machine, base_job, [c for c in space if keep(c)])
+    else:
+        calibration = resolve_calibration(args, profile, machine)
+    cost_model = CostModel(workload, machine, calibration, min_features=args.min_features)
     ranking = rank(cost_model, [c for c in space if keep(c)])
     kind = "GPU" if machine.on_gpu else "CPU core"
     print(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sysopt.hardware.cache import cache_dir
 from sysopt.planner.context import Machine, PlannerCalibration, Workload
+from sysopt.planner.layer_times import LayerTimes
 from sysopt.planner.model import CostModel
 from sysopt.planner.space import PlanConfig
 
@@ -59,6 +60,33 @@ def fit_op_overhead(
     return dataclasses.replace(base, **{field: value}, source=source, profile_created=machine.profile.created)
 
 
+_PROBE_S = 1e-4  # a host-tensor overhead to read off how many host tensors each prediction counts
+
+
+def _nonnegative_two_term_fit(
+    base: list[float], per_h: list[float], measured: list[float]
+) -> tuple[float, float]:
+    """(s, h) >= 0 minimising sum(((base_i + s + h * per_h_i) / measured_i - 1)^2)."""
+    r = [(m - b) / m for b, m in zip(base, measured)]  # residual to explain, relative
+    a1 = [1 / m for m in measured]  # d(relative prediction)/ds
+    a2 = [d / m for d, m in zip(per_h, measured)]  # d(relative prediction)/dh
+    dot = lambda x, y: sum(p * q for p, q in zip(x, y))  # noqa: E731
+
+    def loss(s: float, h: float) -> float:
+        return sum((s * x + h * y - z) ** 2 for x, y, z in zip(a1, a2, r))
+
+    candidates = [(0.0, 0.0), (max(0.0, dot(a1, r) / dot(a1, a1)), 0.0)]
+    if dot(a2, a2) > 0:
+        candidates.append((0.0, max(0.0, dot(a2, r) / dot(a2, a2))))
+        det = dot(a1, a1) * dot(a2, a2) - dot(a1, a2) ** 2
+        if det > 1e-12 * dot(a1, a1) * dot(a2, a2):
+            s = (dot(a2, a2) * dot(a1, r) - dot(a1, a2) * dot(a2, r)) / det
+            h = (dot(a1, a1) * dot(a2, r) - dot(a1, a2) * dot(a1, r)) / det
+            if s >= 0 and h >= 0:
+                candidates.append((s, h))
+    return min(candidates, key=lambda c: loss(*c))
+
+
 def _relative_errors(
     workload: Workload,
     machine: Machine,
@@ -76,9 +104,14 @@ def fit_calibration(
     gemm_scales: tuple[float, ...] | None = None,
     op_overheads_s: tuple[float, ...] | None = None,
     action_overheads_s: tuple[float, ...] | None = None,
+    layer_times: LayerTimes | None = None,
 ) -> PlannerCalibration:
     """Fit gemm_scale, op_overhead_s, action_overhead_s and step_overhead_s together to several measured runs
     [(config, measured step seconds)], minimising the sum of squared relative errors.
+
+    With `layer_times` (blocks timed here), the compute of every case they cover is measured, so only
+    action_overhead_s and step_overhead_s are fitted (gemm_scale 1, op_overhead_s 0: the modelled fallback
+    for uncovered cases stays unscaled), and the fit stands on the runs alone, even a single one.
 
     The runs should differ in what they stress (ops per step, GEMM work, pipeline): with one run the three
     terms cannot be told apart, and fit_op_overhead's one-term fit is used instead. For each (gemm_scale,
@@ -88,8 +121,10 @@ def fit_calibration(
         raise ValueError("fit_calibration needs at least one measured run")
     if any(m <= 0 for _, m in runs):
         raise ValueError(f"measured step times must be > 0, got {[m for _, m in runs]}")
-    if len(runs) == 1:
+    if len(runs) == 1 and layer_times is None:
         return fit_op_overhead(workload, machine, runs[0][0], runs[0][1])
+    if layer_times is not None:
+        gemm_scales, op_overheads_s = (1.0,), (0.0,)
     gemm_scales = gemm_scales or tuple(2.0 ** (k / 2) for k in range(-12, 3))  # 1/64 .. 2
     op_overheads_s = op_overheads_s or (0.0, *(1e-6 * 2.0**k for k in range(0, 11)))  # 0, 1us .. 1ms
     action_overheads_s = action_overheads_s or (
@@ -101,15 +136,23 @@ def fit_calibration(
     def best_step_overhead(
         gemm_scale: float, op_overhead_s: float, action_overhead_s: float = 0.0
     ) -> tuple[float, PlannerCalibration]:
+        """The best step_overhead_s >= 0 and host_tensor_overhead_s >= 0 for this grid point: both add
+        linearly to each prediction (the step overhead once, the host term per host-resident tensor), so
+        they solve a two-variable non-negative least-squares problem in closed form."""
         trial = PlannerCalibration(
-            op_overhead_s=op_overhead_s, gemm_scale=gemm_scale, action_overhead_s=action_overhead_s
+            op_overhead_s=op_overhead_s,
+            gemm_scale=gemm_scale,
+            action_overhead_s=action_overhead_s,
+            layer_times=layer_times,
         )
         base = [predicted_step_s(workload, machine, trial, c) for c, _ in runs]
-        # minimise sum(((b + s) / m - 1)^2) over s >= 0
-        s = sum((m - b) / (m * m) for b, m in zip(base, measured)) / sum(1 / (m * m) for m in measured)
-        s = max(0.0, s)
-        loss = sum(((b + s) / m - 1) ** 2 for b, m in zip(base, measured))
-        return loss, dataclasses.replace(trial, step_overhead_s=s)
+        probe = dataclasses.replace(trial, host_tensor_overhead_s=_PROBE_S)
+        per_host = [
+            (predicted_step_s(workload, machine, probe, c) - b) / _PROBE_S for (c, _), b in zip(runs, base)
+        ]
+        s, h = _nonnegative_two_term_fit(base, per_host, measured)
+        loss = sum(((b + s + h * d) / m - 1) ** 2 for b, d, m in zip(base, per_host, measured))
+        return loss, dataclasses.replace(trial, step_overhead_s=s, host_tensor_overhead_s=h)
 
     grid = ((g, o, a) for g in gemm_scales for o in op_overheads_s for a in action_overheads_s)
     best = min((best_step_overhead(*point) for point in grid), key=lambda t: t[0])
@@ -119,15 +162,19 @@ def fit_calibration(
             return tuple(x * 2.0 ** (k / 4) for k in range(-2, 3)) if x > 0 else (0.0,)
 
         c0 = best[1]
-        fine = ((g, o, a) for g in around(c0.gemm_scale) for o in around(c0.op_overhead_s)
-                for a in around(c0.action_overhead_s))  # fmt: skip
+        gs, os_ = (
+            ((1.0,), (0.0,)) if layer_times is not None else (around(c0.gemm_scale), around(c0.op_overhead_s))
+        )
+        fine = ((g, o, a) for g in gs for o in os_ for a in around(c0.action_overhead_s))
         best = min([best, *(best_step_overhead(*point) for point in fine)], key=lambda t: t[0])
     calibration = best[1]
     errors = _relative_errors(workload, machine, calibration, runs)
     labels = ", ".join(f"{c.label()} {m * 1e3:.1f} ms ({e:+.1%})" for (c, m), e in zip(runs, errors))
+    timed = f"blocks timed here ({layer_times.source}), " if layer_times is not None else ""
     source = (
-        f"gemm_scale={calibration.gemm_scale:.4g} op_overhead_s={calibration.op_overhead_s:.4g} "
+        f"{timed}gemm_scale={calibration.gemm_scale:.4g} op_overhead_s={calibration.op_overhead_s:.4g} "
         f"action_overhead_s={calibration.action_overhead_s:.4g} "
+        f"host_tensor_overhead_s={calibration.host_tensor_overhead_s:.4g} "
         f"step_overhead_s={calibration.step_overhead_s:.4g} fitted to {len(runs)} runs: {labels}; "
         f"profile of {machine.profile.created}"
     )

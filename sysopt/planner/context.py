@@ -12,6 +12,7 @@ from typing import Any
 from sysopt.hardware.profile import HardwareProfile
 from sysopt.kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 from sysopt.models import VLMConfig
+from sysopt.planner.layer_times import LayerTimes
 from sysopt.planner.workload import BatchShape, images_per_sequence
 
 NOMINAL_GPU_MEMORY_BYTES_PER_S = 2.0e12  # HBM3 achieved bandwidth, H100-class (assumed, not measured)
@@ -108,15 +109,24 @@ class PlannerCalibration:
     # fixed cost of each forward / backward action of each (stage, microbatch): the executor's dispatch,
     # posting and completing its messages, the hop latency a profile's p2p fit does not see
     action_overhead_s: float = 0.0
+    # per parameter tensor whose optimizer state lives on the host, per step: the offloading optimizer's
+    # gradient hook, copy submissions and waits, which the profile's copy and update rates do not see
+    host_tensor_overhead_s: float = 0.0
     source: str = "uncalibrated"
     profile_created: str = ""  # the HardwareProfile (its `created`) the fit was made against
+    # measured per-block forward/backward seconds: where they cover a case, the model uses them instead
+    # of GEMM rates and op counts (gemm_scale and op_overhead_s then apply only to uncovered cases)
+    layer_times: LayerTimes | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["layer_times"] = None if self.layer_times is None else self.layer_times.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PlannerCalibration:
-        return cls(**d)
+        times = d.get("layer_times")
+        return cls(**{**d, "layer_times": None if times is None else LayerTimes.from_dict(times)})
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)

@@ -38,28 +38,31 @@ EXHAUSTIVE_PARTITION_LIMIT = 300
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One layer on one rank for one microbatch: GEMM and memory-bound time of its forward, the
-    calibrated overhead, and the TP collective time left exposed in forward and backward."""
+    """One layer on one rank for one microbatch, seconds: forward, backward in one pass, and backward
+    split as zero-bubble schedules run it (`input_s` then `weight_s`, which together may cost more than
+    the one pass: the executor walks the graph twice). Each includes the TP collective time left exposed;
+    `tp_forward_s` and `tp_backward_s` are that part. `measured`: from the calibration's LayerTimes (the
+    collectives then sit inside the timed figures and the tp parts are the TP model's estimate of them);
+    else modelled from GEMM rates, memory traffic and op counts."""
 
     name: str
-    compute_s: float
-    overhead_s: float
+    forward_s: float
+    backward_s: float
+    input_s: float
+    weight_s: float
     tp_forward_s: float
     tp_backward_s: float
+    measured: bool = False
 
-    @property
-    def forward_s(self) -> float:
-        return self.compute_s + self.overhead_s + self.tp_forward_s
-
-    @property
-    def backward_s(self) -> float:
-        """Backward is twice the forward's work (input and weight gradients) plus its collectives."""
-        return 2 * (self.compute_s + self.overhead_s) + self.tp_backward_s
-
-    @property
-    def weight_s(self) -> float:
-        """The weight-gradient part of backward (split-backward schedules run it as W)."""
-        return self.compute_s + self.overhead_s
+    @classmethod
+    def modelled(
+        cls, name: str, compute_s: float, overhead_s: float, tp_forward_s: float, tp_backward_s: float
+    ) -> LayerCost:
+        """From one forward's compute and overhead: backward is twice the forward's work (input and weight
+        gradients) plus its collectives; the weight gradient is half of that work."""
+        work = compute_s + overhead_s
+        backward = 2 * work + tp_backward_s
+        return cls(name, work + tp_forward_s, backward, backward - work, work, tp_forward_s, tp_backward_s)
 
 
 @dataclass(frozen=True)
@@ -248,20 +251,34 @@ class CostModel:
     def layer_costs(
         self, micro_batch_size: int, tp: int, tp_overlap: str, tp_chunks: int, precision: str | None
     ) -> tuple[LayerCost, ...]:
+        """Per-layer costs: measured (the calibration's LayerTimes) where it holds this case, else modelled."""
         key = (micro_batch_size, tp, tp_overlap, tp_chunks, precision)
         if key not in self._layer_costs:
             cal = self.calibration
+            model_layers = self.layers(micro_batch_size)
+            found = None
+            if cal.layer_times is not None:
+                found = cal.layer_times.lookup(precision, tp, tp_overlap, tp_chunks, micro_batch_size)
+                if found is not None and len(found[0]) != len(model_layers):
+                    raise ValueError(
+                        f"the planner calibration times {len(found[0])} blocks but the model has "
+                        f"{len(model_layers)}; refit with sysopt-plan --fit for this model"
+                    )
             out = []
-            for layer in self.layers(micro_batch_size):
+            for i, layer in enumerate(model_layers):
                 fwd = sum(
                     self.exposed_collective_s(op, tp_overlap, tp_chunks) for op in self.tp_ops(layer, tp)
                 )
                 bwd = sum(
                     self.exposed_collective_s(op, tp_overlap, tp_chunks) for op in self.tp_ops(layer, tp, 2)
                 )
+                if found is not None:
+                    f_s, b_s, i_s, w_s = (series[i] for series in found)
+                    out.append(LayerCost(layer.name, f_s, b_s, i_s, w_s, min(fwd, f_s), min(bwd, b_s), True))
+                    continue
                 compute_s = cal.gemm_scale * self.gemm_s(layer, tp, precision) + self.elementwise_s(layer, tp)
                 overhead_s = cal.op_overhead_s * self.ops(layer, precision) / 3  # forward's third
-                out.append(LayerCost(layer.name, compute_s, overhead_s, fwd, bwd))
+                out.append(LayerCost.modelled(layer.name, compute_s, overhead_s, fwd, bwd))
             self._layer_costs[key] = tuple(out)
         return self._layer_costs[key]
 
@@ -277,10 +294,11 @@ class CostModel:
             return self._pipelines[key]
         costs = self.layer_costs(c.micro_batch_size, c.tp, c.tp_overlap, c.tp_chunks, c.precision)
         model_layers = self.layers(c.micro_batch_size)
-        f = [lc.forward_s for lc in costs]
-        b = [lc.backward_s for lc in costs]
-        w = [lc.weight_s for lc in costs]
         schedule = build(c.schedule, c.pp, c.vpp, c.microbatches)
+        split = any(a.kind is W for acts in schedule.actions.values() for a in acts)
+        f = [lc.forward_s for lc in costs]
+        b = [lc.input_s + lc.weight_s if split else lc.backward_s for lc in costs]
+        w = [min(lc.weight_s, bb) for lc, bb in zip(costs, b)]  # (used by split schedules only)
 
         a = self.calibration.action_overhead_s
 
@@ -352,7 +370,9 @@ class CostModel:
         ready = [pipe.layers[i] for s in sorted(stages, reverse=True) for i in reversed(stage_layers[s])]
         numel = sum(layer.params_per_rank(c.tp) for layer in ready)
         itemsize = self.machine.param_itemsize
-        dp_s = dp_exposed_s(self.profile, numel * itemsize, window_s, c.dp)
+        # the trainer reduces buckets during the last microbatch's backward without a pipeline, and after
+        # the executor's step under one (sysopt.train.parallel), where it is all exposed
+        dp_s = dp_exposed_s(self.profile, numel * itemsize, window_s if c.pp == 1 else 0.0, c.dp)
         stage_bytes = {
             s: sum(
                 pipe.layers[i].saved_elements * itemsize // (c.tp if pipe.layers[i].split_params else 1)
@@ -374,6 +394,11 @@ class CostModel:
         )
         optimizer_s = predict_iteration(subgroups, plan.placements, self.offload_costs, phases).step_s
         host_bytes = sum(g.host_state_bytes for g, p in zip(subgroups, plan.placements) if p == HOST)
+        # per host-resident parameter tensor: its gradient hook, copy submissions and waits (fitted)
+        all_host_bytes = sum(g.host_state_bytes for g in subgroups)
+        tensors = sum(layer.param_tensors for layer in ready)
+        host_tensors = tensors * host_bytes / all_host_bytes if all_host_bytes else 0.0
+        optimizer_s += self.calibration.host_tensor_overhead_s * host_tensors
         # on a CPU the host is the device: offloaded state stays in the same memory
         optimizer_bytes = plan.device_state_bytes + (0 if self.machine.on_gpu else host_bytes)
         memory = Memory(numel * itemsize, numel * itemsize, optimizer_bytes, act_bytes, host_bytes)

@@ -20,6 +20,8 @@ SAVED_PER_BLOCK_BASE = 9
 # carries a fixed host cost (dispatch, launch), so these set the per-layer overhead. Triton's counts are
 # not measured here (no GPU); the torch reference's stand in for them.
 OPS_PER_LAYER = {"embed": 23, "vit": 97, "merge": 88, "decoder": 98, "head": 45}
+# Parameter tensors per block kind (what per-tensor costs scale with: optimizer hooks, copies, launches)
+PARAM_TENSORS_PER_LAYER = {"embed": 3, "vit": 12, "merge": 10, "decoder": 12, "head": 4}
 _EXTRA_OPS_TORCH = {
     "int8_rowwise": 84,
     "int8_rowwise_full": 138,
@@ -104,6 +106,10 @@ class Layer:
     elementwise_elements: int  # elements read + written by memory-bound ops (norms, GELU, adds) in forward
     ops: int  # dispatched torch ops in one forward + backward, high precision (OPS_PER_LAYER)
     tp_ops: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def param_tensors(self) -> int:
+        return PARAM_TENSORS_PER_LAYER[self.kind]
 
     def params_per_rank(self, tp: int) -> int:
         return self.params - self.split_params + self.split_params // tp

@@ -118,9 +118,10 @@ class ParallelVLM:
         self.params = [q for q in self.modules.parameters() if q.requires_grad]
         dp = groups.topology.dp if groups is not None else 1
         self.grad_sync = None
-        if dp > 1:  # reduce during backward only when one backward ends the step
+        if dp > 1:  # without a pipeline, buckets reduce during the last microbatch's backward (see
+            # forward_backward); under one the executor interleaves microbatches, so they reduce after it
             self.grad_sync = BucketedGradSync(self.params, groups.dp_group)
-            self.grad_sync.enabled = p.pp == 1 and self.microbatches == 1
+            self.grad_sync.enabled = p.pp == 1
 
     # ---- pipeline construction ------------------------------------------------------------------
     def _dense_block_costs(self, model: VLM, sample_batch: Batch) -> tuple[list[float], list[float]]:
@@ -213,7 +214,9 @@ class ParallelVLM:
         self._normalizer = normalizer
         loss_sum = torch.zeros(())
         if self.executor is None:
-            for mb in micro:
+            for i, mb in enumerate(micro):
+                if self.grad_sync is not None:  # reduce during the last microbatch's backward only
+                    self.grad_sync.enabled = i == len(micro) - 1
                 loss = vlm_loss(self.model(mb), mb, normalizer)
                 loss.backward()
                 loss_sum += loss.detach()

@@ -1,0 +1,227 @@
+"""Measured forward and backward seconds of every VLM block on this machine, per (precision, tp, TP overlap,
+micro-batch size): the planner's compute costs where they were measured, in place of GEMM rates and op
+counts (which on a CPU miss most of what a small block costs: dispatch, allocation, quantisation).
+
+Blocks are timed as the trainer builds them (sysopt.train.ParallelVLM: tensor-parallel blocks under tp > 1,
+converted linears under a recipe), one intra-op thread per rank as launched ranks run; backward both in one
+pass and split as the schedule executor splits it (input gradient, then weight gradient). Under tp > 1 the
+ranks are launched over gloo, so a block's time includes its tensor-parallel collectives."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sysopt.planner.space import PlanConfig
+
+TIMED_BATCHES = 3  # different sample batches (image counts vary): their per-block medians are averaged
+
+
+@dataclass(frozen=True)
+class BlockTimes:
+    """Forward and whole-backward seconds of each block (VLM.blocks order) for one microbatch of
+    `micro_batch_size` sequences on one rank."""
+
+    precision: str | None
+    tp: int
+    tp_overlap: str
+    tp_chunks: int
+    micro_batch_size: int
+    forward_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
+    input_s: tuple[float, ...]  # a split backward's input-gradient pass (I)
+    weight_s: tuple[float, ...]  # and its weight-gradient pass (W)
+
+    @property
+    def key(self) -> tuple:
+        return (self.precision, self.tp, self.tp_overlap, self.tp_chunks)
+
+    def times(self) -> tuple[tuple[float, ...], ...]:
+        return self.forward_s, self.backward_s, self.input_s, self.weight_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), **{k: list(getattr(self, k)) for k in _SERIES}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlockTimes:
+        return cls(**{**d, **{k: tuple(d[k]) for k in _SERIES}})
+
+
+_SERIES = ("forward_s", "backward_s", "input_s", "weight_s")
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """A table of BlockTimes. `lookup` interpolates linearly in the micro-batch size between measured
+    sizes of the same (precision, tp, overlap, chunks) and answers None outside them."""
+
+    entries: tuple[BlockTimes, ...] = ()
+    source: str = ""
+
+    def lookup(
+        self, precision: str | None, tp: int, tp_overlap: str, tp_chunks: int, micro_batch_size: int
+    ) -> tuple[tuple[float, ...], ...] | None:
+        """(forward, backward, input, weight) seconds per block, or None where nothing brackets the size."""
+        key = (precision, tp, *_neutral(tp, tp_overlap, tp_chunks))
+        rows = sorted((e for e in self.entries if e.key == key), key=lambda e: e.micro_batch_size)
+        for e in rows:
+            if e.micro_batch_size == micro_batch_size:
+                return e.times()
+        below = [e for e in rows if e.micro_batch_size < micro_batch_size]
+        above = [e for e in rows if e.micro_batch_size > micro_batch_size]
+        if not below or not above:
+            return None
+        lo, hi = below[-1], above[0]
+        t = (micro_batch_size - lo.micro_batch_size) / (hi.micro_batch_size - lo.micro_batch_size)
+        return tuple(tuple(x + t * (y - x) for x, y in zip(a, b)) for a, b in zip(lo.times(), hi.times()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entries": [e.to_dict() for e in self.entries], "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerTimes:
+        return cls(tuple(BlockTimes.from_dict(e) for e in d.get("entries", ())), d.get("source", ""))
+
+
+def _neutral(tp: int, tp_overlap: str, tp_chunks: int) -> tuple[str, int]:
+    return ("none", 1) if tp == 1 or tp_overlap == "none" else (tp_overlap, tp_chunks)
+
+
+def time_blocks(model, batch, repeats: int = 3) -> tuple[list[float], ...]:
+    """(forward, backward, input-gradient, weight-gradient) seconds of each block of `model` on `batch`,
+    medians of `repeats`. The backward is one autograd pass; the input and weight gradients are timed as
+    the schedule executor runs a split backward on stages without deferrable layers: a pass w.r.t. the
+    block input (graph kept), then one w.r.t. the block's parameters (the graph walked again)."""
+    import time
+
+    import torch
+
+    blocks = list(model.blocks)
+    samples: list[list[list[float]]] = [[[] for _ in blocks] for _ in range(4)]
+    for _ in range(repeats):
+        x = None
+        for i, block in enumerate(blocks):
+            x_in = x.detach().requires_grad_(True) if x is not None else None
+            params = [p for p in block.parameters() if p.requires_grad]
+            for split in (False, True):
+                t0 = time.perf_counter()
+                out = block(x_in, batch)
+                forward_s = time.perf_counter() - t0
+                grad = torch.ones_like(out)
+                t0 = time.perf_counter()
+                if not split:
+                    torch.autograd.backward(out, grad)
+                    samples[0][i].append(forward_s)
+                    samples[1][i].append(time.perf_counter() - t0)
+                    continue
+                if x_in is not None:
+                    torch.autograd.backward(out, grad, inputs=[x_in], retain_graph=True)
+                t1 = time.perf_counter()
+                if params:
+                    torch.autograd.backward(out, grad, inputs=params)
+                samples[2][i].append(t1 - t0)
+                samples[3][i].append(time.perf_counter() - t1)
+            x = out.detach()
+    model.zero_grad(set_to_none=True)
+    return tuple([statistics.median(cell) for cell in row] for row in samples)
+
+
+def _time_blocks(job_json: str, micro_batch_size: int, repeats: int) -> tuple[list[float], ...]:
+    """On every rank of the job (tp ranks, or this process alone): build the trainer's model for the job,
+    time each block on TIMED_BATCHES sample batches and average the medians."""
+    import torch.distributed as dist
+
+    from sysopt.data import BatchSampler, DigitsDataset
+    from sysopt.dist import build_groups
+    from sysopt.train import JobConfig
+    from sysopt.train.parallel import ParallelVLM
+
+    job = JobConfig.from_json(job_json)
+    groups = build_groups(job.parallel.topology) if dist.is_initialized() else None
+    sampler = BatchSampler(DigitsDataset(job.data, "train"), micro_batch_size)
+    runtime = ParallelVLM(job, groups, sampler.global_batch(0))
+    time_blocks(runtime.model, runtime._prepare(sampler.global_batch(0)), repeats=1)  # warm-up
+    runs = [
+        time_blocks(runtime.model, runtime._prepare(sampler.global_batch(i)), repeats)
+        for i in range(TIMED_BATCHES)
+    ]
+    means = [[statistics.fmean(col) for col in zip(*(run[k] for run in runs))] for k in range(4)]
+    return tuple(_fold_sequence_parallel(runtime.model, series) for series in means)
+
+
+def _fold_sequence_parallel(model, series: list[float]) -> list[float]:
+    """Per planner layer: sequence parallelism adds a scatter block after the merge and a gather block
+    before the head (sysopt.models.parallel); their time goes to the merge and the head."""
+    from sysopt.models.parallel import SequenceGather, SequenceScatter
+
+    out: list[float] = []
+    carry = 0.0
+    for block, t in zip(model.blocks, series):
+        if isinstance(block, SequenceScatter):
+            out[-1] += t
+        elif isinstance(block, SequenceGather):
+            carry += t
+        else:
+            out.append(t + carry)
+            carry = 0.0
+    return out
+
+
+def cases_of(configs: Iterable[PlanConfig]) -> list[tuple[str | None, int, str, int, int]]:
+    """The distinct (precision, tp, tp_overlap, tp_chunks, micro_batch_size) cases that `configs` need."""
+    found = {
+        (c.precision, c.tp, *_neutral(c.tp, c.tp_overlap, c.tp_chunks), c.micro_batch_size) for c in configs
+    }
+    return sorted(found, key=lambda case: (case[1], str(case[0]), case[2], case[3], case[4]))
+
+
+def measure_layer_times(
+    base_job,
+    cases: Iterable[tuple[str | None, int, str, int, int]],
+    *,
+    min_features: int | None = None,
+    repeats: int = 3,
+    timeout_s: float = 300.0,
+    progress: bool = True,
+) -> LayerTimes:
+    """Time every block for each case (precision, tp, tp_overlap, tp_chunks, micro_batch_size).
+
+    `base_job` is the sysopt.train.JobConfig whose model and data are timed (planner.measure.base_job_for).
+    A case the trainer refuses (sysopt.train.ConfigError) is skipped: the model falls back to its estimate."""
+    from sysopt.dist import launch
+    from sysopt.hardware.calibration import intraop_threads
+    from sysopt.planner.measure import job_for
+    from sysopt.train import ConfigError
+
+    work = sorted({(p, tp, *_neutral(tp, o, k), s) for p, tp, o, k, s in cases}, key=str)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(work), desc="timing blocks", unit="case", dynamic_ncols=True)
+    entries = []
+    for precision, tp, overlap, chunks, size in work:
+        config = PlanConfig(
+            tp=tp, precision=precision, tp_overlap=overlap, tp_chunks=chunks, micro_batch_size=size
+        )
+        try:
+            job = job_for(config, base_job, min_features)
+        except ConfigError:
+            job = None
+        if job is not None:
+            if tp == 1:
+                with intraop_threads(1):
+                    times = _time_blocks(job.to_json(), size, repeats)
+            else:  # rank 0's times: every rank of the tp group runs the same blocks in step
+                args = (job.to_json(), size, repeats)
+                times = launch(_time_blocks, tp, args, timeout_s=timeout_s)[0]
+            entries.append(BlockTimes(precision, tp, overlap, chunks, size, *(tuple(t) for t in times)))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return LayerTimes(
+        tuple(entries), f"{len(entries)} cases timed, {repeats} repeats x {TIMED_BATCHES} batches"
+    )
