@@ -266,3 +266,37 @@ def test_committed_bench_readme_matches_committed_results(tmp_path):
     assert not update_readme(copy, REPO_BENCH / "results"), (
         "run `sysopt-bench report` and commit bench/README.md"
     )
+
+
+def test_planner_suite_turns_the_plan_records_into_goals(tmp_path, monkeypatch):
+    """The planner suite's goals, from a faked sysopt-plan run: per-config error, the count within 15%, and the
+    top choice (the spread's first) against the fastest measured."""
+    from sysopt.cli import plan
+    from sysopt.hardware import probe
+
+    rows = [("top", 0.100, 0.110), ("b", 0.050, 0.080), ("c", 0.200, 0.190)]  # label, predicted, measured
+
+    def fake_main(argv):
+        out = Path(argv[argv.index("--json") + 1])
+        records = [
+            {"config": {"tp": 1}, "label": label, "predicted_step_s": p, "measured_step_s": m,
+             "status": "measured", "times_s": [0.99 * m, m, 1.02 * m]}
+            for label, p, m in rows
+        ]  # fmt: skip
+        out.write_text(json.dumps({"ranking": [], "records": records}))
+        return 0
+
+    monkeypatch.setattr(plan, "main", fake_main)
+    monkeypatch.setattr("sysopt.hardware.load_or_calibrate", lambda **kw: probe())
+    suite = bench_cli.load_suite("planner", bench_cli.bench_dir())
+    result = suite(benchmark.BenchContext(repeats=3, out_dir=tmp_path))
+    by_name = {g.name: g for g in result.goals}
+    assert by_name["top: |predicted / measured - 1|"].value == pytest.approx(abs(0.100 / 0.110 - 1))
+    assert by_name["b: |predicted / measured - 1|"].met is False  # 37.5% off
+    assert by_name["configurations predicted within 15% of measured"].value == 2
+    top = by_name["planner's top choice (measured) / fastest measured"]
+    assert top.value == pytest.approx(0.110 / 0.080) and not top.met
+    assert result.record("b/measured_step_s").min == pytest.approx(0.99 * 0.080)
+    assert (tmp_path / "planner" / "measured_spread.json").is_file() and (
+        tmp_path / "planner_scatter.png"
+    ).is_file()

@@ -631,7 +631,7 @@ def test_measure_layer_times_times_the_trainers_blocks(tmp_path):
     ]
     cases = cases_of(configs)
     assert cases == [(None, 1, "none", 1, 2), (None, 2, "none", 1, 4)]
-    times = measure_layer_times(job, cases, repeats=1, progress=False)
+    times = measure_layer_times(job, cases, repeats=1, rounds=2, progress=False)
     n = len(VLM(MODEL).blocks)
     assert [(e.tp, e.micro_batch_size) for e in times.entries] == [(1, 2), (2, 4)]
     for e in times.entries:

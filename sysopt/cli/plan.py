@@ -195,7 +195,7 @@ def resolve_calibration(args, profile, machine):
 def reference_configs(devices: int, global_batch: int) -> list:
     """The runs --fit measures: pure data parallel with one and with four microbatches (same GEMM work,
     4x the ops), the same in int8 (the low-precision linear's extra ops), and pipelines with few and with
-    many microbatches (bubble and p2p against the per-action cost), and host offloading (its per-tensor
+    many microbatches and with two chunks per rank (bubble, per-action cost, per-message latency), and host offloading (its per-tensor
     cost). Together they separate GEMM speed, per-op, per-action, per-host-tensor and per-step overheads."""
     from sysopt.planner import PlanConfig
 
@@ -210,6 +210,17 @@ def reference_configs(devices: int, global_batch: int) -> list:
         for m in (2 * devices, 8 * devices):
             if global_batch % m == 0:
                 out.append(PlanConfig(pp=devices, microbatches=m, micro_batch_size=global_batch // m))
+        m = 2 * devices  # two chunks per rank: twice the stage-to-stage messages on the critical path
+        if global_batch % m == 0:
+            out.append(
+                PlanConfig(
+                    pp=devices,
+                    vpp=2,
+                    schedule="interleaved_1f1b",
+                    microbatches=m,
+                    micro_batch_size=global_batch // m,
+                )
+            )
     return out
 
 

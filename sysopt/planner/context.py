@@ -3,6 +3,7 @@ the planner's own calibration (per-layer overhead fitted to one measured run), e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -109,6 +110,9 @@ class PlannerCalibration:
     # fixed cost of each forward / backward action of each (stage, microbatch): the executor's dispatch,
     # posting and completing its messages, the hop latency a profile's p2p fit does not see
     action_overhead_s: float = 0.0
+    # rank time per point-to-point message a stage's forward or backward sends or receives across ranks
+    # (posting, matching and completing an isend/irecv between busy processes; the p2p fit is the wire)
+    message_overhead_s: float = 0.0
     # per parameter tensor whose optimizer state lives on the host, per step: the offloading optimizer's
     # gradient hook, copy submissions and waits, which the profile's copy and update rates do not see
     host_tensor_overhead_s: float = 0.0
@@ -125,8 +129,12 @@ class PlannerCalibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PlannerCalibration:
+        """From to_dict's output; terms this version does not know (a cached fit from another version) are
+        dropped, so such a file still loads (sysopt-plan --fit refits)."""
+        known = {f.name for f in dataclasses.fields(cls)}
         times = d.get("layer_times")
-        return cls(**{**d, "layer_times": None if times is None else LayerTimes.from_dict(times)})
+        kept = {k: v for k, v in d.items() if k in known}
+        return cls(**{**kept, "layer_times": None if times is None else LayerTimes.from_dict(times)})
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)

@@ -16,7 +16,7 @@ from typing import Any
 
 from sysopt.planner.space import PlanConfig
 
-TIMED_BATCHES = 3  # different sample batches (image counts vary): their per-block medians are averaged
+TIMED_BATCHES = 2  # different sample batches (image counts vary): their per-block medians are averaged
 
 
 @dataclass(frozen=True)
@@ -177,17 +177,26 @@ def cases_of(configs: Iterable[PlanConfig]) -> list[tuple[str | None, int, str, 
     return sorted(found, key=lambda case: (case[1], str(case[0]), case[2], case[3], case[4]))
 
 
+def _time_cases(cases: list[tuple[str, int]], repeats: int) -> list[tuple[list[float], ...]]:
+    """_time_blocks for each (job JSON, micro-batch size), in order: one launch serves a round of cases."""
+    return [_time_blocks(job_json, size, repeats) for job_json, size in cases]
+
+
 def measure_layer_times(
     base_job,
     cases: Iterable[tuple[str | None, int, str, int, int]],
     *,
     min_features: int | None = None,
-    repeats: int = 3,
-    timeout_s: float = 300.0,
+    repeats: int = 2,
+    rounds: int = 3,
+    timeout_s: float = 600.0,
     progress: bool = True,
 ) -> LayerTimes:
     """Time every block for each case (precision, tp, tp_overlap, tp_chunks, micro_batch_size).
 
+    Every case is timed in each of `rounds` rounds (each round walks all cases, tensor-parallel ones in one
+    launch per tp size), and each block's figure is the median over rounds: a machine whose speed drifts
+    (a shared VM does, by 10-20% over minutes) then skews all cases alike instead of some.
     `base_job` is the sysopt.train.JobConfig whose model and data are timed (planner.measure.base_job_for).
     A case the trainer refuses (sysopt.train.ConfigError) is skipped: the model falls back to its estimate."""
     from sysopt.dist import launch
@@ -196,32 +205,42 @@ def measure_layer_times(
     from sysopt.train import ConfigError
 
     work = sorted({(p, tp, *_neutral(tp, o, k), s) for p, tp, o, k, s in cases}, key=str)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(work), desc="timing blocks", unit="case", dynamic_ncols=True)
-    entries = []
-    for precision, tp, overlap, chunks, size in work:
+    jobs = {}
+    for case in work:
+        precision, tp, overlap, chunks, size = case
         config = PlanConfig(
             tp=tp, precision=precision, tp_overlap=overlap, tp_chunks=chunks, micro_batch_size=size
         )
         try:
-            job = job_for(config, base_job, min_features)
+            jobs[case] = job_for(config, base_job, min_features).to_json()
         except ConfigError:
-            job = None
-        if job is not None:
+            continue
+    by_tp: dict[int, list[tuple]] = {}
+    for case in jobs:
+        by_tp.setdefault(case[1], []).append(case)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=rounds * len(jobs), desc="timing blocks", unit="case", dynamic_ncols=True)
+    samples: dict[tuple, list[tuple[list[float], ...]]] = {case: [] for case in jobs}
+    for _ in range(rounds):
+        for tp, tp_cases in sorted(by_tp.items()):
+            args = ([(jobs[c], c[4]) for c in tp_cases], repeats)
             if tp == 1:
                 with intraop_threads(1):
-                    times = _time_blocks(job.to_json(), size, repeats)
+                    results = _time_cases(*args)
             else:  # rank 0's times: every rank of the tp group runs the same blocks in step
-                args = (job.to_json(), size, repeats)
-                times = launch(_time_blocks, tp, args, timeout_s=timeout_s)[0]
-            entries.append(BlockTimes(precision, tp, overlap, chunks, size, *(tuple(t) for t in times)))
-        if bar is not None:
-            bar.update(1)
+                results = launch(_time_cases, tp, args, timeout_s=timeout_s)[0]
+            for case, times in zip(tp_cases, results):
+                samples[case].append(times)
+            if bar is not None:
+                bar.update(len(tp_cases))
     if bar is not None:
         bar.close()
-    return LayerTimes(
-        tuple(entries), f"{len(entries)} cases timed, {repeats} repeats x {TIMED_BATCHES} batches"
-    )
+    entries = []
+    for case, runs in samples.items():
+        series = [[statistics.median(col) for col in zip(*(run[k] for run in runs))] for k in range(4)]
+        entries.append(BlockTimes(*case, *(tuple(t) for t in series)))
+    source = f"{len(entries)} cases timed, median of {rounds} rounds of {repeats} repeats x {TIMED_BATCHES} batches"
+    return LayerTimes(tuple(entries), source)

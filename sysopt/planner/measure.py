@@ -35,6 +35,7 @@ class MeasureRecord:
     measured_step_s: float | None
     status: str
     detail: str = ""
+    times_s: tuple[float, ...] = ()  # each run's step time (measure_many's rounds)
 
     @property
     def error(self) -> float | None:
@@ -52,6 +53,7 @@ class MeasureRecord:
             "error": self.error,
             "status": self.status,
             "detail": self.detail,
+            "times_s": list(self.times_s),
         }
 
 
@@ -155,7 +157,9 @@ def measure_many(
             if len(times) > 1
             else ""
         )
-        records.append(MeasureRecord(config, predicted_s, statistics.median(times), "measured", detail))
+        records.append(
+            MeasureRecord(config, predicted_s, statistics.median(times), "measured", detail, tuple(times))
+        )
     return records
 
 

@@ -301,12 +301,28 @@ class CostModel:
         w = [min(lc.weight_s, bb) for lc, bb in zip(costs, b)]  # (used by split schedules only)
 
         a = self.calibration.action_overhead_s
+        # each stage's forward receives from the stage before and sends to the one after where they sit on
+        # other ranks (its backward likewise, the other way): every such message costs the rank
+        # message_overhead_s of its own time (posting, matching and completing it)
+        owner = schedule.stage_to_rank
+        last = len(owner) - 1
+        messages = [
+            int(s > 0 and owner[s - 1] != owner[s]) + int(s < last and owner[s + 1] != owner[s])
+            for s in range(len(owner))
+        ]
+        per_message = self.calibration.message_overhead_s
 
         def stage_costs(bounds: tuple[int, ...]) -> Costs:
             sf, sb, sw = chunk_costs(bounds, f, b, w)
             p2p = [self.p2p_s(model_layers[end - 1], c.tp) if c.pp > 1 else 0.0 for end in bounds[1:]]
+            msg = [per_message * n for n in messages]
             # F pays one action overhead; a backward two (I and W), which split schedules pay separately
-            return Costs([x + a for x in sf], [x + 2 * a for x in sb], [x + a for x in sw], p2p)
+            return Costs(
+                [x + a + m for x, m in zip(sf, msg)],
+                [x + 2 * a + m for x, m in zip(sb, msg)],
+                [x + a for x in sw],
+                p2p,
+            )
 
         chunks = c.pp * c.vpp
         if chunks == 1:
