@@ -687,3 +687,58 @@ def test_cli_fit_times_the_cases_the_space_needs_and_saves_them(tmp_path, capsys
         c = PlanConfig.from_dict(r["config"])
         assert saved.layer_times.lookup(c.precision, c.tp, c.tp_overlap, c.tp_chunks, c.micro_batch_size)
     assert {c[1] for c in asked} == {1, 2}  # tensor-parallel cases too
+
+
+def test_cli_fit_with_measure_refits_on_references_measured_beside_the_picked_configs(
+    tmp_path, capsys, monkeypatch
+):
+    """--fit --measure: references once for the first fit, then again in the same rounds as the picked
+    configs; the final calibration is fitted to the second measurement and predicts the records."""
+    from collections import Counter
+
+    from sysopt.cli import plan
+    from sysopt.planner import PlannerCalibration
+    from sysopt.planner import layer_times as layer_times_module
+    from sysopt.planner import measure as measure_module
+    from sysopt.planner.layer_times import BlockTimes, LayerTimes
+
+    calls, phase = Counter(), {"slow": 1.5}  # the machine is 1.5x slower during the first fit
+
+    def fake_measure(config, predicted_step_s, base_job, out_dir=None, min_features=None):
+        calls[config] += 1
+        step = phase["slow"] * (0.02 + 1e-3 * config.microbatches)
+        return measure_module.MeasureRecord(config, predicted_step_s, step, "measured")
+
+    real_fit = plan.fit_here
+
+    def fit_then_speed_up(*args, **kwargs):
+        out = real_fit(*args, **kwargs)
+        phase["slow"] = 1.0
+        return out
+
+    def fake_times(base_job, cases, **kwargs):
+        n = len(VLM(dataclasses.replace(MODEL, layers=3)).blocks)
+        rows = [
+            BlockTimes(*case, *([tuple(1e-4 * case[4] / case[1] for _ in range(n))] * 4)) for case in cases
+        ]
+        return LayerTimes(tuple(rows), "fake")
+
+    monkeypatch.setattr(layer_times_module, "measure_layer_times", fake_times)
+    monkeypatch.setattr(measure_module, "measure_config", fake_measure)
+    monkeypatch.setattr(plan, "fit_here", fit_then_speed_up)
+    cal_path, out = tmp_path / "cal.json", tmp_path / "p.json"
+    args = ["--profile", write_profile(tmp_path, cpu_profile()), "--devices", "2", "--global-batch", "16"]
+    args += ["--precision", "none", "--fit", "--calibration", str(cal_path)]
+    args += ["--measure", "3", "--repeats", "2", "--json", str(out), "model.layers=3"]
+    assert plan.main(args) == 0
+    references = plan.reference_configs(2, 16)
+    assert all(calls[c] == 1 + 2 for c in references)  # one round for the first fit, two beside the picks
+    saved = PlannerCalibration.load(cal_path)
+    workload = Workload.from_data(dataclasses.replace(MODEL, layers=3), DATA, 16)
+    model = CostModel(workload, Machine.from_profile(cpu_profile(), 2), saved, min_features=64)
+    for r in json.loads(out.read_text())["records"]:
+        config = PlanConfig.from_dict(r["config"])
+        assert r["predicted_step_s"] == pytest.approx(model.predict(config).step_s)
+    # fitted to the fast second round: the dp reference is reproduced at its fast time
+    dp = references[0]
+    assert model.predict(dp).step_s == pytest.approx(0.02 + 1e-3 * dp.microbatches, rel=0.2)

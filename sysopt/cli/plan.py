@@ -195,7 +195,8 @@ def resolve_calibration(args, profile, machine):
 def reference_configs(devices: int, global_batch: int) -> list:
     """The runs --fit measures: pure data parallel with one and with four microbatches (same GEMM work,
     4x the ops), the same in int8 (the low-precision linear's extra ops), and pipelines with few and with
-    many microbatches and with two chunks per rank (bubble, per-action cost, per-message latency), and host offloading (its per-tensor
+    many microbatches, split backward (ZB-H1) and two chunks per rank (bubble, per-action cost, per-message
+    cost and latency), and host offloading (its per-tensor
     cost). Together they separate GEMM speed, per-op, per-action, per-host-tensor and per-step overheads."""
     from sysopt.planner import PlanConfig
 
@@ -210,6 +211,11 @@ def reference_configs(devices: int, global_batch: int) -> list:
         for m in (2 * devices, 8 * devices):
             if global_batch % m == 0:
                 out.append(PlanConfig(pp=devices, microbatches=m, micro_batch_size=global_batch // m))
+        m = 8 * devices  # a split backward: W actions fill the waits for messages
+        if global_batch % m == 0:
+            out.append(
+                PlanConfig(pp=devices, schedule="zb_h1", microbatches=m, micro_batch_size=global_batch // m)
+            )
         m = 2 * devices  # two chunks per rank: twice the stage-to-stage messages on the critical path
         if global_batch % m == 0:
             out.append(
@@ -224,11 +230,12 @@ def reference_configs(devices: int, global_batch: int) -> list:
     return out
 
 
-def fit_here(args, workload, machine, base_job, space: list) -> Any:
+def fit_here(args, workload, machine, base_job, space: list, rounds: int | None = None) -> tuple[Any, Any]:
     """Time every block here for the cases `space` and the reference runs need (unless --no-layer-times),
-    measure the reference configs, fit the remaining planner terms to them, save the calibration."""
-    from sysopt.planner import default_calibration_path, fit_calibration, violations
+    measure the reference configs (`rounds`, default --repeats), fit the remaining planner terms to them and
+    save the calibration. Returns (calibration, FitInputs) so that a later measurement can refit."""
     from sysopt.planner import measure as measuring
+    from sysopt.planner import violations
     from sysopt.planner.layer_times import cases_of, measure_layer_times
 
     references = []
@@ -245,9 +252,23 @@ def fit_here(args, workload, machine, base_job, space: list) -> Any:
         cases = cases_of([*space, *references])
         print(f"fitting: timing the model's blocks for {len(cases)} cases ...", flush=True)
         layer_times = measure_layer_times(base_job, cases, min_features=args.min_features)
-    print(f"fitting: measuring {len(references)} reference runs ({args.repeats} rounds) ...", flush=True)
+    rounds = args.repeats if rounds is None else rounds
+    print(f"fitting: measuring {len(references)} reference runs ({rounds} rounds) ...", flush=True)
     candidates = [(reference, float("nan")) for reference in references]
-    records = measuring.measure_many(candidates, base_job, args.repeats, min_features=args.min_features)
+    records = measuring.measure_many(candidates, base_job, rounds, min_features=args.min_features)
+    inputs = FitInputs(tuple(references), layer_times)
+    return _fit_and_save(args, workload, machine, records, inputs), inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class FitInputs:
+    references: tuple  # the reference PlanConfigs
+    layer_times: Any  # LayerTimes or None
+
+
+def _fit_and_save(args, workload, machine, records: list, inputs: FitInputs):
+    from sysopt.planner import default_calibration_path, fit_calibration
+
     runs = []
     for record in records:
         if record.measured_step_s is None:
@@ -255,7 +276,7 @@ def fit_here(args, workload, machine, base_job, space: list) -> Any:
                 f"sysopt-plan: fitting run {record.config.label()} failed: {record.status}: {record.detail}"
             )
         runs.append((record.config, record.measured_step_s))
-    calibration = fit_calibration(workload, machine, runs, layer_times=layer_times)
+    calibration = fit_calibration(workload, machine, runs, layer_times=inputs.layer_times)
     target = calibration.save(args.calibration or default_calibration_path())
     print(f"calibration: {calibration.source}\n  saved to {target}")
     return calibration
@@ -279,15 +300,48 @@ def spread(ranked: list, count: int) -> list:
     return [ranked[i] for i in chosen]
 
 
+def _picked(args, ranking) -> list:
+    return spread(ranking.ranked, args.measure) if args.spread else ranking.ranked[: args.measure]
+
+
 def measure_top(args, ranking, base_job) -> list:
-    """Run the top --measure configs here; print predicted against measured and how the top did."""
+    """Run the top --measure configs here (or, with --spread, configs spanning the knobs)."""
     from sysopt.planner import measure as measuring
 
-    picked = spread(ranking.ranked, args.measure) if args.spread else ranking.ranked[: args.measure]
+    picked = _picked(args, ranking)
     which = "configurations spanning the knobs" if args.spread else "top"
     print(f"\nmeasuring {len(picked)} {which} here ({args.repeats} x {args.steps} steps each):")
     candidates = [(p.config, p.step_s) for p in picked]
+    return measuring.measure_many(candidates, base_job, args.repeats, min_features=args.min_features)
+
+
+def measure_with_fit(args, workload, machine, base_job, ranking, inputs: FitInputs):
+    """--fit with --measure: the picked configs and the fit's reference runs are measured in the same rounds
+    (round-robin), the calibration is refitted to the references' medians from those rounds, and the picked
+    configs are predicted with it. A machine whose speed drifts over minutes (a shared VM does, by 10-20%)
+    then gives the fit and the evaluation the same conditions. Returns (records, calibration)."""
+    from sysopt.planner import CostModel
+    from sysopt.planner import measure as measuring
+
+    picked = _picked(args, ranking)
+    which = "configurations spanning the knobs" if args.spread else "top"
+    print(
+        f"\nmeasuring {len(picked)} {which} and the {len(inputs.references)} reference runs in the same "
+        f"{args.repeats} rounds ({args.steps} steps each):"
+    )
+    candidates = [(p.config, p.step_s) for p in picked] + [(c, float("nan")) for c in inputs.references]
     records = measuring.measure_many(candidates, base_job, args.repeats, min_features=args.min_features)
+    calibration = _fit_and_save(args, workload, machine, records[len(picked) :], inputs)
+    model = CostModel(workload, machine, calibration, min_features=args.min_features)
+    out = [
+        dataclasses.replace(r, predicted_step_s=model.predict(r.config).step_s)
+        for r in records[: len(picked)]
+    ]
+    return out, calibration
+
+
+def print_measured(records: list) -> None:
+    """Predicted against measured per config, the largest error and how the top choice (the first) did."""
     for r in records:
         head = f"  {r.config.label()}: predicted {r.predicted_step_s * 1e3:.4g} ms"
         if r.measured_step_s is None:
@@ -306,7 +360,6 @@ def measure_top(args, ranking, base_job) -> list:
             print(
                 f"top choice measured {top.measured_step_s / fastest.measured_step_s - 1:+.1%} against the fastest"
             )
-    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,8 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     chooser = CostModel(workload, machine, min_features=args.min_features).choose_tp_chunks
     keep = where_filter(args.where)
     space = [c for c in enumerate_configs(model_cfg, machine.devices, args.global_batch, options, chooser)]
-    if args.fit:
-        calibration = fit_here(args, workload, machine, base_job, [c for c in space if keep(c)])
+    fit_inputs = None
+    if args.fit:  # with --measure, one round now: the references are measured again beside the picked configs
+        rounds = 1 if args.measure else None
+        calibration, fit_inputs = fit_here(
+            args, workload, machine, base_job, [c for c in space if keep(c)], rounds
+        )
     else:
         calibration = resolve_calibration(args, profile, machine)
     cost_model = CostModel(workload, machine, calibration, min_features=args.min_features)
@@ -346,7 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     print_ranking(ranking, args.top)
     text = explain(ranking, args.min_features) if ranking.ranked else "no configuration fits"
     print(text)
-    records = measure_top(args, ranking, base_job) if args.measure else []
+    records = []
+    if args.measure and fit_inputs is not None:
+        records, calibration = measure_with_fit(args, workload, machine, base_job, ranking, fit_inputs)
+        first = ranking.ranked[0].config if ranking.ranked else None
+        ranking = rank(
+            CostModel(workload, machine, calibration, min_features=args.min_features),
+            [c for c in space if keep(c)],
+        )
+        if ranking.ranked and ranking.ranked[0].config != first:
+            print(f"with the refitted calibration the top choice is {ranking.ranked[0].config.label()}")
+    elif args.measure:
+        records = measure_top(args, ranking, base_job)
+    if records:
+        print_measured(records)
     if args.json is not None:
         out = {
             "profile_created": profile.created,

@@ -4,6 +4,7 @@ the predicted step of that config equal its measured step. Cached per host besid
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import socket
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def fit_calibration(
     [(config, measured step seconds)], minimising the sum of squared relative errors.
 
     With `layer_times` (blocks timed here), the compute of every case they cover is measured, so only
-    action_overhead_s, message_overhead_s, host_tensor_overhead_s and step_overhead_s are fitted (gemm_scale 1, op_overhead_s 0: the modelled fallback
+    action_overhead_s, message_overhead_s, hop_latency_s, host_tensor_overhead_s and step_overhead_s are fitted (gemm_scale 1, op_overhead_s 0: the modelled fallback
     for uncovered cases stays unscaled), and the fit stands on the runs alone, even a single one.
 
     The runs should differ in what they stress (ops per step, GEMM work, pipeline): with one run the three
@@ -138,6 +139,7 @@ def fit_calibration(
         op_overhead_s: float,
         action_overhead_s: float = 0.0,
         message_overhead_s: float = 0.0,
+        hop_latency_s: float = 0.0,
     ) -> tuple[float, PlannerCalibration]:
         """The best step_overhead_s >= 0 and host_tensor_overhead_s >= 0 for this grid point: both add
         linearly to each prediction (the step overhead once, the host term per host-resident tensor), so
@@ -147,6 +149,7 @@ def fit_calibration(
             gemm_scale=gemm_scale,
             action_overhead_s=action_overhead_s,
             message_overhead_s=message_overhead_s,
+            hop_latency_s=hop_latency_s,
             layer_times=layer_times,
         )
         base = [predicted_step_s(workload, machine, trial, c) for c, _ in runs]
@@ -158,15 +161,9 @@ def fit_calibration(
         loss = sum(((b + s + h * d) / m - 1) ** 2 for b, d, m in zip(base, per_host, measured))
         return loss, dataclasses.replace(trial, step_overhead_s=s, host_tensor_overhead_s=h)
 
-    # the message overhead is fitted with measured block times only (without, the grid would be too large)
-    messages_s = action_overheads_s if layer_times is not None else (0.0,)
-    grid = (
-        (g, o, a, h)
-        for g in gemm_scales
-        for o in op_overheads_s
-        for a in action_overheads_s
-        for h in messages_s
-    )
+    # the message terms are fitted with measured block times only (without, the grid would be too large)
+    messages_s = (0.0, 1e-4, 3e-4, 1e-3, 3e-3) if layer_times is not None else (0.0,)
+    grid = itertools.product(gemm_scales, op_overheads_s, action_overheads_s, messages_s, messages_s)
     best = min((best_step_overhead(*point) for point in grid), key=lambda t: t[0])
     for _ in range(2):  # refine: a finer grid around the best point
 
@@ -177,12 +174,8 @@ def fit_calibration(
         gs, os_ = (
             ((1.0,), (0.0,)) if layer_times is not None else (around(c0.gemm_scale), around(c0.op_overhead_s))
         )
-        fine = (
-            (g, o, a, h)
-            for g in gs
-            for o in os_
-            for a in around(c0.action_overhead_s)
-            for h in around(c0.message_overhead_s)
+        fine = itertools.product(
+            gs, os_, around(c0.action_overhead_s), around(c0.message_overhead_s), around(c0.hop_latency_s)
         )
         best = min([best, *(best_step_overhead(*point) for point in fine)], key=lambda t: t[0])
     calibration = best[1]
@@ -192,7 +185,7 @@ def fit_calibration(
     source = (
         f"{timed}gemm_scale={calibration.gemm_scale:.4g} op_overhead_s={calibration.op_overhead_s:.4g} "
         f"action_overhead_s={calibration.action_overhead_s:.4g} "
-        f"message_overhead_s={calibration.message_overhead_s:.4g} "
+        f"message_overhead_s={calibration.message_overhead_s:.4g} hop_latency_s={calibration.hop_latency_s:.4g} "
         f"host_tensor_overhead_s={calibration.host_tensor_overhead_s:.4g} "
         f"step_overhead_s={calibration.step_overhead_s:.4g} fitted to {len(runs)} runs: {labels}; "
         f"profile of {machine.profile.created}"

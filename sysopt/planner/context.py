@@ -113,6 +113,9 @@ class PlannerCalibration:
     # rank time per point-to-point message a stage's forward or backward sends or receives across ranks
     # (posting, matching and completing an isend/irecv between busy processes; the p2p fit is the wire)
     message_overhead_s: float = 0.0
+    # latency of each cross-rank message beyond the profile's p2p fit (the receiver waits for it; other work
+    # on the rank, e.g. a zero-bubble schedule's W, can hide it, unlike message_overhead_s)
+    hop_latency_s: float = 0.0
     # per parameter tensor whose optimizer state lives on the host, per step: the offloading optimizer's
     # gradient hook, copy submissions and waits, which the profile's copy and update rates do not see
     host_tensor_overhead_s: float = 0.0

@@ -314,7 +314,8 @@ class CostModel:
 
         def stage_costs(bounds: tuple[int, ...]) -> Costs:
             sf, sb, sw = chunk_costs(bounds, f, b, w)
-            p2p = [self.p2p_s(model_layers[end - 1], c.tp) if c.pp > 1 else 0.0 for end in bounds[1:]]
+            hop = self.calibration.hop_latency_s
+            p2p = [self.p2p_s(model_layers[end - 1], c.tp) + hop if c.pp > 1 else 0.0 for end in bounds[1:]]
             msg = [per_message * n for n in messages]
             # F pays one action overhead; a backward two (I and W), which split schedules pay separately
             return Costs(
