@@ -196,8 +196,8 @@ def reference_configs(devices: int, global_batch: int) -> list:
     """The runs --fit measures: pure data parallel with one and with four microbatches (same GEMM work,
     4x the ops), the same in int8 (the low-precision linear's extra ops), and pipelines with few and with
     many microbatches, split backward (ZB-H1) and two chunks per rank (bubble, per-action cost, per-message
-    cost and latency), and host offloading (its per-tensor
-    cost). Together they separate GEMM speed, per-op, per-action, per-host-tensor and per-step overheads."""
+    cost and latency), and host offloading (its per-tensor cost). Together they separate GEMM speed, per-op,
+    per-action, per-message, per-host-tensor and per-step overheads."""
     from sysopt.planner import PlanConfig
 
     per_rank = global_batch // devices
@@ -208,25 +208,27 @@ def reference_configs(devices: int, global_batch: int) -> list:
         PlanConfig(dp=devices, micro_batch_size=per_rank, offload="host"),
     ]
     if devices > 1:
-        for m in (2 * devices, 8 * devices):
+        pipelines = (
+            ("1f1b", 1, 2 * devices),
+            ("1f1b", 1, 8 * devices),
+            ("zb_h1", 1, 8 * devices),  # a split backward: W actions fill the waits for messages
+            (
+                "interleaved_1f1b",
+                2,
+                2 * devices,
+            ),  # two chunks per rank: twice the messages on the critical path
+        )
+        for schedule, vpp, m in pipelines:
             if global_batch % m == 0:
-                out.append(PlanConfig(pp=devices, microbatches=m, micro_batch_size=global_batch // m))
-        m = 8 * devices  # a split backward: W actions fill the waits for messages
-        if global_batch % m == 0:
-            out.append(
-                PlanConfig(pp=devices, schedule="zb_h1", microbatches=m, micro_batch_size=global_batch // m)
-            )
-        m = 2 * devices  # two chunks per rank: twice the stage-to-stage messages on the critical path
-        if global_batch % m == 0:
-            out.append(
-                PlanConfig(
-                    pp=devices,
-                    vpp=2,
-                    schedule="interleaved_1f1b",
-                    microbatches=m,
-                    micro_batch_size=global_batch // m,
+                out.append(
+                    PlanConfig(
+                        pp=devices,
+                        vpp=vpp,
+                        schedule=schedule,
+                        microbatches=m,
+                        micro_batch_size=global_batch // m,
+                    )
                 )
-            )
     return out
 
 
@@ -384,17 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     # the TP chunk choice reads the profile only, so the space does not depend on the calibration
     chooser = CostModel(workload, machine, min_features=args.min_features).choose_tp_chunks
     keep = where_filter(args.where)
-    space = [c for c in enumerate_configs(model_cfg, machine.devices, args.global_batch, options, chooser)]
+    space = [
+        c
+        for c in enumerate_configs(model_cfg, machine.devices, args.global_batch, options, chooser)
+        if keep(c)
+    ]
     fit_inputs = None
     if args.fit:  # with --measure, one round now: the references are measured again beside the picked configs
         rounds = 1 if args.measure else None
-        calibration, fit_inputs = fit_here(
-            args, workload, machine, base_job, [c for c in space if keep(c)], rounds
-        )
+        calibration, fit_inputs = fit_here(args, workload, machine, base_job, space, rounds)
     else:
         calibration = resolve_calibration(args, profile, machine)
     cost_model = CostModel(workload, machine, calibration, min_features=args.min_features)
-    ranking = rank(cost_model, [c for c in space if keep(c)])
+    ranking = rank(cost_model, space)
     kind = "GPU" if machine.on_gpu else "CPU core"
     print(
         f"sysopt-plan: {machine.devices} devices ({kind}s, {machine.memory_bytes / GIB:.1f} GiB each), "
@@ -407,10 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure and fit_inputs is not None:
         records, calibration = measure_with_fit(args, workload, machine, base_job, ranking, fit_inputs)
         first = ranking.ranked[0].config if ranking.ranked else None
-        ranking = rank(
-            CostModel(workload, machine, calibration, min_features=args.min_features),
-            [c for c in space if keep(c)],
-        )
+        ranking = rank(CostModel(workload, machine, calibration, min_features=args.min_features), space)
         if ranking.ranked and ranking.ranked[0].config != first:
             print(f"with the refitted calibration the top choice is {ranking.ranked[0].config.label()}")
     elif args.measure:

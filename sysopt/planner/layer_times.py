@@ -89,62 +89,20 @@ def _neutral(tp: int, tp_overlap: str, tp_chunks: int) -> tuple[str, int]:
     return ("none", 1) if tp == 1 or tp_overlap == "none" else (tp_overlap, tp_chunks)
 
 
-def time_blocks(model, batch, repeats: int = 3) -> tuple[list[float], ...]:
-    """(forward, backward, input-gradient, weight-gradient) seconds of each block of `model` on `batch`,
-    medians of `repeats`. The backward is one autograd pass; the input and weight gradients are timed as
-    the schedule executor runs a split backward on stages without deferrable layers: a pass w.r.t. the
-    block input (graph kept), then one w.r.t. the block's parameters (the graph walked again)."""
-    import time
-
-    import torch
-
-    blocks = list(model.blocks)
-    samples: list[list[list[float]]] = [[[] for _ in blocks] for _ in range(4)]
-    for _ in range(repeats):
-        x = None
-        for i, block in enumerate(blocks):
-            x_in = x.detach().requires_grad_(True) if x is not None else None
-            params = [p for p in block.parameters() if p.requires_grad]
-            for split in (False, True):
-                t0 = time.perf_counter()
-                out = block(x_in, batch)
-                forward_s = time.perf_counter() - t0
-                grad = torch.ones_like(out)
-                t0 = time.perf_counter()
-                if not split:
-                    torch.autograd.backward(out, grad)
-                    samples[0][i].append(forward_s)
-                    samples[1][i].append(time.perf_counter() - t0)
-                    continue
-                if x_in is not None:
-                    torch.autograd.backward(out, grad, inputs=[x_in], retain_graph=True)
-                t1 = time.perf_counter()
-                if params:
-                    torch.autograd.backward(out, grad, inputs=params)
-                samples[2][i].append(t1 - t0)
-                samples[3][i].append(time.perf_counter() - t1)
-            x = out.detach()
-    model.zero_grad(set_to_none=True)
-    return tuple([statistics.median(cell) for cell in row] for row in samples)
-
-
-def _time_blocks(job_json: str, micro_batch_size: int, repeats: int) -> tuple[list[float], ...]:
-    """On every rank of the job (tp ranks, or this process alone): build the trainer's model for the job,
-    time each block on TIMED_BATCHES sample batches and average the medians."""
-    import torch.distributed as dist
-
+def _time_blocks(job_json: str, micro_batch_size: int, repeats: int, groups) -> tuple[list[float], ...]:
+    """Build the trainer's model for the job (on `groups`, or this process alone when None), time each block
+    on TIMED_BATCHES sample batches (sysopt.train.parallel.time_blocks, split backward included) and average
+    the medians."""
     from sysopt.data import BatchSampler, DigitsDataset
-    from sysopt.dist import build_groups
     from sysopt.train import JobConfig
-    from sysopt.train.parallel import ParallelVLM
+    from sysopt.train.parallel import ParallelVLM, time_blocks
 
     job = JobConfig.from_json(job_json)
-    groups = build_groups(job.parallel.topology) if dist.is_initialized() else None
     sampler = BatchSampler(DigitsDataset(job.data, "train"), micro_batch_size)
     runtime = ParallelVLM(job, groups, sampler.global_batch(0))
-    time_blocks(runtime.model, runtime._prepare(sampler.global_batch(0)), repeats=1)  # warm-up
+    time_blocks(runtime.model, runtime._prepare(sampler.global_batch(0)), 1, split=True)  # warm-up
     runs = [
-        time_blocks(runtime.model, runtime._prepare(sampler.global_batch(i)), repeats)
+        time_blocks(runtime.model, runtime._prepare(sampler.global_batch(i)), repeats, split=True)
         for i in range(TIMED_BATCHES)
     ]
     means = [[statistics.fmean(col) for col in zip(*(run[k] for run in runs))] for k in range(4)]
@@ -178,8 +136,17 @@ def cases_of(configs: Iterable[PlanConfig]) -> list[tuple[str | None, int, str, 
 
 
 def _time_cases(cases: list[tuple[str, int]], repeats: int) -> list[tuple[list[float], ...]]:
-    """_time_blocks for each (job JSON, micro-batch size), in order: one launch serves a round of cases."""
-    return [_time_blocks(job_json, size, repeats) for job_json, size in cases]
+    """_time_blocks for each (job JSON, micro-batch size), in order, on every rank of one launch (the cases
+    share the launch's tp groups, built once), or in this process when torch.distributed is not up."""
+    import torch.distributed as dist
+
+    from sysopt.dist import build_groups
+    from sysopt.train import JobConfig
+
+    groups = None
+    if dist.is_initialized() and cases:
+        groups = build_groups(JobConfig.from_json(cases[0][0]).parallel.topology)
+    return [_time_blocks(job_json, size, repeats, groups) for job_json, size in cases]
 
 
 def measure_layer_times(

@@ -310,13 +310,12 @@ class CostModel:
             int(s > 0 and owner[s - 1] != owner[s]) + int(s < last and owner[s + 1] != owner[s])
             for s in range(len(owner))
         ]
-        per_message = self.calibration.message_overhead_s
+        msg = [self.calibration.message_overhead_s * n for n in messages]
+        hop = self.calibration.hop_latency_s
 
         def stage_costs(bounds: tuple[int, ...]) -> Costs:
             sf, sb, sw = chunk_costs(bounds, f, b, w)
-            hop = self.calibration.hop_latency_s
             p2p = [self.p2p_s(model_layers[end - 1], c.tp) + hop if c.pp > 1 else 0.0 for end in bounds[1:]]
-            msg = [per_message * n for n in messages]
             # F pays one action overhead; a backward two (I and W), which split schedules pay separately
             return Costs(
                 [x + a + m for x, m in zip(sf, msg)],

@@ -9,6 +9,7 @@ the schedule places on this pipeline rank.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 import torch
@@ -49,25 +50,47 @@ def pad_sequence(batch: Batch, multiple: int) -> Batch:
     )
 
 
-def measure_block_costs(model: VLM, batch: Batch, repeats: int = 3) -> tuple[list[float], list[float]]:
-    """Forward and backward seconds of each block of `model` on `batch` (median of repeats)."""
+def time_blocks(
+    model: VLM, batch: Batch, repeats: int = 3, *, split: bool = False
+) -> tuple[list[float], ...]:
+    """Seconds of each block of `model` on `batch`, medians of `repeats`: (forward, backward) with the
+    backward in one autograd pass; with `split`, also (input gradient, weight gradient) timed as the schedule
+    executor splits a backward on stages without deferrable layers: a pass w.r.t. the block input (graph
+    kept), then one w.r.t. the block's parameters (the graph walked again)."""
     blocks = list(model.blocks)
-    forward = [[] for _ in blocks]
-    backward = [[] for _ in blocks]
+    samples: list[list[list[float]]] = [[[] for _ in blocks] for _ in range(4 if split else 2)]
     for _ in range(repeats):
         x = None
         for i, block in enumerate(blocks):
             x_in = x.detach().requires_grad_(True) if x is not None else None
-            t0 = time.perf_counter()
-            out = block(x_in, batch)
-            forward[i].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            out.float().sum().backward()
-            backward[i].append(time.perf_counter() - t0)
-            x = out
+            params = [q for q in block.parameters() if q.requires_grad]
+            for split_pass in (False, True) if split else (False,):
+                t0 = time.perf_counter()
+                out = block(x_in, batch)
+                forward_s = time.perf_counter() - t0
+                grad = torch.ones_like(out)
+                t0 = time.perf_counter()
+                if not split_pass:
+                    torch.autograd.backward(out, grad)
+                    samples[0][i].append(forward_s)
+                    samples[1][i].append(time.perf_counter() - t0)
+                    continue
+                if x_in is not None:
+                    torch.autograd.backward(out, grad, inputs=[x_in], retain_graph=True)
+                t1 = time.perf_counter()
+                if params:
+                    torch.autograd.backward(out, grad, inputs=params)
+                samples[2][i].append(t1 - t0)
+                samples[3][i].append(time.perf_counter() - t1)
+            x = out.detach()
     model.zero_grad(set_to_none=True)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return [med(f) for f in forward], [med(b) for b in backward]
+    return tuple([statistics.median(cell) for cell in row] for row in samples)
+
+
+def measure_block_costs(model: VLM, batch: Batch, repeats: int = 3) -> tuple[list[float], list[float]]:
+    """Forward and backward seconds of each block of `model` on `batch` (median of repeats)."""
+    forward, backward = time_blocks(model, batch, repeats)
+    return forward, backward
 
 
 class ParallelVLM:
