@@ -499,6 +499,20 @@ def test_peak_activation_bytes_is_the_simulators_peak_times_the_bytes(name, pp, 
         assert peak_activation_bytes(schedule, r, uniform) == 1000 * sim.peak_activations[r]
 
 
+def test_receive_buffers_posted_at_the_step_start_add_to_the_peak():
+    from sysopt.planner.device import peak_activation_bytes
+
+    schedule = build("1f1b", 2, 1, 4)  # rank 0: F0 F1 B0 F2 B1 F3 B2 B3; rank 1: F0 B0 F1 B1 ...
+    act, grad = {0: 100, 1: 100}, {0: 7, 1: 7}
+    # rank 0 receives the 4 gradients of stage 0's output: all 4 buffers are alive at its 2-forward peak
+    assert peak_activation_bytes(schedule, 0, act, grad) == 2 * 100 + 4 * 7
+    # rank 1 receives 4 activations: the first is consumed by F0, which then holds its own activations
+    assert peak_activation_bytes(schedule, 1, act, grad) == 3 * 7 + 100
+    big = {0: 1000, 1: 1000}  # buffers larger than a stage's activations: the peak is at the start
+    assert peak_activation_bytes(schedule, 1, act, big) == 4 * 1000
+    assert peak_activation_bytes(schedule, 0, act, None) == 2 * 100
+
+
 def test_dp_exposure_closed_forms_and_subgroups_cover_the_parameters():
     from sysopt.planner.device import dp_exposed_s, offload_subgroups
 

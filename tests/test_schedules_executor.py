@@ -43,14 +43,19 @@ def _reference(num_stages: int, microbatches: int):
 
 
 def _run_cases(cases):
-    """On each rank: run every (name, vpp, microbatches, options) case; return losses and local grads."""
+    """On each rank: run every (name, vpp, microbatches, options) case; return losses and local grads.
+    options["receive_ahead"] (default 1) is the executor's receive window, the rest go to build()."""
     torch.manual_seed(0)
     out = []
     for name, vpp, m, options in cases:
+        options = dict(options)
+        ahead = options.pop("receive_ahead", 1)
         schedule = build(name, dist.get_world_size(), vpp, m, **options)
         rank = dist.get_rank()
         modules = {s: _stage_module(s) for s in schedule.stages_of(rank)}
-        executor = ScheduleExecutor(schedule, modules, _loss, boundary_shape=(ROWS, WIDTH))
+        executor = ScheduleExecutor(
+            schedule, modules, _loss, boundary_shape=(ROWS, WIDTH), receive_ahead=ahead
+        )
         inputs, targets = _data(m)
         losses = executor.step(inputs, targets)
         # plain lists: tensors sent back through the launcher's queue would need shared memory
@@ -63,10 +68,10 @@ CASES = {
     2: [  # m not a multiple of pp for the single-chunk schedules
         ("gpipe", 1, 3, {}),
         ("1f1b", 1, 3, {}),
-        ("zb_h1", 1, 3, {}),
+        ("zb_h1", 1, 3, {"receive_ahead": None}),  # every receive posted at the step's start
         ("interleaved_1f1b", 2, 3, {"microbatch_group_size": 3}),
-        ("zb_h1", 2, 4, {}),
-        ("zbv", 2, 3, {}),
+        ("zb_h1", 2, 4, {"receive_ahead": 2}),
+        ("zbv", 2, 3, {"receive_ahead": None}),
         ("dualpipev", 2, 5, {}),
         (
             "zb_greedy",
@@ -77,7 +82,7 @@ CASES = {
     ],
     4: [
         ("1f1b", 1, 6, {}),
-        ("interleaved_1f1b", 2, 8, {}),
+        ("interleaved_1f1b", 2, 8, {"receive_ahead": None}),
         ("interleaved_1f1b", 2, 10, {"microbatch_group_size": 5}),  # Megatron's flexible m
         ("zbv", 2, 7, {}),
         ("dualpipev", 2, 9, {}),
@@ -90,7 +95,7 @@ SLOW_CASES = {4: [("gpipe", 1, 5, {}), ("zb_h1", 1, 6, {}), ("zb_h1", 2, 8, {})]
 def _check(world, cases):
     results = launch(_run_cases, world, args=(cases,), timeout_s=100)
     for i, (name, vpp, m, options) in enumerate(cases):
-        schedule = build(name, world, vpp, m, **options)
+        schedule = build(name, world, vpp, m, **{k: v for k, v in options.items() if k != "receive_ahead"})
         ref_losses, ref_grads = _reference(schedule.num_stages, m)
         last_rank = schedule.stage_to_rank[-1]
         losses, _ = results[last_rank][i]
@@ -217,16 +222,17 @@ def _computes_before(actions, action):
 @pytest.mark.parametrize(
     "name,vpp,m", [("1f1b", 1, 6), ("interleaved_1f1b", 2, 8), ("zbv", 2, 7), ("dualpipev", 2, 9)]
 )
-def test_receives_are_posted_one_compute_ahead(name, vpp, m):
+@pytest.mark.parametrize("ahead", [1, 3, None])
+def test_receives_are_posted_ahead(name, vpp, m, ahead):
     from sysopt.schedules import Kind, add_comms
-    from sysopt.schedules.executor import receives_one_compute_ahead
+    from sysopt.schedules.executor import receives_ahead
 
     receives = (Kind.RECV_F, Kind.RECV_B)
     schedule = add_comms(build(name, 4, vpp, m))
     moved = 0
     for rank, planned in schedule.actions.items():
         planned = list(planned)
-        order = receives_one_compute_ahead(planned)
+        order = receives_ahead(planned, ahead)
         assert sorted(order) == sorted(planned)
         assert [a for a in order if a.kind not in receives] == [a for a in planned if a.kind not in receives]
         for a in (a for a in order if a.kind in receives):
@@ -234,9 +240,23 @@ def test_receives_are_posted_one_compute_ahead(name, vpp, m):
                             and (c.kind is Kind.FORWARD) == (a.kind is Kind.RECV_F))  # fmt: skip
             now, before = _computes_before(order, a), _computes_before(planned, a)
             assert now <= before, f"rank {rank}: {a} is posted later than planned"
-            assert _computes_before(order, consumer) - now <= 1 or now == before, (
-                f"rank {rank}: {a} too early"
-            )
+            if ahead is None:
+                assert now == 0, f"rank {rank}: {a} is not posted at the start of the step"
+            else:
+                assert _computes_before(order, consumer) - now <= ahead or now == before, (
+                    f"rank {rank}: {a} too early"
+                )
+                assert _computes_before(order, consumer) - now >= min(
+                    ahead, _computes_before(planned, consumer)
+                ), f"rank {rank}: {a} posted later than {ahead} computes ahead"
             assert order.index(a) < order.index(consumer)
             moved += now < before
     assert moved, "the lowering posts some receives right before their consumer: these should move up"
+
+
+def test_receives_ahead_rejects_a_bad_window():
+    from sysopt.schedules import add_comms
+    from sysopt.schedules.executor import receives_ahead
+
+    with pytest.raises(ValueError, match="computes=0"):
+        receives_ahead(add_comms(build("1f1b", 2, 1, 4)).actions[0], 0)

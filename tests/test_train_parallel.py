@@ -35,10 +35,10 @@ def single(tmp_path_factory):
     "parallel, schedule",
     [
         (ParallelConfig(tp=2, pp=2, vpp=2), ScheduleConfig("zbv", 4)),
-        (ParallelConfig(dp=2, pp=2), ScheduleConfig("1f1b", 4)),
+        (ParallelConfig(dp=2, pp=2), ScheduleConfig("1f1b", 4, receive_ahead=1)),
         (ParallelConfig(pp=2, vpp=2), ScheduleConfig("zb_greedy", 4)),
     ],
-    ids=["tp2-pp2-vpp2-zbv", "dp2-pp2-1f1b", "pp2-vpp2-zb_greedy"],
+    ids=["tp2-pp2-vpp2-zbv", "dp2-pp2-1f1b-ahead1", "pp2-vpp2-zb_greedy"],
 )
 def test_parallel_training_equals_single_process(tmp_path, single, parallel, schedule):
     ref_losses, ref_summary = single

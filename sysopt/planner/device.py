@@ -9,17 +9,39 @@ from collections.abc import Mapping, Sequence
 from sysopt.hardware.profile import HardwareProfile
 from sysopt.offload.subgroups import Subgroup
 from sysopt.schedules import Schedule
-from sysopt.schedules.ir import B, F, W
+from sysopt.schedules.ir import B, F, I, W
 from sysopt.tensor_parallel.chunk_model import collective_time_s
 
 DP_BUCKET_BYTES = 1 << 20  # sysopt.dist.BucketedGradSync's default
 
 
-def peak_activation_bytes(schedule: Schedule, rank: int, stage_bytes: Mapping[int, int]) -> int:
+def peak_activation_bytes(
+    schedule: Schedule,
+    rank: int,
+    stage_bytes: Mapping[int, int],
+    boundary_bytes: Mapping[int, int] | None = None,
+) -> int:
     """Most activation bytes `rank` holds: + a stage's bytes at each F, - at the B or W that frees them
-    (the simulator's peak_activations rule, weighted by each stage's bytes per microbatch)."""
-    live = peak = 0
+    (the simulator's peak_activations rule, weighted by each stage's bytes per microbatch).
+
+    With `boundary_bytes` (bytes of the tensor leaving each stage, one microbatch) every receive of the
+    step is posted at its start, as the trainer does on gloo (schedule.receive_ahead=null): each buffer is
+    alive from the start until the F (activation) or B/I (gradient) that consumes it."""
+    owner = schedule.stage_to_rank
+    last = len(owner) - 1
+
+    def received(action) -> int:  # bytes of the buffer this compute action consumes from another rank
+        if boundary_bytes is None:
+            return 0
+        if action.kind is F and action.stage > 0 and owner[action.stage - 1] != rank:
+            return boundary_bytes[action.stage - 1]
+        if action.kind in (B, I) and action.stage < last and owner[action.stage + 1] != rank:
+            return boundary_bytes[action.stage]
+        return 0
+
+    live = peak = sum(received(a) for a in schedule.actions[rank])
     for action in schedule.actions[rank]:
+        live -= received(action)
         if action.kind is F:
             live += stage_bytes[action.stage]
             peak = max(peak, live)

@@ -396,7 +396,14 @@ class CostModel:
             )
             for s, idx in stage_layers.items()
         }
-        act_bytes = peak_activation_bytes(pipe.schedule, rank, stage_bytes)
+        # the trainer posts every receive at the step's start on gloo, one compute ahead on NCCL (small)
+        boundary_bytes = None
+        if not self.machine.on_gpu:
+            boundary_bytes = {  # a stage's last layer output, sequence-parallel shard (as p2p_s sends it)
+                s: pipe.layers[pipe.boundaries[s + 1] - 1].output_elements * itemsize // c.tp
+                for s in range(len(pipe.boundaries) - 1)
+            }
+        act_bytes = peak_activation_bytes(pipe.schedule, rank, stage_bytes, boundary_bytes)
         base = 2 * numel * itemsize + act_bytes
         subgroups = offload_subgroups(
             [layer.params_per_rank(c.tp) for layer in ready], itemsize, self.subgroup_bytes

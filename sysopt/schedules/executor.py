@@ -32,7 +32,11 @@ class ScheduleExecutor:
     every boundary, a function of the sending stage, or a function of (sending stage, microbatch)
     (e.g. a vision tower whose image count varies per microbatch). ``loss_fn(output, target)`` gives
     one microbatch's loss; the backward uses ``loss * loss_scale`` (default 1/microbatches, so the
-    accumulated gradients are those of the mean loss).
+    accumulated gradients are those of the mean loss). ``receive_ahead`` posts each receive that many
+    compute actions before its consumer, or all of them at the start of the step with None
+    (``receives_ahead``): more receive buffers alive, fewer transfers left to land during compute. None
+    is for gloo: NCCL runs a rank pair's messages in order on one stream, where a receive posted before a
+    send its peer is waiting for stalls both.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class ScheduleExecutor:
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | None = None,
         loss_scale: float | None = None,
+        receive_ahead: int | None = 1,
     ) -> None:
         self.schedule = validate(schedule if schedule.has_comms else add_comms(schedule))
         self.group = group
@@ -67,7 +72,8 @@ class ScheduleExecutor:
         self.dtype, self.device = dtype, torch.device(device)
         self.loss_scale = 1.0 / schedule.microbatches if loss_scale is None else loss_scale
         self.last_stage = schedule.num_stages - 1
-        self.order = receives_one_compute_ahead(self.schedule.actions[self.rank])
+        self.receive_ahead = receive_ahead
+        self.order = receives_ahead(self.schedule.actions[self.rank], receive_ahead)
         self.wgrad = WeightGradStore()
         self.deferred = {s: defers_weight_grads(m) for s, m in self.modules.items()}
         self.handlers = {
@@ -243,19 +249,25 @@ class ScheduleExecutor:
         return dist.get_global_rank(self.group, group_rank)
 
 
-def receives_one_compute_ahead(actions: Sequence[Action]) -> list[Action]:
-    """The rank's actions with each RECV moved up to just before the compute action preceding its
-    consumer (never later than the schedule placed it). gloo moves a message only once its receive is
-    posted, so a receive posted one compute ahead overlaps the transfer with that compute, as
-    megatron-core's overlap_p2p_comm does. Receives are non-blocking with unique tags, so posting them
-    earlier changes nothing else; their buffers are allocated one compute action sooner."""
+def receives_ahead(actions: Sequence[Action], computes: int | None = 1) -> list[Action]:
+    """The rank's actions with each RECV moved up to just before the compute action ``computes`` compute
+    actions ahead of its consumer (never later than the schedule placed it); ``computes=None`` posts every
+    receive at the start of the step. gloo moves a message only once its receive is posted, and posting a
+    receive while a transfer with the same peer is in flight can block for milliseconds; a receive posted
+    ahead lets the transfer land during earlier compute (megatron-core's overlap_p2p_comm posts one ahead).
+    Receives are non-blocking with unique tags, so posting them earlier changes nothing else; each buffer
+    is allocated as its receive is posted, so ``computes`` bounds how many extra buffers are alive."""
+    if computes is not None and computes < 1:
+        raise ValueError(
+            f"receives_ahead computes={computes}: use an integer >= 1, or None for the whole step"
+        )
     position = {(a.stage, a.kind, a.microbatch): i for i, a in enumerate(actions)}
-    compute_before: list[int | None] = []  # index of the last compute action before each index
-    last = None
-    for i, a in enumerate(actions):
-        compute_before.append(last)
-        if a.kind.is_compute:
-            last = i
+    compute_at = [i for i, a in enumerate(actions) if a.kind.is_compute]  # indices of compute actions
+    computes_before = []  # how many compute actions precede each index
+    count = 0
+    for a in actions:
+        computes_before.append(count)
+        count += a.kind.is_compute
     keys = []
     for i, a in enumerate(actions):
         key = (i, 1, i)
@@ -264,8 +276,14 @@ def receives_one_compute_ahead(actions: Sequence[Action]) -> list[Action]:
             consumer = min(
                 position[(a.stage, k, a.microbatch)] for k in kinds if (a.stage, k, a.microbatch) in position
             )
-            ahead = compute_before[consumer]
-            key = (i, 1, i) if ahead is None or ahead > i else (ahead, 0, i)
+            if computes is None:
+                key = (-1, 0, i)  # before everything, in the schedule's order
+            else:
+                target = computes_before[consumer] - computes  # the compute action to post before
+                if target >= 0 and compute_at[target] < i:
+                    key = (compute_at[target], 0, i)
+                elif target < 0 and computes_before[i] > 0:
+                    key = (-1, 0, i)  # fewer than `computes` computes before the consumer: at the start
         keys.append(key)
     return [a for _, a in sorted(zip(keys, actions), key=lambda pair: pair[0])]
 

@@ -217,6 +217,7 @@ class ParallelVLM:
             boundary_shape=self._shape,
             group=self.groups.pp_group,
             loss_scale=1.0,
+            receive_ahead=_receive_window(sched.receive_ahead, self.groups.pp_group),
         )
 
     def _shape(
@@ -349,3 +350,12 @@ def _overlap_policy(p) -> str:
 
         return OverlapPolicy.chunked(p.tp_chunks) if hasattr(OverlapPolicy, "chunked") else "chunked"
     return p.tp_overlap
+
+
+def _receive_window(receive_ahead: int | None, group: dist.ProcessGroup | None) -> int | None:
+    """The executor's receive_ahead for schedule.receive_ahead: null (every receive at the step's start)
+    holds on gloo only. NCCL runs a rank pair's sends and receives in order on one stream, so a receive
+    posted before a send the peer is waiting for would stall the pair; there null means one ahead."""
+    if receive_ahead is None and dist.get_backend(group) != "gloo":
+        return 1
+    return receive_ahead
