@@ -42,6 +42,10 @@ def test_default_config_is_valid_and_data_parallel():
         (["offload.state_dtype=bf16"], r"offload.state_dtype=bf16 needs sysopt's OffloadAdamW"),
         (["data.pack_len=40"], r"training rows are 40 tokens .* raise model.max_seq to 40"),
         (["data.pack_len=5"], r"pack_len=5 is shorter than the longest sample"),
+        (
+            ["parallel.boundaries=[0,7,3]"],
+            r"parallel.boundaries=\[0, 7, 3\] must cut the model's \d+ blocks into pp\*vpp=1",
+        ),
         (["schedule.receive_ahead=0"], r"schedule.receive_ahead=0 must be an integer >= 1 .* or null"),
     ],
 )

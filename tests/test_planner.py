@@ -382,11 +382,55 @@ def write_profile(tmp_path, profile) -> str:
     return str(path)
 
 
+def test_measured_runs_use_the_planned_split_or_keep_the_trainers_first(monkeypatch):
+    from sysopt.planner import measure as measure_module
+    from sysopt.planner.measure import base_job_for
+    from sysopt.train import ConfigError
+
+    base = base_job_for(MODEL, DATA, 16, 2)
+    planned = (0, 2, 4, 5, len(VLM(MODEL).blocks))
+    c = PlanConfig(pp=2, vpp=2, schedule="interleaved_1f1b", microbatches=2, micro_batch_size=8)
+    job = job_for(c, base, boundaries=planned)
+    assert job.parallel.boundaries == planned  # the trainer cuts where the planner did
+    assert not any(o.startswith("parallel.boundaries") for o in trainer_overrides(PlanConfig(), None, (0, 7)))
+    with pytest.raises(ConfigError, match=r"parallel.boundaries=\[0, 2, 2"):
+        job_for(c, base, boundaries=(0, 2, 2, 5, planned[-1]))
+    calls = []
+    trainer_split = (0, 1, 3, 5, planned[-1])
+
+    def fake_measure(config, predicted_step_s, base_job, out_dir=None, min_features=None, boundaries=None):
+        calls.append((config, boundaries))
+        ran = trainer_split if boundaries is None else boundaries
+        return measure_module.MeasureRecord(config, predicted_step_s, 0.1, "measured", boundaries=ran)
+
+    monkeypatch.setattr(measure_module, "measure_config", fake_measure)
+    other = dataclasses.replace(c, microbatches=4, micro_batch_size=4)
+    records = measure_module.measure_many([(c, 0.1, planned), (other, 0.1)], base, repeats=3)
+    assert [b for cfg, b in calls if cfg == c] == [planned] * 3
+    # without a planned split the trainer partitions once; later rounds rerun that split
+    assert [b for cfg, b in calls if cfg == other] == [None, trainer_split, trainer_split]
+    assert [r.boundaries for r in records] == [planned, trainer_split]
+    assert records[0].to_dict()["boundaries"] == list(planned)
+
+
+def test_a_prediction_on_a_given_split_uses_it():
+    model = cost_model(devices=2)
+    c = PlanConfig(pp=2, schedule="1f1b", microbatches=4, micro_batch_size=4)
+    own = model.predict(c)
+    n = own.boundaries[-1]
+    other = (0, 1, n) if own.boundaries != (0, 1, n) else (0, n - 1, n)
+    forced = model.predict(c, other)
+    assert forced.boundaries == other and model.predict(c).boundaries == own.boundaries
+    assert forced.step_s != own.step_s  # another split, another pipeline
+    with pytest.raises(ValueError, match="do not cut"):
+        model.predict(c, (0, n))
+
+
 def test_cli_ranks_and_writes_json(tmp_path, capsys, monkeypatch):
     from sysopt.cli import plan
     from sysopt.planner import measure as measure_module
 
-    def fake_measure(config, predicted_step_s, base_job, out_dir=None, min_features=None):
+    def fake_measure(config, predicted_step_s, base_job, out_dir=None, min_features=None, boundaries=None):
         return measure_module.MeasureRecord(config, predicted_step_s, 1.25 * predicted_step_s, "measured")
 
     monkeypatch.setattr(measure_module, "measure_config", fake_measure)
@@ -675,7 +719,7 @@ def test_cli_fit_times_the_cases_the_space_needs_and_saves_them(tmp_path, capsys
             entries.append(BlockTimes(precision, tp, overlap, chunks, size, f, f, f, f))
         return LayerTimes(tuple(entries), "fake")
 
-    def fake_measure(config, predicted_step_s, base_job, out_dir=None, min_features=None):
+    def fake_measure(config, predicted_step_s, base_job, out_dir=None, min_features=None, boundaries=None):
         step = 0.02 + 1e-3 * config.microbatches + (5e-3 if config.offload == "host" else 0.0)
         return measure_module.MeasureRecord(config, predicted_step_s, step, "measured")
 
@@ -718,7 +762,7 @@ def test_cli_fit_with_measure_refits_on_references_measured_beside_the_picked_co
 
     calls, phase = Counter(), {"slow": 1.5}  # the machine is 1.5x slower during the first fit
 
-    def fake_measure(config, predicted_step_s, base_job, out_dir=None, min_features=None):
+    def fake_measure(config, predicted_step_s, base_job, out_dir=None, min_features=None, boundaries=None):
         calls[config] += 1
         step = phase["slow"] * (0.02 + 1e-3 * config.microbatches)
         return measure_module.MeasureRecord(config, predicted_step_s, step, "measured")

@@ -277,7 +277,7 @@ def _fit_and_save(args, workload, machine, records: list, inputs: FitInputs):
             raise SystemExit(
                 f"sysopt-plan: fitting run {record.config.label()} failed: {record.status}: {record.detail}"
             )
-        runs.append((record.config, record.measured_step_s))
+        runs.append((record.config, record.measured_step_s, record.boundaries))
     calibration = fit_calibration(workload, machine, runs, layer_times=inputs.layer_times)
     target = calibration.save(args.calibration or default_calibration_path())
     print(f"calibration: {calibration.source}\n  saved to {target}")
@@ -313,7 +313,7 @@ def measure_top(args, ranking, base_job) -> list:
     picked = _picked(args, ranking)
     which = "configurations spanning the knobs" if args.spread else "top"
     print(f"\nmeasuring {len(picked)} {which} here ({args.repeats} x {args.steps} steps each):")
-    candidates = [(p.config, p.step_s) for p in picked]
+    candidates = [(p.config, p.step_s, p.boundaries) for p in picked]  # run on the planned split
     return measuring.measure_many(candidates, base_job, args.repeats, min_features=args.min_features)
 
 
@@ -331,12 +331,15 @@ def measure_with_fit(args, workload, machine, base_job, ranking, inputs: FitInpu
         f"\nmeasuring {len(picked)} {which} and the {len(inputs.references)} reference runs in the same "
         f"{args.repeats} rounds ({args.steps} steps each):"
     )
-    candidates = [(p.config, p.step_s) for p in picked] + [(c, float("nan")) for c in inputs.references]
+    # the picked configs run on the planned split; the references on the trainer's (the fit predicts them
+    # on the split they ran), as the split the planner would choose depends on the calibration being fitted
+    candidates = [(p.config, p.step_s, p.boundaries) for p in picked]
+    candidates += [(c, float("nan")) for c in inputs.references]
     records = measuring.measure_many(candidates, base_job, args.repeats, min_features=args.min_features)
     calibration = _fit_and_save(args, workload, machine, records[len(picked) :], inputs)
     model = CostModel(workload, machine, calibration, min_features=args.min_features)
     out = [
-        dataclasses.replace(r, predicted_step_s=model.predict(r.config).step_s)
+        dataclasses.replace(r, predicted_step_s=model.predict(r.config, r.boundaries).step_s)
         for r in records[: len(picked)]
     ]
     return out, calibration

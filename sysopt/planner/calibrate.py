@@ -20,9 +20,20 @@ def default_calibration_path() -> Path:
 
 
 def predicted_step_s(
-    workload: Workload, machine: Machine, calibration: PlannerCalibration, config: PlanConfig
+    workload: Workload,
+    machine: Machine,
+    calibration: PlannerCalibration,
+    config: PlanConfig,
+    boundaries: tuple[int, ...] | None = None,
 ) -> float:
-    return CostModel(workload, machine, calibration).predict(config).step_s
+    return CostModel(workload, machine, calibration).predict(config, boundaries).step_s
+
+
+Run = tuple  # (PlanConfig, measured step seconds) or (PlanConfig, measured, pipeline boundaries that ran)
+
+
+def _runs(runs: list[Run]) -> list[tuple[PlanConfig, float, tuple[int, ...] | None]]:
+    return [(r[0], r[1], tuple(r[2]) if len(r) > 2 and r[2] is not None else None) for r in runs]
 
 
 def fit_op_overhead(
@@ -92,15 +103,15 @@ def _relative_errors(
     workload: Workload,
     machine: Machine,
     calibration: PlannerCalibration,
-    runs: list[tuple[PlanConfig, float]],
+    runs: list[Run],
 ) -> list[float]:
-    return [predicted_step_s(workload, machine, calibration, c) / m - 1 for c, m in runs]
+    return [predicted_step_s(workload, machine, calibration, c, b) / m - 1 for c, m, b in _runs(runs)]
 
 
 def fit_calibration(
     workload: Workload,
     machine: Machine,
-    runs: list[tuple[PlanConfig, float]],
+    runs: list[Run],
     *,
     gemm_scales: tuple[float, ...] | None = None,
     op_overheads_s: tuple[float, ...] | None = None,
@@ -108,7 +119,8 @@ def fit_calibration(
     layer_times: LayerTimes | None = None,
 ) -> PlannerCalibration:
     """Fit gemm_scale, op_overhead_s, action_overhead_s and step_overhead_s together to several measured runs
-    [(config, measured step seconds)], minimising the sum of squared relative errors.
+    [(config, measured step seconds)], minimising the sum of squared relative errors. A run may carry a
+    third item, the pipeline boundaries it ran with: it is then predicted on that split, not the planner's.
 
     With `layer_times` (blocks timed here), the compute of every case they cover is measured, so only
     action_overhead_s, message_overhead_s, hop_latency_s, host_tensor_overhead_s and step_overhead_s are fitted (gemm_scale 1, op_overhead_s 0: the modelled fallback
@@ -120,8 +132,9 @@ def fit_calibration(
     the same seconds to every prediction); the grid is then refined around the best point."""
     if not runs:
         raise ValueError("fit_calibration needs at least one measured run")
-    if any(m <= 0 for _, m in runs):
-        raise ValueError(f"measured step times must be > 0, got {[m for _, m in runs]}")
+    runs = _runs(runs)
+    if any(m <= 0 for _, m, _ in runs):
+        raise ValueError(f"measured step times must be > 0, got {[m for _, m, _ in runs]}")
     if len(runs) == 1 and layer_times is None:
         return fit_op_overhead(workload, machine, runs[0][0], runs[0][1])
     if layer_times is not None:
@@ -132,7 +145,7 @@ def fit_calibration(
         0.0,
         *(5e-5 * 2.0**k for k in range(0, 7)),
     )  # 0, 50us .. 3.2ms
-    measured = [m for _, m in runs]
+    measured = [m for _, m, _ in runs]
 
     def best_step_overhead(
         gemm_scale: float,
@@ -152,10 +165,11 @@ def fit_calibration(
             hop_latency_s=hop_latency_s,
             layer_times=layer_times,
         )
-        base = [predicted_step_s(workload, machine, trial, c) for c, _ in runs]
+        base = [predicted_step_s(workload, machine, trial, c, b) for c, _, b in runs]
         probe = dataclasses.replace(trial, host_tensor_overhead_s=_PROBE_S)
         per_host = [
-            (predicted_step_s(workload, machine, probe, c) - b) / _PROBE_S for (c, _), b in zip(runs, base)
+            (predicted_step_s(workload, machine, probe, c, bounds) - b) / _PROBE_S
+            for (c, _, bounds), b in zip(runs, base)
         ]
         s, h = _nonnegative_two_term_fit(base, per_host, measured)
         loss = sum(((b + s + h * d) / m - 1) ** 2 for b, d, m in zip(base, per_host, measured))
@@ -180,7 +194,7 @@ def fit_calibration(
         best = min([best, *(best_step_overhead(*point) for point in fine)], key=lambda t: t[0])
     calibration = best[1]
     errors = _relative_errors(workload, machine, calibration, runs)
-    labels = ", ".join(f"{c.label()} {m * 1e3:.1f} ms ({e:+.1%})" for (c, m), e in zip(runs, errors))
+    labels = ", ".join(f"{c.label()} {m * 1e3:.1f} ms ({e:+.1%})" for (c, m, _), e in zip(runs, errors))
     timed = f"blocks timed here ({layer_times.source}), " if layer_times is not None else ""
     source = (
         f"{timed}gemm_scale={calibration.gemm_scale:.4g} op_overhead_s={calibration.op_overhead_s:.4g} "

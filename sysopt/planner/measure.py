@@ -36,6 +36,7 @@ class MeasureRecord:
     status: str
     detail: str = ""
     times_s: tuple[float, ...] = ()  # each run's step time (measure_many's rounds)
+    boundaries: tuple[int, ...] | None = None  # the pipeline split the trainer ran (pp > 1)
 
     @property
     def error(self) -> float | None:
@@ -54,11 +55,15 @@ class MeasureRecord:
             "status": self.status,
             "detail": self.detail,
             "times_s": list(self.times_s),
+            "boundaries": None if self.boundaries is None else list(self.boundaries),
         }
 
 
 def parse_value(text: str) -> Any:
-    """An override's value as YAML would read it: int, float, null, true/false, else the string."""
+    """An override's value as YAML would read it: int, float, null, true/false, a [list] of those, else
+    the string."""
+    if text.startswith("[") and text.endswith("]"):
+        return [parse_value(item.strip()) for item in text[1:-1].split(",") if item.strip()]
     for cast in (int, float):
         try:
             return cast(text)
@@ -80,8 +85,11 @@ def apply_overrides(base: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def trainer_overrides(config: PlanConfig, min_features: int | None = None) -> list[str]:
-    """config.to_overrides() without knobs at their neutral value (nor the schedule at pp=1, m=1).
+def trainer_overrides(
+    config: PlanConfig, min_features: int | None = None, boundaries: tuple[int, ...] | None = None
+) -> list[str]:
+    """config.to_overrides() without knobs at their neutral value (nor the schedule at pp=1, m=1), and
+    with `boundaries` (pp > 1) the pipeline split to run, so that the run is the planned one.
 
     offload=device is left out too: the trainer then runs torch's fused AdamW on the device, the
     update the profile's optimizer rate was measured with."""
@@ -93,16 +101,22 @@ def trainer_overrides(config: PlanConfig, min_features: int | None = None) -> li
         if key.startswith("schedule.") and config.pp == 1 and config.microbatches == 1:
             continue
         keep.append(item)
+    if boundaries is not None and config.pp > 1:
+        keep.append(f"parallel.boundaries=[{','.join(str(int(b)) for b in boundaries)}]")
     return keep
 
 
-def job_for(config: PlanConfig, base_job, min_features: int | None = None):
-    """The JobConfig that runs `config`: `base_job` (a sysopt.train.JobConfig) with its overrides.
+def job_for(
+    config: PlanConfig, base_job, min_features: int | None = None, boundaries: tuple[int, ...] | None = None
+):
+    """The JobConfig that runs `config` (on `boundaries`, when given): `base_job` (a sysopt.train.JobConfig)
+    with its overrides.
 
     Raises sysopt.train.ConfigError when the trainer cannot run it."""
     from sysopt.train import build_job
 
-    return build_job(apply_overrides(base_job.to_dict(), trainer_overrides(config, min_features)))
+    overrides = trainer_overrides(config, min_features, boundaries)
+    return build_job(apply_overrides(base_job.to_dict(), overrides))
 
 
 def measure_config(
@@ -111,8 +125,11 @@ def measure_config(
     base_job,
     out_dir: str | Path | None = None,
     min_features: int | None = None,
+    boundaries: tuple[int, ...] | None = None,
 ) -> MeasureRecord:
-    """Train `config` for base_job.train.max_steps steps and compare its median step time.
+    """Train `config` for base_job.train.max_steps steps and compare its median step time. With
+    `boundaries` the trainer cuts the pipeline there (the planner's split), else where its own
+    partitioner does; the record says which split ran.
 
     A device is one core on a CPU: a single-rank run is timed at one intra-op thread, as launched
     ranks are (sysopt.dist.launch gives each rank one thread)."""
@@ -121,7 +138,7 @@ def measure_config(
     from sysopt.train import ConfigError, run_training
 
     try:
-        job = job_for(config, base_job, min_features)
+        job = job_for(config, base_job, min_features, boundaries)
     except ConfigError as exc:
         return MeasureRecord(config, predicted_step_s, None, "not runnable yet", str(exc))
     with tempfile.TemporaryDirectory(prefix="sysopt-plan-") as tmp:
@@ -132,22 +149,32 @@ def measure_config(
                 summary = run_training(job, run_dir)
         except Exception as exc:  # noqa: BLE001 - a crashed run is a result to report, not a planner crash
             return MeasureRecord(config, predicted_step_s, None, "failed", f"{type(exc).__name__}: {exc}")
-    return MeasureRecord(config, predicted_step_s, float(summary["step_time_s"]), "measured")
+    ran = tuple(summary["pipeline_boundaries"]) if config.pp > 1 else None
+    return MeasureRecord(config, predicted_step_s, float(summary["step_time_s"]), "measured", boundaries=ran)
 
 
 def measure_many(
-    candidates: list[tuple[PlanConfig, float]], base_job, repeats: int = 1, min_features: int | None = None
+    candidates: list[tuple], base_job, repeats: int = 1, min_features: int | None = None
 ) -> list[MeasureRecord]:
-    """Measure (config, predicted step) pairs `repeats` rounds, round-robin so that a machine whose load
-    drifts slows every config alike; each record holds the median of its rounds."""
+    """Measure (config, predicted step) or (config, predicted step, boundaries) candidates `repeats`
+    rounds, round-robin so that a machine whose load drifts slows every config alike; each record holds
+    the median of its rounds. Without boundaries the trainer partitions (the first round's split is kept
+    for the later rounds, so that every round runs the same pipeline)."""
+    candidates = [(c[0], c[1], c[2] if len(c) > 2 else None) for c in candidates]
     runs: list[list[MeasureRecord]] = [[] for _ in candidates]
     for _ in range(max(1, repeats)):
-        for i, (config, predicted_s) in enumerate(candidates):
+        for i, (config, predicted_s, boundaries) in enumerate(candidates):
             if runs[i] and runs[i][-1].status != "measured":
                 continue  # refused or crashed once: it will again
-            runs[i].append(measure_config(config, predicted_s, base_job, min_features=min_features))
+            if boundaries is None and runs[i]:
+                boundaries = runs[i][0].boundaries
+            runs[i].append(
+                measure_config(
+                    config, predicted_s, base_job, min_features=min_features, boundaries=boundaries
+                )
+            )
     records = []
-    for (config, predicted_s), done in zip(candidates, runs):
+    for (config, predicted_s, _), done in zip(candidates, runs):
         times = sorted(r.measured_step_s for r in done if r.measured_step_s is not None)
         if not times:
             records.append(done[-1])
@@ -157,8 +184,11 @@ def measure_many(
             if len(times) > 1
             else ""
         )
+        ran = next((r.boundaries for r in done if r.boundaries is not None), None)
         records.append(
-            MeasureRecord(config, predicted_s, statistics.median(times), "measured", detail, tuple(times))
+            MeasureRecord(
+                config, predicted_s, statistics.median(times), "measured", detail, tuple(times), ran
+            )
         )
     return records
 

@@ -287,9 +287,11 @@ class CostModel:
         """Send one microbatch's output of `layer` to the next stage (sequence-parallel shard)."""
         return self.profile.p2p_time_s(layer.output_elements * self.machine.param_itemsize // tp)
 
-    def pipeline(self, c: PlanConfig) -> _Pipeline:
+    def pipeline(self, c: PlanConfig, boundaries: tuple[int, ...] | None = None) -> _Pipeline:
+        """The pipeline of `c`: its split (the cost-based partition, or `boundaries` when given, e.g. the
+        split a measured run used), per-stage costs and simulated step."""
         key = (c.micro_batch_size, c.tp, c.tp_overlap, c.tp_chunks, c.precision, c.pp, c.vpp, c.schedule)
-        key += (c.microbatches,)
+        key += (c.microbatches, None if boundaries is None else tuple(boundaries))
         if key in self._pipelines:
             return self._pipelines[key]
         costs = self.layer_costs(c.micro_batch_size, c.tp, c.tp_overlap, c.tp_chunks, c.precision)
@@ -325,8 +327,14 @@ class CostModel:
             )
 
         chunks = c.pp * c.vpp
-        if chunks == 1:
-            boundaries: tuple[int, ...] = (0, len(costs))
+        if boundaries is not None:
+            boundaries = tuple(boundaries)
+            if len(boundaries) != chunks + 1 or boundaries[0] != 0 or boundaries[-1] != len(costs):
+                raise ValueError(
+                    f"boundaries={list(boundaries)} do not cut {len(costs)} layers into pp*vpp={chunks} chunks"
+                )
+        elif chunks == 1:
+            boundaries = (0, len(costs))
         elif math.comb(len(costs) - 1, chunks - 1) <= EXHAUSTIVE_PARTITION_LIMIT:
             p2p_max = max(self.p2p_s(layer, c.tp) for layer in model_layers)
             found = partition(
@@ -344,9 +352,10 @@ class CostModel:
         return self._pipelines[key]
 
     # ---- whole step ---------------------------------------------------------------------------
-    def predict(self, config: PlanConfig) -> Prediction:
-        """Step time and peak memory per device of `config` (raises ValueError if it cannot be modelled)."""
-        pipe = self.pipeline(config)
+    def predict(self, config: PlanConfig, boundaries: tuple[int, ...] | None = None) -> Prediction:
+        """Step time and peak memory per device of `config` (raises ValueError if it cannot be modelled),
+        on the planner's own pipeline split or on `boundaries`."""
+        pipe = self.pipeline(config, boundaries)
         ranks = []
         for rank in sorted(pipe.simulation.timeline):
             ranks.append(self._rank(config, pipe, rank))

@@ -62,6 +62,9 @@ class ParallelConfig:
     sequence_parallel: bool = True  # with tp > 1: norms and residuals on sequence shards
     tp_overlap: str = "none"  # none | chunked | auto (sysopt.tensor_parallel overlap policy)
     tp_chunks: int | None = None  # chunk count for tp_overlap=chunked (None: the policy's default)
+    # the pipeline split: pp*vpp+1 block indices from 0 to the block count (chunk c holds blocks
+    # boundaries[c]..boundaries[c+1]-1), e.g. what sysopt-plan chose; None: the cost-based partitioner
+    boundaries: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         Topology(tp=self.tp, pp=self.pp, dp=self.dp, vpp=self.vpp)  # validates the sizes
@@ -262,6 +265,19 @@ def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
             f"parallel.pp*vpp = {p.pp}*{p.vpp} = {p.pp * p.vpp} pipeline chunks but the model has only "
             f"{n_blocks} blocks; lower parallel.pp or parallel.vpp, or add model.layers"
         )
+    if p.boundaries is not None:
+        b, chunks = list(p.boundaries), p.pp * p.vpp
+        even = [round(i * n_blocks / chunks) for i in range(chunks + 1)]
+        if (
+            len(b) != chunks + 1
+            or b[0] != 0
+            or b[-1] != n_blocks
+            or any(not isinstance(x, int) or y <= x for x, y in zip(b, b[1:]))
+        ):
+            raise ConfigError(
+                f"parallel.boundaries={b} must cut the model's {n_blocks} blocks into pp*vpp={chunks} chunks: "
+                f"{chunks + 1} increasing integers from 0 to {n_blocks}, e.g. {even}, or null to partition by cost"
+            )
     if p.pp > 1:
         if sched.name in EXTRA_SCHEDULES:
             if sched.name == "megatron_interleaved" and microbatches % p.pp:

@@ -103,10 +103,16 @@ class ParallelVLM:
         sample_batch: Batch,
         boundaries: tuple[int, ...] | None = None,
     ) -> None:
-        """`boundaries` fixes the pipeline split (a resumed run must cut where its checkpoint did);
-        None measures block costs and partitions."""
+        """`boundaries` fixes the pipeline split (a resumed run must cut where its checkpoint did), else
+        parallel.boundaries does; with neither, block costs are measured and partitioned."""
         self.job, self.groups = job, groups
         p = job.parallel
+        if boundaries is not None and p.boundaries is not None and tuple(boundaries) != tuple(p.boundaries):
+            raise ValueError(
+                f"parallel.boundaries={list(p.boundaries)} but the checkpoint was cut at {list(boundaries)}; "
+                f"set parallel.boundaries={list(boundaries)} (or null) to resume it"
+            )
+        boundaries = p.boundaries if boundaries is None else boundaries
         self.microbatches = job.schedule.resolved_microbatches(p.pp)
         model = VLM(job.model)
         costs = None
