@@ -42,14 +42,19 @@ def _reference(num_stages: int, microbatches: int):
     return torch.stack(losses), grads
 
 
+def _split_options(options: dict) -> tuple[dict, int | None]:
+    """A case's build() options and its executor receive window (default 1)."""
+    options = dict(options)
+    return options, options.pop("receive_ahead", 1)
+
+
 def _run_cases(cases):
     """On each rank: run every (name, vpp, microbatches, options) case; return losses and local grads.
     options["receive_ahead"] (default 1) is the executor's receive window, the rest go to build()."""
     torch.manual_seed(0)
     out = []
     for name, vpp, m, options in cases:
-        options = dict(options)
-        ahead = options.pop("receive_ahead", 1)
+        options, ahead = _split_options(options)
         schedule = build(name, dist.get_world_size(), vpp, m, **options)
         rank = dist.get_rank()
         modules = {s: _stage_module(s) for s in schedule.stages_of(rank)}
@@ -95,7 +100,7 @@ SLOW_CASES = {4: [("gpipe", 1, 5, {}), ("zb_h1", 1, 6, {}), ("zb_h1", 2, 8, {})]
 def _check(world, cases):
     results = launch(_run_cases, world, args=(cases,), timeout_s=100)
     for i, (name, vpp, m, options) in enumerate(cases):
-        schedule = build(name, world, vpp, m, **{k: v for k, v in options.items() if k != "receive_ahead"})
+        schedule = build(name, world, vpp, m, **_split_options(options)[0])
         ref_losses, ref_grads = _reference(schedule.num_stages, m)
         last_rank = schedule.stage_to_rank[-1]
         losses, _ = results[last_rank][i]

@@ -94,15 +94,13 @@ def trainer_overrides(
     offload=device is left out too: the trainer then runs torch's fused AdamW on the device, the
     update the profile's optimizer rate was measured with."""
     keep = []
-    for item in config.to_overrides(min_features):
+    for item in config.to_overrides(min_features, boundaries):
         key, _, value = item.partition("=")
         if key in NEUTRAL and parse_value(value) == NEUTRAL[key]:
             continue
         if key.startswith("schedule.") and config.pp == 1 and config.microbatches == 1:
             continue
         keep.append(item)
-    if boundaries is not None and config.pp > 1:
-        keep.append(f"parallel.boundaries=[{','.join(str(int(b)) for b in boundaries)}]")
     return keep
 
 

@@ -127,13 +127,6 @@ def runner_up(ranking: Ranking) -> Prediction | None:
     )
 
 
-def _split_override(p) -> list[str]:
-    """The planned pipeline split as a trainer override (pp > 1), so the printed command runs the plan."""
-    if p.config.pp == 1:
-        return []
-    return [f"parallel.boundaries=[{','.join(str(b) for b in p.boundaries)}]"]
-
-
 def explain(ranking: Ranking, min_features: int | None = None) -> str:
     """Why the top config: its step-time breakdown and memory, and where the runner-up loses time.
     `min_features` goes into the printed sysopt-train command (see PlanConfig.to_overrides)."""
@@ -144,7 +137,7 @@ def explain(ranking: Ranking, min_features: int | None = None) -> str:
         f"  peak memory {top.peak_memory_bytes / MIB:.1f} MiB per device of "
         f"{ranking.memory_bytes / GIB:.1f} GiB; layers per pipeline chunk "
         f"{[b - a for a, b in zip(top.boundaries, top.boundaries[1:])]}",
-        f"  sysopt-train {' '.join(top.config.to_overrides(min_features) + _split_override(top))}",
+        f"  sysopt-train {' '.join(top.config.to_overrides(min_features, top.boundaries))}",
     ]
     ties = [
         p for p in ranking.ranked[1:] if p.step_s == top.step_s and all(

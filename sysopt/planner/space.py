@@ -41,9 +41,12 @@ class PlanConfig:
     def global_batch(self) -> int:
         return self.dp * self.microbatches * self.micro_batch_size
 
-    def to_overrides(self, min_features: int | None = None) -> list[str]:
+    def to_overrides(
+        self, min_features: int | None = None, boundaries: tuple[int, ...] | None = None
+    ) -> list[str]:
         """Hydra overrides for sysopt-train that run this configuration; `min_features` (with a
-        precision recipe) is the narrowest linear converted, as the planner modelled it."""
+        precision recipe) is the narrowest linear converted, as the planner modelled it; `boundaries`
+        (with pp > 1) the pipeline split to run, e.g. the one the planner predicted."""
         out = [
             f"parallel.tp={self.tp}",
             f"parallel.pp={self.pp}",
@@ -59,6 +62,8 @@ class PlanConfig:
         ]
         if self.precision is not None and min_features is not None:
             out.append(f"precision.min_features={min_features}")
+        if boundaries is not None and self.pp > 1:
+            out.append(f"parallel.boundaries=[{','.join(str(int(x)) for x in boundaries)}]")
         return out
 
     def label(self) -> str:

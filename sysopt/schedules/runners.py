@@ -91,9 +91,8 @@ def _loss(y: torch.Tensor, _target=None) -> torch.Tensor:
 def _sysopt(spec: RunSpec):
     schedule = build(spec.schedule, dist.get_world_size(), spec.vpp, spec.microbatches, **dict(spec.options))
     modules = {s: EmulatedStage(spec.costs[s], spec.shape[-1]) for s in schedule.stages_of(dist.get_rank())}
-    executor = ScheduleExecutor(
-        schedule, modules, _loss, boundary_shape=spec.shape, receive_ahead=None
-    )  # gloo
+    # gloo: every receive posted at the step's start, as the trainer does (sysopt.train.parallel)
+    executor = ScheduleExecutor(schedule, modules, _loss, boundary_shape=spec.shape, receive_ahead=None)
     spans: list[tuple[str, float, float]] = []
     arrived = [0.0]  # when the last awaited message arrived: a span starts after its inputs are in
     receive = executor._received
