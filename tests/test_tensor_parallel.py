@@ -133,6 +133,7 @@ def _layer_checks() -> list[str]:
     _check(failures, "row init", row.weight, _shard(dense.weight, 1))
 
     # a chunked row layer with sequence parallelism issues one collective per chunk, each after its GEMM
+    # (of the other ranks' rows), and multiplies this rank's own rows last, after the last one started
     timeline = Timeline()
     with recording(timeline):
         RowParallelLinear(IN, OUT, sequence_parallel=True, overlap="chunked:3")(
@@ -140,8 +141,16 @@ def _layer_checks() -> list[str]:
         )
     comms = [s for s in timeline.spans if s.kind == "comm"]
     gemms = [s for s in timeline.spans if s.kind == "compute"]
-    if len(comms) != 3 or len(gemms) != 3 or any(c.start_s < g.end_s for c, g in zip(comms, gemms)):
-        failures.append(f"timeline: expected 3 GEMMs each followed by its collective, got {timeline.spans}")
+    if (
+        len(comms) != 3
+        or len(gemms) != 4
+        or any(c.start_s < g.end_s for c, g in zip(comms, gemms))
+        or not gemms[3].name.endswith("[local]")
+        or gemms[3].start_s < comms[2].start_s
+    ):
+        failures.append(
+            f"timeline: expected 3 GEMMs each followed by its collective, then the local GEMM, got {timeline.spans}"
+        )
     return failures
 
 

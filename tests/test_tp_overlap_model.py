@@ -22,11 +22,11 @@ from sysopt.tensor_parallel import (
 )
 
 
-def simulate(kind: str, chunks: int, compute_s: float, comm_s: float, lead_s: float) -> float:
+def simulate(kind: str, chunks: int, compute_s: float, comm_s: float, local_s: float) -> float:
     """Event simulation: one compute resource, one communication resource, chunk dependencies."""
     compute_free = comm_free = 0.0
     if kind == "all_gather":  # transfers back to back from t=0; the local GEMM first
-        compute_free = lead_s
+        compute_free = local_s
         for _ in range(chunks):
             comm_free += comm_s
             compute_free = max(compute_free, comm_free) + compute_s
@@ -34,7 +34,11 @@ def simulate(kind: str, chunks: int, compute_s: float, comm_s: float, lead_s: fl
     for _ in range(chunks):  # each chunk's collective starts once its GEMM is done and the link is free
         compute_free += compute_s
         comm_free = max(comm_free, compute_free) + comm_s
-    return comm_free
+    if kind == "reduce_scatter":  # this rank's own block last, while the transfers finish
+        compute_free += local_s
+    else:
+        assert local_s == 0.0, "an all-reduce has no local block"
+    return max(compute_free, comm_free)
 
 
 @pytest.mark.parametrize("kind", ["reduce_scatter", "all_gather", "all_reduce"])
@@ -42,8 +46,10 @@ def test_pipeline_closed_form_equals_event_simulation(kind):
     rng = random.Random(0)
     for _ in range(500):
         chunks = rng.randint(1, 20)
-        c, m, lead = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0, 2)
-        assert pipeline_time_s(kind, chunks, c, m, lead) == pytest.approx(simulate(kind, chunks, c, m, lead))
+        c, m, local = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0, 2) if kind != "all_reduce" else 0.0
+        assert pipeline_time_s(kind, chunks, c, m, local) == pytest.approx(
+            simulate(kind, chunks, c, m, local)
+        )
 
 
 @pytest.mark.parametrize("kind", ["reduce_scatter", "all_gather"])
@@ -69,11 +75,14 @@ def test_choose_chunks_matches_brute_force(kind):
 
 
 def test_choice_follows_latency_and_balance():
-    free_latency = fake_profile(flops_per_s=5e10, latency_s=0.0, bytes_per_s=2e9)
     op = GemmCollective("reduce_scatter", rows=1024, n=1024, k=1024, tp=2)
-    # no cost to splitting finer
+    # a slow link: the transfer outlasts the GEMM on this rank's own block, and splitting is free
+    free_latency = fake_profile(flops_per_s=5e10, latency_s=0.0, bytes_per_s=5e7)
     assert choose_chunks_for(free_latency, op, max_chunks=16, chunk_overhead_s=0.0).chunks == 16
-    costly_latency = fake_profile(flops_per_s=5e10, latency_s=1.0, bytes_per_s=2e9)
+    # a fast link: the own block's GEMM already hides the whole transfer, so one chunk is best
+    fast_link = fake_profile(flops_per_s=5e10, latency_s=0.0, bytes_per_s=2e10)
+    assert choose_chunks_for(fast_link, op, max_chunks=16, chunk_overhead_s=0.0).chunks == 1
+    costly_latency = fake_profile(flops_per_s=5e10, latency_s=1.0, bytes_per_s=5e7)
     assert choose_chunks_for(costly_latency, op, max_chunks=16).chunks == 1
     tiny = GemmCollective("all_gather", rows=3, n=8, k=8, tp=4)
     assert choose_chunks_for(free_latency, tiny, max_chunks=16).chunks <= 3  # never more chunks than rows
@@ -134,14 +143,15 @@ def test_auto_reads_the_calibrated_chunk_overhead():
     import dataclasses
 
     op = GemmCollective("reduce_scatter", rows=1024, n=512, k=2048, tp=2)
-    base = fake_profile(flops_per_s=5e10, latency_s=1e-5, bytes_per_s=2e9)
+    # a slow link, so the transfer outlasts the GEMM on this rank's own block and chunking can pay
+    base = fake_profile(flops_per_s=5e10, latency_s=1e-5, bytes_per_s=2e7)
 
     def chunks_with(overhead_s):
         cal = dataclasses.replace(base.calibration, tp_chunk_overhead_s=overhead_s)
         return OverlapPolicy("auto", profile=dataclasses.replace(base, calibration=cal)).plan(op).chunks
 
-    cheap, costly = chunks_with(1e-6), chunks_with(5e-3)
-    assert cheap > 2 and costly == 1  # a 5 ms chunk never pays; a 1 us one does
+    cheap, costly = chunks_with(1e-6), chunks_with(0.5)
+    assert cheap > 2 and costly == 1  # a 0.5 s chunk never pays (the transfer is ~0.1 s); a 1 us one does
     explicit = OverlapPolicy("auto", chunk_overhead_s=1e-6, profile=base).plan(op).chunks
     assert explicit == cheap  # an explicit value wins; without calibration the default constant is used
     assert OverlapPolicy.from_dict(OverlapPolicy("auto").to_dict()) == OverlapPolicy("auto")

@@ -224,11 +224,11 @@ class CostModel:
         """Collective time not hidden behind the GEMM: all of it without overlap; with 'chunked', the
         chunk pipeline's time beyond the unchunked GEMM (chunk_model.pipeline_time_s)."""
         costs = profile_costs(self.profile, op)
-        compute_s, comm_s, lead_s = costs(1)
+        compute_s, comm_s, local_s = costs(1)
         if overlap == "none":
             return comm_s
         k = min(chunks, op.rows)
-        return max(0.0, pipeline_time_s(op.kind, k, *costs(k)) - (compute_s + lead_s))
+        return max(0.0, pipeline_time_s(op.kind, k, *costs(k)) - (compute_s + local_s))
 
     def choose_tp_chunks(self, tp: int, micro_batch_size: int, max_chunks: int = 16) -> int:
         """The chunk count (smallest on ties) that leaves the least collective time exposed over a

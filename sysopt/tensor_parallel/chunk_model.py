@@ -1,12 +1,15 @@
 """Cost model for chunked GEMM/collective overlap: the pipeline time of k chunks and the k that
 minimises it, with GEMM and collective costs read from a HardwareProfile (pure Python, no torch).
 
-A producer GEMM feeding a collective (reduce-scatter, all-reduce) in k equal chunks finishes at
+A producer GEMM feeding an all-reduce runs in k equal chunks and finishes at
     first chunk compute + sum_{i=2..k} max(compute_i, comm_{i-1}) + last comm
   = max(k*c + m, c + k*m)
-for per-chunk compute c and communication m (latency included in m). An all-gather feeding a GEMM
-starts with the local shard's GEMM (lead time L) while chunk 1 arrives, so it ends at
-    max(max(L, m) + k*c, k*m + c).
+for per-chunk compute c and communication m (latency included in m). A reduce-scatter sends only
+the rows other ranks own, so those go first in k chunks and this rank's own rows (local compute L)
+are multiplied last, under the final transfer: max(k*c + max(L, m), c + k*m). An all-gather
+feeding a GEMM starts with the local shard's GEMM (L) while chunk 1 arrives, so it ends at
+    max(max(L, m) + k*c, k*m + c)
+which is the same expression: one formula, with L = 0 for the all-reduce.
 """
 
 from __future__ import annotations
@@ -67,25 +70,27 @@ class ChunkChoice:
         return asdict(self)
 
 
-# (per-chunk compute s, per-chunk communication s, lead compute s) for a chunk count
+# (per-chunk compute s, per-chunk communication s, local compute s) for a chunk count: the local
+# compute is the GEMM on this rank's own block, first for an all-gather, last for a reduce-scatter
 ChunkCosts = Callable[[int], tuple[float, float, float]]
 
 
 def pipeline_time_s(
-    kind: str, chunks: int, compute_s: float, comm_s: float, lead_compute_s: float = 0.0
+    kind: str, chunks: int, compute_s: float, comm_s: float, local_compute_s: float = 0.0
 ) -> float:
-    """Time of `chunks` equal chunks, each costing `compute_s` of GEMM and `comm_s` of collective."""
-    if kind == "all_gather":
-        return max(max(lead_compute_s, comm_s) + chunks * compute_s, chunks * comm_s + compute_s)
-    return max(chunks * compute_s + comm_s, compute_s + chunks * comm_s)
+    """Time of `chunks` equal chunks, each costing `compute_s` of GEMM and `comm_s` of collective,
+    plus `local_compute_s` of GEMM on this rank's own block (all-gather, reduce-scatter)."""
+    if kind not in KINDS:
+        raise ValueError(f"pipeline_time_s: kind={kind!r} must be one of {KINDS}")
+    return max(max(local_compute_s, comm_s) + chunks * compute_s, compute_s + chunks * comm_s)
 
 
 def choose_chunks(kind: str, costs: ChunkCosts, max_chunks: int) -> ChunkChoice:
     """The chunk count in 1..max_chunks with the least pipeline time (the smaller count on ties)."""
     if max_chunks < 1:
         raise ValueError(f"max_chunks={max_chunks} must be >= 1")
-    compute_1, comm_1, lead_1 = costs(1)
-    serial_s = lead_1 + compute_1 + comm_1
+    compute_1, comm_1, local_1 = costs(1)
+    serial_s = local_1 + compute_1 + comm_1
     best: ChunkChoice | None = None
     for chunks in range(1, max_chunks + 1):
         t = pipeline_time_s(kind, chunks, *costs(chunks))
@@ -131,9 +136,10 @@ def profile_costs(
 
     def costs(chunks: int) -> tuple[float, float, float]:
         rows = math.ceil(op.rows / chunks)  # the largest chunk sets the pace
-        if op.kind == "reduce_scatter":
-            nbytes = op.tp * rows * op.n * op.itemsize
-            return gemm_s(op.tp * rows), collective_time_s(profile, op.kind, nbytes, op.tp), 0.0
+        if op.kind == "reduce_scatter":  # the other ranks' rows of each chunk, then our own block
+            nbytes = op.tp * rows * op.n * op.itemsize  # on the wire as a reduce-scatter of tp blocks
+            compute_s = gemm_s((op.tp - 1) * rows)
+            return compute_s, collective_time_s(profile, op.kind, nbytes, op.tp), gemm_s(op.rows)
         if op.kind == "all_gather":
             nbytes = op.tp * rows * op.k * op.itemsize
             compute_s = (op.tp - 1) * (gemm_s(rows) - chunk_overhead_s) + chunk_overhead_s

@@ -98,6 +98,22 @@ def reduce_scatter(
     return Pending(work, out, finish=lambda: torch.sum(received.view(tp, *shape), dim=0, out=out), done=done)
 
 
+def exchange(x: torch.Tensor, group: dist.ProcessGroup | None, name: str = "exchange") -> Pending:
+    """All-to-all between the other ranks only: `x` holds (tp-1) equal row blocks, one for each other
+    rank in rank order; the result holds the block each of them sent here, in the same order."""
+    tp, rank = group_size(group), group_rank(group)
+    x = x.contiguous()
+    if tp == 1:
+        return Pending(None, x)
+    if x.shape[0] % (tp - 1):
+        raise ValueError(f"exchange: dim 0 of size {x.shape[0]} is not divisible by tp-1={tp - 1}")
+    block = x.shape[0] // (tp - 1)
+    splits = [0 if r == rank else block for r in range(tp)]
+    out = torch.empty_like(x)
+    done = runtime.comm_started(name)
+    return Pending(dist.all_to_all_single(out, x, splits, splits, group=group, async_op=True), out, done=done)
+
+
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, name: str = "all_reduce") -> Pending:
     """Sum `x` over ranks in place (`x` must be contiguous)."""
     if not x.is_contiguous():

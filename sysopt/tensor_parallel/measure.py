@@ -48,8 +48,12 @@ class ShapeRecorder(TorchCompute):
 
 class MeasuredGemms:
     """GEMM seconds per (m, n, k) for emulated compute. `measure(shapes)` (collective) times the
-    shapes on rank 0 alone while the others wait (median of 5), and gives every rank that table,
-    so emulated ranks sleep identical times."""
+    shapes on rank 0 alone while the others wait, and gives every rank that table, so emulated
+    ranks sleep identical times. The shapes are timed round-robin (`rounds` times each, median), so
+    a change in the machine's speed while measuring (shared hosts drift by 20%) hits the chunked
+    and the unchunked GEMMs alike instead of skewing one strategy's sleeps against another's."""
+
+    rounds = 9
 
     def __init__(self) -> None:
         self.seconds: dict[tuple[int, int, int], float] = {}
@@ -63,15 +67,16 @@ class MeasuredGemms:
         missing = sorted(set().union(*map(set, everyone)))
         table = [{}]
         if dist.get_rank() == 0:
-            for m, n, k in missing:
-                a, b = torch.randn(m, k), torch.randn(k, n)
-                torch.mm(a, b)
-                times = []
-                for _ in range(5):
+            operands = {(m, n, k): (torch.randn(m, k), torch.randn(k, n)) for m, n, k in missing}
+            times: dict[tuple[int, int, int], list[float]] = {shape: [] for shape in operands}
+            for a, b in operands.values():
+                torch.mm(a, b)  # warm-up
+            for _ in range(self.rounds):
+                for shape, (a, b) in operands.items():
                     start = time.perf_counter()
                     torch.mm(a, b)
-                    times.append(time.perf_counter() - start)
-                table[0][(m, n, k)] = statistics.median(times)
+                    times[shape].append(time.perf_counter() - start)
+            table[0] = {shape: statistics.median(t) for shape, t in times.items()}
         dist.broadcast_object_list(table, src=0)
         self.seconds.update(table[0])
 

@@ -1,8 +1,10 @@
 """Overlap policies (`none`, `chunked`, `auto`) and the GEMM+collective kernels they drive.
 
 `chunked` is T3 in software: a GEMM feeding a reduce-scatter / all-reduce runs in k row chunks
-and each chunk's asynchronous collective starts as soon as its rows exist; an all-gather feeding
-a GEMM starts on the local shard while the remote shards arrive in k asynchronous all-gathers.
+and each chunk's asynchronous collective starts as soon as its rows exist (for a reduce-scatter the
+rows other ranks own go first and this rank's own rows last, so their GEMM hides the last transfer);
+an all-gather feeding a GEMM starts on the local shard while the remote shards arrive in k
+asynchronous all-gathers.
 `none` runs the collective and the GEMM one after the other. `auto` picks k per GEMM from the
 HardwareProfile (see chunk_model). Every rank must resolve the same plan (same profile, shapes).
 """
@@ -149,14 +151,20 @@ def chunk_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
 
 
 class InFlight:
-    """Collectives launched for one result; wait() completes them all and returns the result."""
+    """Collectives launched for one result; wait() completes them all, runs `finish` (if any) once,
+    and returns the result."""
 
-    def __init__(self, pending: list[comm.Pending], result: torch.Tensor) -> None:
-        self.pending, self.result = pending, result
+    def __init__(
+        self, pending: list[comm.Pending], result: torch.Tensor, finish: Callable[[], None] | None = None
+    ) -> None:
+        self.pending, self.result, self._finish = pending, result, finish
 
     def wait(self) -> torch.Tensor:
         for p in self.pending:
             p.wait()
+        if self._finish is not None:
+            self._finish()
+            self._finish = None
         return self.result
 
 
@@ -221,26 +229,42 @@ def mm_into(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, name: str) -
         target.copy_(runtime.mm(a, b, name=name).view(target.shape))
 
 
+def remote_rows(a3: torch.Tensor, rank: int, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo:hi of every block of `a3` ([tp, rows, k]) except block `rank`, as one
+    [(tp-1)*(hi-lo), k] matrix in rank order (a view at tp=2, else a copy)."""
+    if a3.shape[0] == 2:
+        return a3[1 - rank, lo:hi]
+    return torch.cat([a3[:rank, lo:hi], a3[rank + 1 :, lo:hi]]).reshape(-1, a3.shape[2])
+
+
 def gemm_reduce_scatter(
     a: torch.Tensor, b: torch.Tensor, group: dist.ProcessGroup | None, plan: ChunkPlan, name: str
 ) -> InFlight:
-    """Reduce-scatter of a @ b over dim 0 (a: [tp*rows, k], rank-major rows) -> [rows, n]."""
+    """Reduce-scatter of a @ b over dim 0 (a: [tp*rows, k], rank-major rows) -> [rows, n].
+
+    Overlapped, the rows other ranks own come first: chunk i's GEMM makes rows lo:hi of every other
+    rank's block and its exchange (an all-to-all among the other ranks) starts at once. This rank's
+    own block is multiplied last, while the final chunks are in flight, and the partial sums received
+    are added to it when the result is waited for (after whatever the caller overlaps with them).
+    """
     tp = comm.group_size(group)
     if not plan.overlap:
         full = runtime.mm(a, b, name=f"{name}.gemm")
         return InFlight([], comm.reduce_scatter(full, group, name=name).wait())
-    rows = a.shape[0] // tp
-    out = torch.empty(rows, b.shape[1], dtype=a.dtype, device=a.device)
-    per_rank = a.reshape(tp, rows, a.shape[1])
-    pending = []
-    for i, (lo, hi) in enumerate(
-        chunk_bounds(rows, plan.chunks)
-    ):  # chunk i: rows lo:hi of every rank's shard
-        block = runtime.mm(
-            per_rank[:, lo:hi].reshape(tp * (hi - lo), a.shape[1]), b, name=f"{name}.gemm[{i}]"
-        )
-        pending.append(comm.reduce_scatter(block, group, out=out[lo:hi], name=f"{name}[{i}]"))
-    return InFlight(pending, out)
+    rank, rows, n = comm.group_rank(group), a.shape[0] // tp, b.shape[1]
+    a3 = a.reshape(tp, rows, a.shape[1])
+    chunks = []
+    for i, (lo, hi) in enumerate(chunk_bounds(rows, plan.chunks)):
+        block = runtime.mm(remote_rows(a3, rank, lo, hi), b, name=f"{name}.gemm[{i}]")
+        chunks.append((lo, hi, comm.exchange(block, group, name=f"{name}[{i}]")))
+    out = runtime.mm(a3[rank], b, name=f"{name}.gemm[local]")
+
+    def add_received() -> None:
+        for lo, hi, pending in chunks:
+            for partial in pending.wait().view(tp - 1, hi - lo, n):  # in rank order
+                out[lo:hi] += partial
+
+    return InFlight([pending for _, _, pending in chunks], out, add_received)
 
 
 def gemm_all_reduce(
