@@ -159,6 +159,28 @@ def test_gradient_accumulation_copies_the_final_gradient():
     assert_params_equal(ref, model)
 
 
+def test_gradient_accumulation_copies_each_gradient_once_per_step_after_the_first():
+    """The first step copies at every microbatch's hook; later ones only at the hook that completes the
+    gradient (the count the last step saw). A step with fewer microbatches than the last still gives the
+    right update: step() copies the gradients whose copy never started."""
+    xs = batches(5)
+    model, opt, sched = offload("host")
+    used = sum(1 for p in model.parameters() if p is not model.unused.weight and p is not model.unused.bias)
+    train(model, opt, sched, xs[:1], accumulate=4, clip="none")
+    assert (opt.stats.grad_copies_started, opt.stats.grad_copies_skipped) == (4 * used, 0)
+    train(model, opt, sched, xs[1:3], accumulate=4, clip="none")
+    assert opt.stats.grad_copies_started == 4 * used + 2 * used
+    assert opt.stats.grad_copies_skipped == 2 * 3 * used and opt.stats.grad_copies_redone == 0
+    train(model, opt, sched, xs[3:], accumulate=2, clip="none")  # fewer microbatches than the step before
+    assert opt.stats.grad_copies_redone == used  # the first such step: no hook reached the count of 4
+    ref = make_model()
+    ref_opt = torch.optim.AdamW(param_groups(ref), lr=1e-3, fused=True)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    for chunk, accumulate in ((xs[:1], 4), (xs[1:3], 4), (xs[3:], 2)):
+        train(ref, ref_opt, ref_sched, chunk, clip="none", accumulate=accumulate)
+    assert_params_equal(ref, model)
+
+
 @pytest.mark.parametrize("strategy", ["device", "host"])
 def test_bf16_parameters_with_fp32_master_match_adamw_on_fp32_copies(strategy):
     xs = batches(4)

@@ -47,6 +47,7 @@ class OffloadStats:
     steps: int = 0
     grad_copies_started: int = 0  # from post-accumulate-grad hooks, during backward
     grad_copies_redone: int = 0  # at step(): the gradient changed after its copy (e.g. clipping)
+    grad_copies_skipped: int = 0  # hooks of accumulation microbatches before the last: no copy started
     param_copies_started: int = 0
     param_waits: int = 0
     replans: int = 0
@@ -168,6 +169,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._host_master: dict[torch.Tensor, torch.Tensor] = {}  # fp32 params: host fp32 copy
         self._host_grad: dict[torch.Tensor, torch.Tensor] = {}
         self._grad_copies: dict[torch.Tensor, _GradCopy] = {}
+        # gradient-ready hooks per parameter in this step and the last one: with gradient accumulation
+        # only the hook that completes the gradient (the last step's count) starts a copy to the host
+        self._grad_hooks_now: dict[torch.Tensor, int] = {}
+        self._grad_hooks_last: dict[torch.Tensor, int] = {}
         self._param_version: dict[torch.Tensor, int] = {}
         self._pending_params: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # not yet safe to read
         self._inflight_params: dict[int, Any] = {}  # may still read the host master
@@ -307,7 +312,12 @@ class OffloadAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------- backward side
 
     def _grad_ready(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: start the gradient's copy to the host while backward continues."""
+        """Post-accumulate-grad hook: start the gradient's copy to the host while backward continues.
+
+        Under gradient accumulation the hook runs once per microbatch; the copy starts only from the
+        hook that completes the gradient, taken to be the n-th where the last step saw n hooks (the
+        first step copies every time). Guessing wrong costs time, never correctness: step() re-copies
+        any gradient that changed after its copy (_host_grad_current)."""
         now = time.perf_counter()
         if self._first_grad_s is None:
             self._first_grad_s = now
@@ -315,8 +325,12 @@ class OffloadAdamW(torch.optim.Optimizer):
         i = self._subgroup_of[p]
         if i not in self._seen_order:
             self._seen_order.append(i)
+        hooks = self._grad_hooks_now[p] = self._grad_hooks_now.get(p, 0) + 1
         g = p.grad
         if self._where[p] != HOST or g is None or g.is_sparse:
+            return
+        if hooks < self._grad_hooks_last.get(p, 1):  # more accumulation to come: copy later
+            self.stats.grad_copies_skipped += 1
             return
         handle = self._transfers.d2h([self._host_grad[p]], [g])
         self._grad_copies[p] = _GradCopy(g, g._version, handle)
@@ -545,6 +559,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         if len(self._seen_order) == len(self.subgroups):
             self._ready_order = list(self._seen_order)
         self._seen_order = []
+        self._grad_hooks_last, self._grad_hooks_now = self._grad_hooks_now, {}
         self._first_grad_s = self._last_grad_s = None
         interval = self.replan_interval_steps
         replanning = self.strategy == "interleaved" and self._given_plan is None and interval
