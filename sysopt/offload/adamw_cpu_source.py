@@ -1,5 +1,5 @@
 """C++ source of the host AdamW kernel (built JIT by sysopt.offload.cpu_kernel): bf16 moments with stochastic
-rounding, fp32 or Kahan-compensated bf16 master weights, fp32 or bf16 gradients; AVX-512 with a scalar twin.
+rounding, fp32 or Kahan-compensated bf16 master weights, fp32 or bf16 gradients; AVX-512 (or AVX2 where the CPU has no AVX-512) with a scalar twin.
 
 Every operation is a single IEEE-rounded add, multiply, divide or square root (built with -ffp-contract=off,
 so no FMA), in the same order as the torch reference in sysopt.offload.update: results are bitwise equal.
@@ -18,6 +18,9 @@ CPP_SOURCE = r"""
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define SYSOPT_AVX512 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define SYSOPT_AVX2 1
 #endif
 
 namespace {
@@ -200,6 +203,78 @@ inline void element16(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper
 }
 #endif
 
+#ifdef SYSOPT_AVX2
+// ------------------------------------------------------------------ AVX2 (CPUs without AVX-512): 8 lanes
+
+struct Lanes8 {
+  __m256i weyl = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                    _mm256_set1_epi32(static_cast<int>(kWeyl)));
+};
+
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const c10::BFloat16* x) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline __m256i noise8x(int64_t i, const Hyper& h, const Lanes8& l) {  // lanes i .. i + 7, as noise32
+  uint32_t lo = static_cast<uint32_t>(i), hi = static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32);
+  __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(h.seed_lo + lo * kWeyl + hi * kWeylHigh)), l.weyl);
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
+  return _mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int>(h.seed_hi)));
+}
+
+inline __m256i add_keep_nan8(__m256i u, __m256i add) {  // as high_half, before the shift
+  __m256 x = _mm256_castsi256_ps(u);
+  __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  __m256 sum = _mm256_castsi256_ps(_mm256_add_epi32(u, add));
+  return _mm256_castps_si256(_mm256_blendv_ps(sum, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan));
+}
+
+inline __m256i round_nearest_even8(__m256 x) {  // rounded fp32 bits (low halves are garbage)
+  __m256i u = _mm256_castps_si256(x);
+  __m256i lsb = _mm256_srli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x10000)), 16);
+  return add_keep_nan8(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+}
+
+inline void store_high_halves8(c10::BFloat16* dst, __m256i r) {
+  __m256i high = _mm256_srli_epi32(r, 16);  // <= 0xFFFF: packus does not saturate
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high, high), 0x08);  // qwords 0, 2
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+}
+inline void store8(float* dst, __m256 x, __m256i) { _mm256_storeu_ps(dst, x); }
+inline void store8(c10::BFloat16* dst, __m256 x, __m256i noise16) {
+  store_high_halves8(dst, add_keep_nan8(_mm256_castps_si256(x), noise16));
+}
+
+template <typename P, typename G, typename S, bool kKahan>
+inline void element8(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper& h, const Lanes8& l) {
+  __m256 gi = load8(g + i);
+  __m256 mi = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(h.b1), load8(m + i)), _mm256_mul_ps(_mm256_set1_ps(h.omb1), gi));
+  __m256 vi = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(h.b2), load8(v + i)),
+                            _mm256_mul_ps(_mm256_set1_ps(h.omb2), _mm256_mul_ps(gi, gi)));
+  __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(vi), _mm256_set1_ps(h.inv_bc2_sqrt)), _mm256_set1_ps(h.eps));
+  __m256 step = _mm256_mul_ps(_mm256_set1_ps(h.step_size), _mm256_div_ps(mi, denom));
+  __m256i noise = std::is_same_v<S, c10::BFloat16> ? noise8x(i, h, l) : _mm256_setzero_si256();
+  store8(m + i, mi, _mm256_and_si256(noise, _mm256_set1_epi32(0xFFFF)));
+  store8(v + i, vi, _mm256_srli_epi32(noise, 16));
+  if constexpr (kKahan) {
+    __m256 pi = load8(p + i);
+    __m256 u = _mm256_sub_ps(load8(c + i), _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(h.wdlr), pi), step));
+    __m256i t = round_nearest_even8(_mm256_add_ps(pi, u));
+    __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(t, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    __m256 lost = _mm256_sub_ps(u, _mm256_sub_ps(rounded, pi));
+    store_high_halves8(p + i, t);
+    store_high_halves8(c + i, round_nearest_even8(lost));
+  } else {
+    __m256 pi = load8(p + i);
+    _mm256_storeu_ps(reinterpret_cast<float*>(p + i), _mm256_sub_ps(_mm256_mul_ps(pi, _mm256_set1_ps(h.decay)), step));
+  }
+}
+#endif
+
 template <typename P, typename G, typename S, bool kKahan>
 void run_range(P* p, P* c, const G* g, S* m, S* v, int64_t begin, int64_t end, const Hyper& h) {
   int64_t i = begin;
@@ -214,6 +289,10 @@ void run_range(P* p, P* c, const G* g, S* m, S* v, int64_t begin, int64_t end, c
     if constexpr (kKahan) prefetch(c + i + kPrefetch);
     element16<P, G, S, kKahan>(p, c, g, m, v, i, h, lanes);
   }
+#elif defined(SYSOPT_AVX2)
+  const Lanes8 lanes;
+  _Pragma("GCC unroll 2")
+  for (; i + 8 <= end; i += 8) element8<P, G, S, kKahan>(p, c, g, m, v, i, h, lanes);
 #endif
   for (; i < end; ++i) element<P, G, S, kKahan>(p, c, g, m, v, i, h);
 }
@@ -292,6 +371,14 @@ void adamw_step(at::TensorList params, at::TensorList comps, at::TensorList grad
   }
 }
 
+bool built_with_avx2() {
+#ifdef SYSOPT_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool built_with_avx512() {
 #ifdef SYSOPT_AVX512
   return true;
@@ -306,5 +393,6 @@ TORCH_LIBRARY(SYSOPT_OPS_NAMESPACE, m) {
   m.def("adamw_step(Tensor(a!)[] params, Tensor(b!)[] comps, Tensor[] grads, Tensor(c!)[] exp_avgs, "
         "Tensor(d!)[] exp_avg_sqs, float[] scalars, int[] seeds) -> ()", &adamw_step);
   m.def("built_with_avx512() -> bool", &built_with_avx512);
+  m.def("built_with_avx2() -> bool", &built_with_avx2);  // the 8-lane path (no AVX-512 on this CPU)
 }
 """
