@@ -176,9 +176,10 @@ Consumer = Callable[[int, int, torch.Tensor], None]
 class GatheredBlocks:
     """All-gather of each rank's [rows, k] shard, consumed in blocks.
 
-    Overlapped: k asynchronous all-gathers start at construction, so the caller can do other work
-    before `consume`, which hands over the local shard first and then, as each chunk arrives, the
-    remote ranks' rows of it (in at most two contiguous runs: ranks before and after this one).
+    Overlapped: k asynchronous exchanges (comm.exchange: each other rank gets this rank's rows of the
+    chunk, this rank gets theirs) start at construction, so the caller can do other work before
+    `consume`, which hands over the local shard first and then, as each chunk arrives, the remote
+    ranks' rows of it (in at most two contiguous runs: ranks before and after this one).
     Not overlapped: one blocking all-gather, then the whole gathered tensor as one block.
     """
 
@@ -189,8 +190,8 @@ class GatheredBlocks:
         self.tp, self.rank, self.rows = comm.group_size(group), comm.group_rank(group), local.shape[0]
         if plan.overlap:
             self.bounds = chunk_bounds(self.rows, plan.chunks)
-            self.pending = [
-                comm.all_gather(self.local[a:b], group, f"{name}[{i}]")
+            self.pending = [  # each chunk: every other rank's rows a:b, in rank order
+                comm.exchange(comm.to_every_other(self.local[a:b], self.tp), group, f"{name}[{i}]")
                 for i, (a, b) in enumerate(self.bounds)
             ]
         else:
@@ -203,11 +204,11 @@ class GatheredBlocks:
             return
         consumer(self.rank, 0, self.local.view(1, self.rows, *shape))
         for (a, b), pending in zip(self.bounds, self.pending):
-            blocks = pending.wait().view(self.tp, b - a, *shape)
+            others = pending.wait().view(self.tp - 1, b - a, *shape)
             if self.rank > 0:
-                consumer(0, a, blocks[: self.rank])
+                consumer(0, a, others[: self.rank])
             if self.rank < self.tp - 1:
-                consumer(self.rank + 1, a, blocks[self.rank + 1 :])
+                consumer(self.rank + 1, a, others[self.rank :])
 
 
 def rows_of(t3: torch.Tensor, first_rank: int, row: int, blocks: torch.Tensor) -> torch.Tensor:
