@@ -4,7 +4,7 @@
 and each chunk's asynchronous collective starts as soon as its rows exist (for a reduce-scatter the
 rows other ranks own go first and this rank's own rows last, so their GEMM hides the last transfer);
 an all-gather feeding a GEMM starts on the local shard while the remote shards arrive in k
-asynchronous all-gathers.
+asynchronous exchanges (comm.exchange).
 `none` runs the collective and the GEMM one after the other. `auto` picks k per GEMM from the
 HardwareProfile (see chunk_model). Every rank must resolve the same plan (same profile, shapes).
 """
