@@ -230,14 +230,6 @@ def mm_into(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, name: str) -
         target.copy_(runtime.mm(a, b, name=name).view(target.shape))
 
 
-def remote_rows(a3: torch.Tensor, rank: int, lo: int, hi: int) -> torch.Tensor:
-    """Rows lo:hi of every block of `a3` ([tp, rows, k]) except block `rank`, as one
-    [(tp-1)*(hi-lo), k] matrix in rank order (a view at tp=2, else a copy)."""
-    if a3.shape[0] == 2:
-        return a3[1 - rank, lo:hi]
-    return torch.cat([a3[:rank, lo:hi], a3[rank + 1 :, lo:hi]]).reshape(-1, a3.shape[2])
-
-
 def gemm_reduce_scatter(
     a: torch.Tensor, b: torch.Tensor, group: dist.ProcessGroup | None, plan: ChunkPlan, name: str
 ) -> InFlight:
@@ -256,7 +248,7 @@ def gemm_reduce_scatter(
     a3 = a.reshape(tp, rows, a.shape[1])
     chunks = []
     for i, (lo, hi) in enumerate(chunk_bounds(rows, plan.chunks)):
-        block = runtime.mm(remote_rows(a3, rank, lo, hi), b, name=f"{name}.gemm[{i}]")
+        block = runtime.mm(comm.remote_rows(a3, rank, lo, hi), b, name=f"{name}.gemm[{i}]")
         chunks.append((lo, hi, comm.exchange(block, group, name=f"{name}[{i}]")))
     out = runtime.mm(a3[rank], b, name=f"{name}.gemm[local]")
 
