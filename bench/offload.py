@@ -119,7 +119,11 @@ def _update_candidates(n: int, quick: bool) -> tuple[dict, dict, str | None]:
     g16, p16, c16 = g.bfloat16(), p.bfloat16(), torch.zeros(n, dtype=torch.bfloat16)
     steps = [torch.zeros(()) for _ in range(3)]
     kernel = cpu_kernel.status()
-    impl = "C++ kernel" if kernel.available else f"torch reference (kernel unavailable: {kernel.error})"
+    impl = (
+        f"C++ kernel ({kernel.vector_isa})"
+        if kernel.available
+        else f"torch reference (kernel unavailable: {kernel.error})"
+    )
     base = {"n_params": n, "lr": HYPER["lr"], "weight_decay": HYPER["weight_decay"]}
 
     def cfg(what: str, param: str, grad: str, moments: str, bytes_per_param: int, **extra) -> dict:

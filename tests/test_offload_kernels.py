@@ -388,3 +388,22 @@ def test_cpu_model_overlaps_copies_only_with_a_spare_core():
             assert default_cost_inputs(torch.device("cpu")).copies_overlap
     finally:
         torch.set_num_threads(before)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def test_kernel_reports_the_simd_path_this_cpu_gets(kernel):
+    """-march=native: the AVX-512 path where the CPU has AVX-512F and BW, else AVX2, else scalar."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags here")
+    expected = "avx512" if {"avx512f", "avx512bw"} <= flags else "avx2" if "avx2" in flags else "scalar"
+    status = cpu_kernel.status()
+    assert status.vector_isa == expected, (status, sorted(f for f in flags if f.startswith("avx")))
+    assert status.avx512 == (expected == "avx512")

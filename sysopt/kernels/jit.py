@@ -25,6 +25,7 @@ class KernelStatus:
     avx512: bool
     build_dir: str
     error: str | None  # why the kernel is unavailable
+    vector_isa: str = ""  # the widest SIMD path compiled in: "avx512", "avx2" or "scalar" ("" if unavailable)
 
 
 def extensions_dir() -> Path:
@@ -111,4 +112,17 @@ class JitOps:
             avx512=bool(module is not None and module.built_with_avx512()),
             build_dir=str(extensions_dir()),
             error=error,
+            vector_isa=_vector_isa(module),
         )
+
+
+def _vector_isa(module: Any | None) -> str:
+    if module is None:
+        return ""
+    if module.built_with_avx512():
+        return "avx512"
+    try:  # only some sources have an 8-lane path (and the op that reports it)
+        avx2 = module.built_with_avx2
+    except (AttributeError, RuntimeError):
+        return "scalar"
+    return "avx2" if avx2() else "scalar"
