@@ -206,3 +206,23 @@ def test_summary_matches_sampling():
         assert summary.exposed_comm_s == pytest.approx(exposed_n * step, abs=0.05)
         if summary.comm_s > 0:
             assert summary.hidden_fraction == pytest.approx(1 - summary.exposed_comm_s / summary.comm_s)
+
+
+def test_auto_plans_each_shape_once(monkeypatch):
+    """A layer asks for its plan on every call: "auto" models each GEMM+collective shape once, and
+    another shape (or another policy) gets its own plan."""
+    from sysopt.tensor_parallel import overlap
+
+    calls = []
+    real = overlap.choose_chunks_for
+    monkeypatch.setattr(overlap, "choose_chunks_for", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    profile = fake_profile(latency_s=1e-5, bytes_per_s=2e7)
+    policy = OverlapPolicy("auto", profile=profile)
+    small = GemmCollective("reduce_scatter", rows=1024, n=512, k=2048, tp=2)
+    large = GemmCollective("reduce_scatter", rows=4096, n=512, k=2048, tp=2)
+    first = policy.plan(small)
+    assert [policy.plan(small) for _ in range(3)] == [first] * 3
+    assert calls == [small]
+    assert policy.plan(large).chunks >= 1 and calls == [small, large]
+    assert OverlapPolicy("auto", profile=profile).plan(small) == first and calls == [small, large, small]
+    assert policy == OverlapPolicy("auto", profile=profile)  # the cache is not part of the policy's value
