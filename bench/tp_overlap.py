@@ -33,23 +33,37 @@ SWEEP = {"emulated": (1, 2, 4, 8, 16), "real": (2, 4, 8)}
 QUICK_SWEEP = {"emulated": (1, 2, 4, 8), "real": (4,)}
 
 
-def _rank_profile(ctx: BenchContext) -> HardwareProfile:
-    """A calibration with one GEMM thread, as each tp rank runs here (cached beside the default)."""
+def _rank_profile(tp: int) -> HardwareProfile:
+    """A calibration with one GEMM thread and `tp` ranks, as each tp rank runs here (cached beside the
+    default): at tp=4 four processes share the 2 cores, so collectives and per-chunk host costs are not
+    the tp=2 ones ring-scaled, and `auto` is given the profile of the group it runs on."""
     from sysopt.hardware.cache import cache_dir, load_or_calibrate
 
-    path = cache_dir() / f"profile-{socket.gethostname()}-1thread-quick.json"
-    return load_or_calibrate(path, quick=True, threads=1, world_size=2)
+    suffix = "" if tp == 2 else f"-world{tp}"
+    path = cache_dir() / f"profile-{socket.gethostname()}-1thread-quick{suffix}.json"
+    return load_or_calibrate(path, quick=True, threads=1, world_size=tp)
 
 
 def _records(
-    tp: int, per_rank: list[dict], shapes: dict[str, Shape], load: tuple[float, float]
+    tp: int,
+    per_rank: list[dict],
+    shapes: dict[str, Shape],
+    load: tuple[float, float],
+    profile: HardwareProfile,
 ) -> list[Record]:
+    cal = profile.calibration
+    calibrated = {  # what `auto` was given (the suite's JSON profile is the tp=2 one)
+        "world_size": cal.collective_world_size if cal else None,
+        "tp_collectives": {k: f.to_dict() for k, f in cal.tp_collectives.items()} if cal else {},
+        "tp_chunk_overhead_s": cal.tp_chunk_overhead_s if cal else None,
+    }
     records = []
     for case, data in per_rank[0].items():
         shape_name, mode, strategy = case.split("/")
         shape = shapes[shape_name]
         config = {"tp": tp, "backend": "gloo", "sequence_parallel": True, "mode": mode, "strategy": strategy,
-                  "shape": vars(shape), "chunks": data["plans"], "loadavg_1min_before_after": load}  # fmt: skip
+                  "shape": vars(shape), "chunks": data["plans"], "loadavg_1min_before_after": load,
+                  "auto_profile": calibrated}  # fmt: skip
         secs = data["seconds"]
         prefix = f"tp{tp}/{shape_name}/{mode}/{strategy}"
         records.append(
@@ -129,13 +143,13 @@ def _plot(per_tp: dict[int, list[dict]], path) -> None:
 def run(ctx: BenchContext) -> SuiteResult:
     shapes = QUICK_SHAPES if ctx.quick else SHAPES
     sweep = QUICK_SWEEP if ctx.quick else SWEEP
-    profile = _rank_profile(ctx)
+    profiles = {tp: _rank_profile(tp) for tp in (2, 4)}
     repeats = 2 * ctx.repeats + 1  # steps are short and this machine is shared: more samples per median
     records, per_tp = [], {}
     for tp in ctx.track((2, 4), "tp_overlap: tp sizes"):
         before = os.getloadavg()[0]
-        args = (shapes, sweep, repeats, profile.to_json())
+        args = (shapes, sweep, repeats, profiles[tp].to_json())
         per_tp[tp] = launch(measure_cases, tp, args=args, backend="gloo", timeout_s=1800)
-        records += _records(tp, per_tp[tp], shapes, (before, os.getloadavg()[0]))
+        records += _records(tp, per_tp[tp], shapes, (before, os.getloadavg()[0]), profiles[tp])
     _plot(per_tp, ctx.out_dir / "tp_overlap_timeline.png")
-    return ctx.result("tp_overlap", records, _goals(records, sweep), profile=profile)
+    return ctx.result("tp_overlap", records, _goals(records, sweep), profile=profiles[2])
