@@ -63,7 +63,7 @@ def _records(
         shape = shapes[shape_name]
         config = {"tp": tp, "backend": "gloo", "sequence_parallel": True, "mode": mode, "strategy": strategy,
                   "shape": vars(shape), "chunks": data["plans"], "loadavg_1min_before_after": load,
-                  "auto_profile": calibrated}  # fmt: skip
+                  **({"auto_profile": calibrated} if strategy == "auto" else {})}  # fmt: skip
         secs = data["seconds"]
         prefix = f"tp{tp}/{shape_name}/{mode}/{strategy}"
         records.append(
