@@ -334,6 +334,34 @@ def test_default_cache_paths_separate_quick_from_full(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def test_cache_measured_by_other_code_is_calibrated_again(tmp_path, monkeypatch):
+    """A cached calibration records which code measured it; once that code (or torch) changes,
+    load_or_calibrate measures again, says why, and caches the new figures."""
+    calls = []
+    monkeypatch.setattr(calibration_module, "calibrate", lambda **kw: calls.append(kw) or handmade_profile())
+    path = tmp_path / "profile.json"
+    load_or_calibrate(path, quick=True)
+    assert json.loads(path.read_text())["calibration"]["code"] == cache_module.calibrating_code()
+    load_or_calibrate(path, quick=True)
+    assert len(calls) == 1
+    saved = json.loads(path.read_text())
+    saved["calibration"]["code"] = "0" * 16  # as if written before the collectives changed
+    path.write_text(json.dumps(saved))
+    assert cache_module.load_cached(path) is not None  # read-only lookups still see it
+    with pytest.warns(UserWarning, match="measured by other code"):
+        load_or_calibrate(path, quick=True)
+    assert len(calls) == 2
+    assert json.loads(path.read_text())["calibration"]["code"] == cache_module.calibrating_code()
+    monkeypatch.setattr(cache_module.torch, "__version__", "0.0.0")
+    cache_module.calibrating_code.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="measured by other code"):
+            load_or_calibrate(path, quick=True)  # another torch: measured again
+    finally:
+        cache_module.calibrating_code.cache_clear()
+    assert len(calls) == 3
+
+
 # ---- sysopt-probe -----------------------------------------------------------------------------
 
 

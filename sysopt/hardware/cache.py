@@ -1,16 +1,46 @@
 """The calibrated profile cached as JSON per host: ~/.cache/sysopt/profile-<hostname>.json
 (SYSOPT_CACHE_DIR overrides the folder). Quick calibrations go to profile-<hostname>-quick.json so
-they never stand in for a full one."""
+they never stand in for a full one. A cached calibration carries a fingerprint of the code that
+measured it; `load_or_calibrate` measures again when that code (or torch) has changed since."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import importlib.util
 import os
 import socket
 import warnings
 from pathlib import Path
 
+import torch
+
 from sysopt.hardware import calibration
 from sysopt.hardware.profile import HardwareProfile
+
+# the modules whose code is timed or does the timing: GEMMs, copies, collectives (through the TP
+# layers' own comm path), the per-chunk cost of a chunked TP layer
+CALIBRATING_MODULES = (
+    "sysopt.hardware.calibration",
+    "sysopt.hardware.collectives",
+    "sysopt.hardware.timing",
+    "sysopt.tensor_parallel.comm",
+    "sysopt.tensor_parallel.layers",
+    "sysopt.tensor_parallel.overlap",
+    "sysopt.tensor_parallel.runtime",
+)
+
+
+@functools.cache
+def calibrating_code() -> str:
+    """A fingerprint of CALIBRATING_MODULES' source and torch's version."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name in CALIBRATING_MODULES:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None, name
+        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -35,13 +65,16 @@ def _read_calibrated(path: Path) -> HardwareProfile | None:
 def load_cached(cache_path: str | os.PathLike | None = None, quick: bool = True) -> HardwareProfile | None:
     """The cached calibrated profile, or None. With no path, a full calibration is preferred and
     a quick one is accepted when `quick`."""
-    if cache_path is not None:
-        return _read_calibrated(Path(cache_path))
-    candidates = [default_cache_path(False)] + ([default_cache_path(True)] if quick else [])
-    for path in candidates:
+    for path in _candidates(cache_path, quick):
         if (profile := _read_calibrated(path)) is not None:
             return profile
     return None
+
+
+def _candidates(cache_path: str | os.PathLike | None, quick: bool) -> list[Path]:
+    if cache_path is not None:
+        return [Path(cache_path)]
+    return [default_cache_path(False)] + ([default_cache_path(True)] if quick else [])
 
 
 def load_or_calibrate(
@@ -55,8 +88,24 @@ def load_or_calibrate(
 
     Extra keyword arguments go to sysopt.hardware.calibrate (world_size, device, progress, samples).
     """
-    if not refresh and (cached := load_cached(cache_path, quick=quick)) is not None:
-        return cached
+    stale = []
+    for path in [] if refresh else _candidates(cache_path, quick):
+        if (cached := _read_calibrated(path)) is None:
+            continue
+        assert cached.calibration is not None
+        if cached.calibration.code == calibrating_code():
+            return cached
+        stale.append(f"{path} (fingerprint {cached.calibration.code or 'none'})")
+    if stale:
+        warnings.warn(
+            f"cached profile {', '.join(stale)} was measured by other code than this "
+            f"({calibrating_code()}: sysopt or torch changed since); calibrating again",
+            stacklevel=2,
+        )
     profile = calibration.calibrate(quick=quick, **calibrate_kwargs)
+    assert profile.calibration is not None
+    profile = dataclasses.replace(
+        profile, calibration=dataclasses.replace(profile.calibration, code=calibrating_code())
+    )
     profile.save(Path(cache_path) if cache_path is not None else default_cache_path(quick))
     return profile

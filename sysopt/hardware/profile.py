@@ -119,6 +119,9 @@ class Calibration:
     # them (asynchronous, issued in bursts), on collective_world_size ranks; n = the full tensor's bytes
     tp_collectives: dict[str, LinkFit] = field(default_factory=dict)
     tp_chunk_overhead_s: float | None = None  # host seconds one more chunk costs a chunked TP layer
+    # fingerprint of the code that measured it (sysopt.hardware.cache.calibrating_code); "" = unknown.
+    # Not part of equality: it says which code measured the figures, not what they are
+    code: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -134,6 +137,7 @@ class Calibration:
             "created": self.created,
             "tp_collectives": {k: v.to_dict() for k, v in self.tp_collectives.items()},
             "tp_chunk_overhead_s": self.tp_chunk_overhead_s,
+            "code": self.code,
         }
 
     @classmethod
@@ -151,6 +155,7 @@ class Calibration:
             created=d["created"],
             tp_collectives={k: LinkFit.from_dict(v) for k, v in d.get("tp_collectives", {}).items()},
             tp_chunk_overhead_s=d.get("tp_chunk_overhead_s"),
+            code=d.get("code", ""),
         )
 
 
