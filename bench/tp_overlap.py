@@ -51,12 +51,10 @@ def _records(
     load: tuple[float, float],
     profile: HardwareProfile,
 ) -> list[Record]:
-    cal = profile.calibration
-    calibrated = {  # what `auto` was given (the suite's JSON profile is the tp=2 one)
-        "world_size": cal.collective_world_size if cal else None,
-        "tp_collectives": {k: f.to_dict() for k, f in cal.tp_collectives.items()} if cal else {},
-        "tp_chunk_overhead_s": cal.tp_chunk_overhead_s if cal else None,
-    }
+    cal = profile.calibration.to_dict()  # load_or_calibrate: always calibrated
+    # what `auto` was given (the suite's JSON profile is the tp=2 one)
+    calibrated = {"world_size": cal["collective_world_size"], "tp_collectives": cal["tp_collectives"],
+                  "tp_chunk_overhead_s": cal["tp_chunk_overhead_s"]}  # fmt: skip
     records = []
     for case, data in per_rank[0].items():
         shape_name, mode, strategy = case.split("/")

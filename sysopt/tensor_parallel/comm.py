@@ -126,12 +126,17 @@ def reduce_scatter(
     rank, x3 = group_rank(group), x.view(tp, *shape)
     received = exchange(remote_rows(x3, rank, 0, shape[0]), group, name)
 
-    def add_received() -> None:  # this rank's own block, then the others' partial sums in rank order
-        out.copy_(x3[rank])
-        for partial in received.wait().view(tp - 1, *shape):
-            out.add_(partial)
+    def finish() -> None:
+        add_partials(out.copy_(x3[rank]), received)
 
-    return Pending(None, out, finish=add_received)
+    return Pending(None, out, finish=finish)
+
+
+def add_partials(target: torch.Tensor, received: Pending) -> None:
+    """Add into `target` the partial sums an `exchange` of a reduce-scatter brought (one block of
+    target's shape per other rank), in rank order, so every strategy sums in the same order."""
+    for partial in received.wait().view(-1, *target.shape):
+        target.add_(partial)
 
 
 def remote_rows(x3: torch.Tensor, rank: int, lo: int, hi: int) -> torch.Tensor:

@@ -252,7 +252,7 @@ def gemm_reduce_scatter(
     if not plan.overlap:
         full = runtime.mm(a, b, name=f"{name}.gemm")
         return InFlight([], comm.reduce_scatter(full, group, name=name).wait())
-    rank, rows, n = comm.group_rank(group), a.shape[0] // tp, b.shape[1]
+    rank, rows = comm.group_rank(group), a.shape[0] // tp
     a3 = a.reshape(tp, rows, a.shape[1])
     chunks = []
     for i, (lo, hi) in enumerate(chunk_bounds(rows, plan.chunks)):
@@ -262,8 +262,7 @@ def gemm_reduce_scatter(
 
     def add_received() -> None:
         for lo, hi, pending in chunks:
-            for partial in pending.wait().view(tp - 1, hi - lo, n):  # in rank order
-                out[lo:hi] += partial
+            comm.add_partials(out[lo:hi], pending)
 
     return InFlight([pending for _, _, pending in chunks], out, add_received)
 
