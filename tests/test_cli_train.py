@@ -1,5 +1,6 @@
 """sysopt-train rejects bad configurations before any rank starts, with messages that name the fix."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -47,6 +48,18 @@ def test_default_config_is_valid_and_data_parallel():
             r"parallel.boundaries=\[0, 7, 3\] must cut the model's \d+ blocks into pp\*vpp=1",
         ),
         (["schedule.receive_ahead=0"], r"schedule.receive_ahead=0 must be an integer >= 1 .* or null"),
+        (
+            ["precision=fp8_rowwise", "+precision.recipe_overrides.grad_wieght=bf16"],
+            r"precision.recipe_overrides.grad_wieght is not a Recipe field \(known: .*grad_weight",
+        ),
+        (
+            ["precision=fp8_rowwise", "+precision.recipe_overrides.grad_weight=fp4"],
+            r"grad_weight format 'fp4' is not one of",
+        ),
+        (
+            ["+precision.recipe_overrides.grad_weight=bf16"],
+            r"changes a named recipe, but precision.recipe=None; set precision.recipe",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_fix(overrides, message):
@@ -76,3 +89,15 @@ def test_cli_fails_fast_without_starting_ranks(tmp_path):
     )
     assert not (tmp_path / "run" / "logs").exists()  # no rank was launched
     assert time.monotonic() - start < 60
+
+
+def test_recipe_overrides_change_only_the_named_fields():
+    job = job_from(["precision=fp8_rowwise", "+precision.recipe_overrides.grad_weight=bf16"])
+    from sysopt.precision import recipe
+
+    base, got = recipe("fp8_rowwise"), job.precision.resolved_recipe()
+    assert got.grad_weight == ("bf16", "bf16") and base.grad_weight == ("e4m3", "e4m3")
+    assert got.name == "fp8_rowwise[grad_weight=bf16]"
+    assert dataclasses.replace(got, name=base.name, grad_weight=base.grad_weight) == base
+    assert build_job(job.to_dict()).precision.resolved_recipe() == got  # survives the JSON the ranks get
+    assert job_from(["precision=fp8_rowwise"]).precision.resolved_recipe() == "fp8_rowwise"

@@ -135,3 +135,20 @@ def test_job_json_round_trip():
     job = small_job()
     assert JobConfig.from_json(job.to_json()) == job
     assert json.loads(job.to_json())["data"]["name"] == "digits"
+
+
+@pytest.mark.timeout(180)
+def test_trainer_converts_with_recipe_overrides():
+    from sysopt.data import BatchSampler, DigitsDataset
+    from sysopt.train.config import PrecisionConfig
+    from sysopt.train.parallel import ParallelVLM
+
+    precision = PrecisionConfig("fp8_rowwise", min_features=64, recipe_overrides={"grad_weight": "bf16"})
+    job = dataclasses.replace(small_job(), precision=precision)
+    sampler = BatchSampler(DigitsDataset(job.data, "train"), 8)
+    runtime = ParallelVLM(job, None, sampler.global_batch(0))
+    recipes = {m.recipe for _, m in runtime.model.named_modules() if hasattr(m, "scaling_state")}
+    assert len(runtime.low_precision_layers) > 0
+    assert [r.name for r in recipes] == ["fp8_rowwise[grad_weight=bf16]"]
+    (got,) = recipes
+    assert got.grad_weight == ("bf16", "bf16") and got.forward == ("e4m3", "e4m3")

@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sysopt.data import DigitsTaskConfig
 from sysopt.dist import Topology
 from sysopt.models import VLMConfig
+
+if TYPE_CHECKING:
+    from sysopt.precision.recipe import Recipe
 
 DATASETS = ("digits",)  # embedded datasets the trainer can build by name
 TP_OVERLAPS = ("none", "chunked", "auto")
@@ -114,6 +117,38 @@ class ScheduleConfig:
 class PrecisionConfig:
     recipe: str | None = None  # a sysopt.precision recipe name, "auto", or None for fp32
     min_features: int | None = None  # linears narrower than this stay high precision (None: library default)
+    # Recipe fields replacing the named recipe's, e.g. {grad_weight: bf16} for fp8_rowwise with a 16-bit
+    # grad-weight GEMM (Hydra: `+precision.recipe_overrides.grad_weight=bf16`)
+    recipe_overrides: dict[str, Any] | None = None
+
+    def resolved_recipe(self) -> Recipe | str | None:
+        """What convert() gets: None (fp32), 'auto', or the named Recipe with recipe_overrides applied
+        (renamed e.g. 'fp8_rowwise[grad_weight=bf16]'). Raises ValueError naming a bad override."""
+        if not self.recipe_overrides:
+            return self.recipe
+        if self.recipe is None or self.recipe == "auto":
+            raise ValueError(
+                f"precision.recipe_overrides={self.recipe_overrides!r} changes a named recipe, but "
+                f"precision.recipe={self.recipe!r}; set precision.recipe to the recipe to start from "
+                f"(e.g. precision=fp8_rowwise) or drop the overrides"
+            )
+        from sysopt.precision.recipe import Recipe, recipe
+
+        known = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+        unknown = sorted(set(self.recipe_overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"precision.recipe_overrides.{unknown[0]} is not a Recipe field (known: {', '.join(sorted(known))})"
+            )
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.recipe_overrides.items()}
+        label = ",".join(f"{k}={_short(v)}" for k, v in sorted(values.items()))
+        return dataclasses.replace(recipe(self.recipe), name=f"{self.recipe}[{label}]", **values)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "/".join(str(v) for v in value)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -318,3 +353,7 @@ def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
             lookup(recipe)
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"precision.recipe={recipe!r}: {exc}") from exc
+    try:
+        job.precision.resolved_recipe()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"precision.recipe_overrides: {exc}") from exc

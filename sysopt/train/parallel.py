@@ -131,7 +131,10 @@ class ParallelVLM:
             from sysopt.precision import convert
 
             convert(
-                model, job.precision.recipe, min_features=job.precision.min_features, keep_first_last=True
+                model,
+                job.precision.resolved_recipe(),
+                min_features=job.precision.min_features,
+                keep_first_last=True,
             )
         # names of the layers whose GEMMs run in low precision (dense and tensor-parallel linears alike)
         self.low_precision_layers = [n for n, m in model.named_modules() if hasattr(m, "scaling_state")]
