@@ -10,6 +10,10 @@ reach and hand the advantage back to INT8. A separate suite (`sysopt-bench preci
 CLI has no per-suite flags. Writes precision_study.json/.png plus precision_study.md (the SQNR table) and
 precision_study_sqnr.png (a heatmap of the same numbers).
 
+A second table runs each named recipe's three GEMMs on the operands (input, weight, output gradient) of the
+VLM's linears that the trainer converts, and gives the SQNR of each GEMM's output (sysopt.precision.gemm_sqnr):
+where the per-tensor SQNRs above say what a format loses, this says what a recipe loses per GEMM.
+
 SQNR = 10 log10(sum x^2 / sum (x - dequant(quant(x)))^2) in dB, scales from each group's own amax
 (sysopt.kernels.quantize). Each tensor is laid out 2-D as (rows, contraction dim): rowwise means per output
 channel for weights and per token for activations and gradients.
@@ -31,6 +35,8 @@ from sysopt.benchmark import BenchContext, Record, SuiteResult, goal, register_s
 from sysopt.data import BatchSampler, DigitsDataset, DigitsTaskConfig
 from sysopt.kernels.formats import FORMAT_DTYPES, dequantize
 from sysopt.models import vlm_loss
+from sysopt.precision import GEMMS, RECIPES, gemm_sqnr, recipe
+from sysopt.precision.convert import default_filter
 from sysopt.train.config import TrainConfig
 
 FORMATS = ("int8", "e4m3", "e5m2")
@@ -39,6 +45,7 @@ BLOCK = (1, 32)  # smaller than a row of every VLM tensor (widths 16..512), so b
 SYNTHETIC_SHAPE = (4096, 256)
 STUDY_STEPS, QUICK_STUDY_STEPS = 100, 20
 SOURCES_REAL = ("weights", "activations", "grad_outputs", "weight_grads")
+GEMM_STUDY_MIN_FEATURES = 64  # the trainer's precision configs convert the VLM's linears from 64 features
 
 
 def synthetic(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -85,32 +92,50 @@ def _parity_module():
     return sys.modules[name]
 
 
-def vlm_tensors(steps: int) -> dict[str, list[torch.Tensor]]:
+def vlm_tensors(steps: int) -> tuple[dict[str, list[torch.Tensor]], list[tuple[torch.Tensor, ...]]]:
     """Train the VLM in fp32 for `steps` steps, then run one more batch and collect, for every nn.Linear, its
-    weight, its input, the gradient at its output and its weight gradient (each 2-D)."""
+    weight, its input, the gradient at its output and its weight gradient (each 2-D). Also returns the
+    (input, weight, grad_output) of each linear that convert() would make low precision, for gemm_sqnr."""
     parity = _parity_module()
     train_set = DigitsDataset(DigitsTaskConfig(), "train")
     model, _ = parity.train_vlm(None, steps, train_set)
     model.train()
-    found: dict[str, list[torch.Tensor]] = {source: [] for source in SOURCES_REAL}
     flat = lambda t: t.detach().reshape(-1, t.shape[-1]).clone()  # noqa: E731
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear)]
+    seen: dict[str, dict[str, torch.Tensor]] = {fqn: {} for fqn, _ in linears}
     handles = []
-    for m in linears:
+    for fqn, m in linears:
+        handles.append(m.register_forward_hook(lambda mod, inp, out, f=fqn: seen[f].update(x=flat(inp[0]))))
         handles.append(
-            m.register_forward_hook(lambda mod, inp, out: found["activations"].append(flat(inp[0])))
-        )
-        handles.append(
-            m.register_full_backward_hook(lambda mod, gin, gout: found["grad_outputs"].append(flat(gout[0])))
+            m.register_full_backward_hook(lambda mod, gin, gout, f=fqn: seen[f].update(dy=flat(gout[0])))
         )
     batch = BatchSampler(train_set, TrainConfig().global_batch).global_batch(steps)
     model.zero_grad(set_to_none=True)
     vlm_loss(model(batch), batch).backward()
     for h in handles:
         h.remove()
-    found["weights"] = [m.weight.detach().clone() for m in linears]
-    found["weight_grads"] = [m.weight.grad.detach().clone() for m in linears]
-    return found
+    found = {
+        "weights": [m.weight.detach().clone() for _, m in linears],
+        "activations": [seen[fqn]["x"] for fqn, _ in linears],
+        "grad_outputs": [seen[fqn]["dy"] for fqn, _ in linears],
+        "weight_grads": [m.weight.grad.detach().clone() for _, m in linears],
+    }
+    converts = default_filter(linears, keep_first_last=True, min_features=GEMM_STUDY_MIN_FEATURES)
+    operands = [
+        (seen[f]["x"], m.weight.detach().clone(), seen[f]["dy"]) for f, m in linears if converts(m, f)
+    ]
+    return found, operands
+
+
+def recipe_records(operands: list[tuple[torch.Tensor, ...]], config: dict) -> list[Record]:
+    """Per named recipe and GEMM: SQNR of the GEMM's output on the VLM's operands (median over layers)."""
+    records = []
+    for name in RECIPES:
+        per_layer = [gemm_sqnr(recipe(name), x, w, dy) for x, w, dy in operands]
+        for gemm in GEMMS:
+            values = [layer[gemm] for layer in per_layer]
+            records.append(_summary(f"gemm_sqnr/{name}/{gemm}", values, "dB", config))
+    return records
 
 
 def _summary(name: str, values: list[float], unit: str, config: dict) -> Record:
@@ -171,15 +196,17 @@ def run(ctx: BenchContext) -> SuiteResult:
     sources = {name: [t] for name, t in synthetic().items()}
     configs = {name: {"shape": list(SYNTHETIC_SHAPE), "block": list(BLOCK)} for name in sources}
     steps = QUICK_STUDY_STEPS if ctx.quick else STUDY_STEPS
-    real = vlm_tensors(steps)
+    real, operands = vlm_tensors(steps)
     for source, tensors in real.items():
         sources[source] = tensors
         configs[source] = {"vlm_training_steps": steps, "tensors": len(tensors), "block": list(BLOCK),
                            "elements": sum(t.numel() for t in tensors)}  # fmt: skip
     records = study_records(sources, configs)
     records += difference_records(records, list(sources))
+    records += recipe_records(operands, {"vlm_training_steps": steps, "layers": len(operands),
+                                         "min_features": GEMM_STUDY_MIN_FEATURES})  # fmt: skip
     result = ctx.result("precision_study", records, study_goals(records))
-    table = sqnr_table(result, list(sources))
+    table = sqnr_table(result, list(sources)) + "\n" + recipe_table(result)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     (ctx.out_dir / "precision_study.md").write_text(table)
     print(table)
@@ -201,6 +228,21 @@ def sqnr_table(result: SuiteResult, sources: list[str]) -> str:
         kurt = result.record(f"stats/{s}/excess_kurtosis").value
         peak = result.record(f"stats/{s}/amax_over_rms").value
         lines.append(f"| {s} | {kurt:.1f} | {peak:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def recipe_table(result: SuiteResult) -> str:
+    """Markdown: one row per named recipe, the SQNR of each GEMM's output (median and worst layer)."""
+    lines = [
+        "GEMM-output SQNR [dB] per named recipe on the VLM's converted linears (median over layers, worst in "
+        "brackets; against float64; `sysopt.precision.gemm_sqnr`)",
+        "",
+        "| recipe | " + " | ".join(GEMMS) + " |",
+        "|---|" + "---|" * len(GEMMS),
+    ]
+    for name in RECIPES:
+        cells = [result.record(f"gemm_sqnr/{name}/{g}") for g in GEMMS]
+        lines.append(f"| {name} | " + " | ".join(f"{r.value:.1f} ({r.min:.1f})" for r in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

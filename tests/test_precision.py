@@ -411,3 +411,21 @@ def test_scaling_state_quantized_transpose_is_exact():
         qt = scaling.Quantized(q, s, block).t()
         q2, s2 = kernels.quantize(w.t(), torch.float8_e4m3fn, granularity, block)
         assert torch.equal(qt.q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(qt.scale, s2)
+
+
+def test_gemm_sqnr_measures_each_gemm_of_the_recipe():
+    torch.manual_seed(0)
+    x, w, dy = torch.randn(256, 128), torch.randn(96, 128) / 11, torch.randn(256, 96)
+    high = P.gemm_sqnr(P.Recipe("fp32", "high", "high", "high"), x, w, dy)
+    assert min(high.values()) > 100  # fp32 GEMMs against float64: only accumulation rounding
+    switchback = P.gemm_sqnr(P.recipe("int8_rowwise"), x, w, dy)
+    bf16_gw = P.gemm_sqnr(P.Recipe("gw", "high", "high", "bf16"), x, w, dy)
+    assert switchback["grad_weight"] == bf16_gw["grad_weight"]  # its grad-weight GEMM is the bf16 one
+    assert 20 < switchback["forward"] < switchback["grad_weight"]  # int8 loses more than bf16, but not all
+    # a few tokens 100x louder: one scale per tensor spends int8's range on them, one per row does not
+    x[::32] *= 100
+    rowwise = P.gemm_sqnr(P.recipe("int8_rowwise"), x, w, dy)["forward"]
+    tensorwise = P.gemm_sqnr(P.recipe("int8_tensorwise"), x, w, dy)["forward"]
+    assert rowwise > tensorwise + 10
+    with pytest.raises(ValueError, match=r"weight \(96, 128\), dy \(256, 95\)"):
+        P.gemm_sqnr(P.recipe("int8_rowwise"), x, w, dy[:, :95])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .auto import auto_recipe_for
 from .convert import MIN_FEATURES, SwapRule, convert, register_swap
+from .diagnostics import gemm_sqnr
 from .linear import LowPrecisionLinear, LowPrecisionLinearFunction, low_precision_linear
 from .overflow import NonFiniteError, check_finite, nonfinite_layers
 from .recipe import FORMATS, GEMMS, RECIPES, Recipe, recipe
@@ -34,6 +35,7 @@ __all__ = [
     "auto_recipe_for",
     "check_finite",
     "convert",
+    "gemm_sqnr",
     "low_precision_linear",
     "nonfinite_layers",
     "recipe",
