@@ -12,6 +12,13 @@ are started by hand, e.g.
 Each run is compared with the fp32 run of the same seed (paired: same initial weights and batches, so the
 difference is the variant's, not the seed's). Per variant the JSON gives every seed's paired differences and
 their mean and spread over seeds; the spread of seed-to-seed differences of fp32 itself is the noise floor.
+
+A paired difference is not free of noise either: any perturbation, however small, sends a run down another
+trajectory within some hundred steps. Variants named `null_*` measure that floor: fp32 perturbed by a change
+too small to matter on its own, e.g.
+  sysopt-train hydra.run.dir=RUNS/null_lr_x1.0001@seed1 optim.lr=0.0030003 model.seed=1 data.seed=1 train.seed=1
+Their largest |paired difference| over seeds is the JSON's noise_floor_paired_null_max_abs: a variant whose
+paired differences stay inside it is not told apart from fp32 by these runs.
 """
 
 import json
@@ -87,12 +94,15 @@ def main(root: Path, out_dir: Path) -> None:
     fp32_seeds = sorted(s for v, s in runs if v == "fp32")
     pairs = [versus(runs[("fp32", a)], runs[("fp32", b)]) for a in fp32_seeds for b in fp32_seeds if a != b]
     noise = {f: max(abs(p[f]) for p in pairs) for f in FIELDS} if pairs else None
+    nulls = [r["vs_fp32"] for (v, _), r in runs.items() if v.startswith("null")]
+    paired_noise = {f: max(abs(n[f]) for n in nulls) for f in FIELDS} if nulls else None
     summary = {
         "runs": {
             f"{v}@seed{s}": {k: x for k, x in r.items() if k != "curve"} for (v, s), r in sorted(runs.items())
         },
         "variants": variants,
         "noise_floor_fp32_between_seeds_max_abs": noise,
+        "noise_floor_paired_null_max_abs": paired_noise,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -136,6 +146,11 @@ def main(root: Path, out_dir: Path) -> None:
     if noise:
         print(
             "noise floor (fp32 between seeds, max |difference|):", {k: round(x, 4) for k, x in noise.items()}
+        )
+    if paired_noise:
+        print(
+            "paired noise floor (null variants vs fp32, max |difference|):",
+            {k: round(x, 4) for k, x in paired_noise.items()},
         )
 
 
