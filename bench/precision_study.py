@@ -22,7 +22,6 @@ channel for weights and per token for activations and gradients.
 from __future__ import annotations
 
 import importlib.util
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ from sysopt.benchmark import BenchContext, Record, SuiteResult, goal, register_s
 from sysopt.data import BatchSampler, DigitsDataset, DigitsTaskConfig
 from sysopt.kernels.formats import FORMAT_DTYPES, dequantize
 from sysopt.models import vlm_loss
-from sysopt.precision import GEMMS, RECIPES, gemm_sqnr, recipe
+from sysopt.precision import GEMMS, RECIPES, diagnostics, gemm_sqnr, recipe
 from sysopt.precision.convert import default_filter
 from sysopt.train.config import TrainConfig
 
@@ -63,9 +62,7 @@ def sqnr_db(x: torch.Tensor, fmt: str, granularity: str) -> float:
     """SQNR of quantising 2-D x to `fmt` with scales at `granularity` (blockwise: BLOCK)."""
     block = BLOCK if granularity == "blockwise" else None
     q, scale = kernels.quantize(x, FORMAT_DTYPES[fmt], granularity, block)
-    x64 = x.double()
-    noise = (x64 - dequantize(q, scale, block).double()).pow(2).sum()
-    return float(10 * torch.log10(x64.pow(2).sum() / noise)) if noise > 0 else math.inf
+    return diagnostics.sqnr_db(x, dequantize(q, scale, block))
 
 
 def kurtosis(x: torch.Tensor) -> float:
