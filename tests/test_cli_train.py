@@ -50,11 +50,11 @@ def test_default_config_is_valid_and_data_parallel():
         (["schedule.receive_ahead=0"], r"schedule.receive_ahead=0 must be an integer >= 1 .* or null"),
         (
             ["precision=fp8_rowwise", "+precision.recipe_overrides.grad_wieght=bf16"],
-            r"precision.recipe_overrides.grad_wieght is not a Recipe field \(known: .*grad_weight",
+            r"^precision.recipe_overrides.grad_wieght is not a Recipe field \(known: .*grad_weight",
         ),
         (
             ["precision=fp8_rowwise", "+precision.recipe_overrides.grad_weight=fp4"],
-            r"grad_weight format 'fp4' is not one of",
+            r"^precision.recipe_overrides: recipe 'fp8_rowwise\[grad_weight=fp4\]': grad_weight format 'fp4' is not one of",
         ),
         (
             ["+precision.recipe_overrides.grad_weight=bf16"],

@@ -356,4 +356,6 @@ def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
     try:
         job.precision.resolved_recipe()
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"precision.recipe_overrides: {exc}") from exc
+        message = str(exc)  # messages about the config name their key; the Recipe's own get it prefixed
+        prefix = "" if message.startswith("precision.") else "precision.recipe_overrides: "
+        raise ConfigError(prefix + message) from exc
