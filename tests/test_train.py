@@ -58,6 +58,7 @@ def test_data_parallel_losses_equal_single_process(tmp_path, microbatches):
     assert dp2["eval_accuracy"].keys() == single["eval_accuracy"].keys()
     for task, value in single["eval_accuracy"].items():
         assert dp2["eval_accuracy"][task] == pytest.approx(value, abs=0.01)
+    assert dp2["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
 
 
 @pytest.mark.timeout(180)
@@ -152,3 +153,26 @@ def test_trainer_converts_with_recipe_overrides():
     assert [r.name for r in recipes] == ["fp8_rowwise[grad_weight=bf16]"]
     (got,) = recipes
     assert got.grad_weight == ("bf16", "bf16") and got.forward == ("e4m3", "e4m3")
+
+
+@pytest.mark.timeout(120)
+def test_eval_loss_is_the_token_weighted_answer_loss_over_the_held_out_split():
+    """The summary's eval_loss weights every answer token of the eval split equally, whatever the batch
+    size: uneven batches (here 500 and a short remainder) must not be averaged as equals."""
+    from sysopt.data import TASKS, BatchSampler, DigitsDataset, eval_batches
+    from sysopt.models import vlm_loss
+    from sysopt.train.loop import _distributed_eval
+    from sysopt.train.parallel import ParallelVLM
+
+    job = small_job(eval_batch=300)
+    runtime = ParallelVLM(job, None, BatchSampler(DigitsDataset(job.data, "train"), 8).global_batch(0))
+    batches = eval_batches(DigitsDataset(job.data, "eval"), 300)
+    assert len(batches) > 1 and len({b.loss_mask.sum().item() for b in batches}) > 1
+    accuracy, loss = _distributed_eval(runtime, job, None)
+    runtime.model.eval()
+    with torch.no_grad():
+        total = sum(float(vlm_loss(runtime.model(b), b, normalizer=1.0)) for b in batches)
+    runtime.model.train()
+    tokens = sum(float(b.loss_mask.sum()) for b in batches)
+    assert loss == pytest.approx(total / tokens, rel=1e-5)
+    assert set(accuracy) == set(TASKS)

@@ -51,6 +51,8 @@ def test_parallel_training_equals_single_process(tmp_path, single, parallel, sch
         assert tuple(summary["pipeline_boundaries"]) == parallel.boundaries
     for task, value in ref_summary["eval_accuracy"].items():
         assert summary["eval_accuracy"][task] == pytest.approx(value, abs=1e-6)
+    # the pipelined eval's loss comes from the last stage's logits, summed over the pp group
+    assert summary["eval_loss"] == pytest.approx(ref_summary["eval_loss"], rel=1e-4)
 
 
 @pytest.mark.timeout(300)

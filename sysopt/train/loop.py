@@ -1,4 +1,5 @@
-"""The trainer: data-parallel VLM training with AdamW, warmup + cosine LR, checkpoints and exact-match eval.
+"""The trainer: data-parallel VLM training with AdamW, warmup + cosine LR, checkpoints and held-out eval
+(exact match and answer-token loss).
 
 `run_training(job, out_dir)` launches job.world_size ranks (or runs in this process when it is 1) and
 returns the summary. Each rank trains on its contiguous slice of the same global batch a single process
@@ -71,16 +72,18 @@ def _dp_coords(groups: ParallelGroups | None) -> tuple[int, int]:
 
 def _distributed_eval(
     runtime: ParallelVLM, job: JobConfig, groups: ParallelGroups | None
-) -> dict[str, float]:
-    """Exact match per task on the held-out split; eval batches are dealt round-robin over dp ranks."""
+) -> tuple[dict[str, float], float]:
+    """Exact match per task and the mean answer-token cross-entropy on the held-out split; eval batches
+    are dealt round-robin over dp ranks."""
     rank, world = _dp_coords(groups)
-    counts = torch.zeros(2, len(TASKS))  # [correct, total] per task
+    counts = torch.zeros(4, len(TASKS))  # [correct, samples, loss sum, answer tokens] per task
     for i, batch in enumerate(eval_batches(DigitsDataset(job.data, "eval"), job.train.eval_batch)):
         if i % world == rank:
             counts += runtime.correct_counts(batch)
     if groups is not None and world > 1:
         dist.all_reduce(counts, group=groups.dp_group)
-    return {task: float(counts[0, t] / counts[1, t]) for t, task in enumerate(TASKS) if counts[1, t] > 0}
+    accuracy = {task: float(counts[0, t] / counts[1, t]) for t, task in enumerate(TASKS) if counts[1, t] > 0}
+    return accuracy, float(counts[2].sum() / counts[3].sum().clamp(min=1.0))
 
 
 def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -217,13 +220,14 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     if progress is not None:
         progress.close()
 
-    accuracy = _distributed_eval(runtime, job, groups)
+    accuracy, eval_loss = _distributed_eval(runtime, job, groups)
     # steady-state timing: skip the first steps (allocator and thread-pool warm-up)
     steady = step_times[min(len(step_times) // 10, 10) :] or step_times or [float("nan")]
     median_step_s = sorted(steady)[len(steady) // 2]
     summary = {
         "final_loss": loss_value,
         "eval_accuracy": accuracy,
+        "eval_loss": eval_loss,
         "steps": job.train.max_steps,
         "resumed_from_step": start_step,
         "skipped_steps": skipped_steps,

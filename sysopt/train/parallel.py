@@ -14,6 +14,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from sysopt.data import TASKS, Batch
@@ -295,7 +296,8 @@ class ParallelVLM:
 
     @torch.no_grad()
     def correct_counts(self, batch: Batch) -> torch.Tensor:
-        """[2, tasks] tensor: exact-match hits and sample counts of `batch`, on every rank."""
+        """[4, tasks] tensor of `batch`, on every rank: exact-match hits, samples, summed answer-token
+        cross-entropy and answer tokens."""
         batch = self._prepare(batch)
         if self.executor is None:
             self.model.eval()
@@ -307,7 +309,7 @@ class ParallelVLM:
         pp_ranks = self.groups.pp_ranks  # global rank of each pipeline rank, in pp order
         me = self.groups.coords.pp
         x = None
-        out = torch.zeros(2, len(TASKS))
+        out = torch.zeros(4, len(TASKS))
         for m in self.modules:
             m.eval()
         for stage in range(self.schedule.num_stages):
@@ -345,11 +347,16 @@ def _costs_after_tp(model: VLM, costs: tuple[list[float], list[float]], tp: int)
 
 
 def _hits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per task: exact-match hits, samples, summed answer-token cross-entropy, answer tokens."""
     hit = (logits.argmax(-1) == batch.targets) | (batch.loss_mask == 0)
     ok = hit.all(dim=1).float()
-    out = torch.zeros(2, len(TASKS))
+    mask = batch.loss_mask.float()
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none")
+    out = torch.zeros(4, len(TASKS))
     out[0].index_add_(0, batch.task_ids, ok)
     out[1].index_add_(0, batch.task_ids, torch.ones_like(ok))
+    out[2].index_add_(0, batch.task_ids, (per_token.view_as(mask) * mask).sum(dim=1))
+    out[3].index_add_(0, batch.task_ids, mask.sum(dim=1))
     return out
 
 
