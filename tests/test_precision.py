@@ -216,6 +216,35 @@ def test_delayed_scaling_uses_amax_history(monkeypatch):
     assert "amax_history" not in _layer(P.recipe("fp8_rowwise")).state_dict()
 
 
+def test_delayed_scaling_state_survives_a_checkpoint_and_eval_freezes_it():
+    """A layer restored from a state_dict quantises its next batch exactly as the layer that saved it
+    (the history is used, not the first-use fallback), and eval mode reads the history without writing
+    it, so an evaluation leaves training unchanged and does not depend on its batch order."""
+    recipe = P.recipe("fp8_tensorwise_delayed")
+    layer = _layer(recipe, 32, 16)
+    torch.manual_seed(1)
+    for a in (4.0, 1.0, 0.5):
+        x = (torch.randn(8, 32) * a).requires_grad_()
+        layer(x).sum().backward()
+    restored = _layer(recipe, 32, 16, seed=7)
+    restored.load_state_dict(layer.state_dict())
+    nxt = torch.randn(8, 32) * 0.25  # quieter than the history: a fallback to current scaling would differ
+    assert torch.equal(restored(nxt), layer(nxt))
+    assert torch.equal(restored.amax_history, layer.amax_history)
+
+    layer.eval()
+    before = layer.amax_history.clone()
+    a, b = torch.randn(8, 32) * 3.0, torch.randn(8, 32) * 0.1
+    with torch.no_grad():
+        ya = layer(a)
+        layer(b)
+        assert torch.equal(layer(a), ya)
+    assert torch.equal(layer.amax_history, before)
+    layer.train()
+    layer(b)
+    assert not torch.equal(layer.amax_history, before)  # training mode records again
+
+
 def test_nonfinite_forward_is_flagged_and_step_skipped(caplog):
     model = nn.Sequential(nn.Linear(8, 8), _layer(P.recipe("int8_rowwise"), 96, 80))
     x = torch.randn(4, 96)

@@ -12,6 +12,7 @@ from sysopt.train import (
     JobConfig,
     OptimConfig,
     TrainConfig,
+    evaluate_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     read_metrics,
@@ -59,6 +60,11 @@ def test_data_parallel_losses_equal_single_process(tmp_path, microbatches):
     for task, value in single["eval_accuracy"].items():
         assert dp2["eval_accuracy"][task] == pytest.approx(value, abs=0.01)
     assert dp2["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
+    # the final checkpoint, evaluated again in one process, scores what the dp=2 run reported
+    again = evaluate_checkpoint(tmp_path / "dp2")
+    assert again["step"] == job.train.max_steps
+    assert again["eval_loss"] == pytest.approx(dp2["eval_loss"], rel=1e-5)
+    assert again["eval_accuracy"] == pytest.approx(dp2["eval_accuracy"], abs=1e-9)
 
 
 @pytest.mark.timeout(180)
@@ -105,6 +111,16 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert latest.name == "step_00000003"
     state = load_checkpoint(latest, ["model", "trainer"])
     assert torch.equal(state["model"]["w"], torch.ones(2)) and state["trainer"]["step"] == 3
+
+
+def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
+    job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
+    (tmp_path / "job.json").write_text(job.to_json())
+    with pytest.raises(ValueError, match=r"tp=2 pp=1.*summary\.json"):
+        evaluate_checkpoint(tmp_path)
+    (tmp_path / "job.json").write_text(small_job().to_json())
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        evaluate_checkpoint(tmp_path)
 
 
 def test_corrupt_or_incomplete_checkpoint_is_a_clear_error(tmp_path):

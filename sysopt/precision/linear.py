@@ -114,6 +114,7 @@ class ScalingBuffers:
         self.register_buffer("amax_history", history, persistent=self.recipe.scaling == "delayed")
         self.register_buffer("nonfinite", torch.zeros(3, dtype=torch.bool, device=device), persistent=False)
         self.scaling_state = ScalingState(self.recipe, self.amax_history, self.nonfinite)
+        self.scaling_state.recording = getattr(self, "training", True)
 
     def _apply(
         self, fn, recurse=True
@@ -121,6 +122,17 @@ class ScalingBuffers:
         out = super()._apply(fn, recurse)
         self.scaling_state.amax_history, self.scaling_state.nonfinite = self.amax_history, self.nonfinite
         return out
+
+    def train(self, mode: bool = True):
+        """Eval mode freezes the amax histories: an evaluation must not change the scales training uses
+        next, nor depend on the order its batches ran in."""
+        self.scaling_state.recording = mode
+        return super().train(mode)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "amax_history" in state_dict:
+            self.scaling_state.history_loaded()
 
 
 class LowPrecisionLinear(ScalingBuffers, nn.Linear):

@@ -48,7 +48,8 @@ class ScalingState:
         self.recipe = recipe
         self.amax_history = amax_history
         self.nonfinite = nonfinite
-        self.seen = dict.fromkeys(ROLES, False)
+        self.seen = dict.fromkeys(ROLES, False)  # whether a role's history holds an amax yet
+        self.recording = True  # False in eval mode: the histories are read, never written
 
     def quantize(
         self, t: torch.Tensor, fmt: str, role: str, gemm: str, *, record: bool = True, keep_bf16: bool = False
@@ -86,7 +87,7 @@ class ScalingState:
                 q, scale = kernels.quantize(t, dtype, "tensorwise", power_of_two=pow2)
                 x_amax = amax_of(t, "tensorwise", None).float()
             self._flag(gemm, x_amax)
-            if record:
+            if record and self.recording:
                 self._record(r, x_amax)
                 self.seen[role] = True
             return Quantized(q, scale, None)
@@ -113,6 +114,12 @@ class ScalingState:
         q, scale, bf16 = cpu.quantize_rows_int8(t, power_of_two=recipe.power_of_two_scales, with_bf16=True)
         self._flag(gemm, scale)
         return Quantized(q, scale, None, bf16)
+
+    def history_loaded(self) -> None:
+        """After amax_history was overwritten (a checkpoint load): a role with a nonzero amax in its
+        history uses it from the next quantisation on, as the run that saved it would have."""
+        for r, role in enumerate(ROLES):
+            self.seen[role] = bool(self.amax_history[r].max() > 0)
 
     @torch.no_grad()
     def _record(self, r: int, amax: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ losses equal single-process training on the global batch up to float summation o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -84,6 +85,31 @@ def _distributed_eval(
         dist.all_reduce(counts, group=groups.dp_group)
     accuracy = {task: float(counts[0, t] / counts[1, t]) for t, task in enumerate(TASKS) if counts[1, t] > 0}
     return accuracy, float(counts[2].sum() / counts[3].sum().clamp(min=1.0))
+
+
+def evaluate_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Held-out eval (exact match per task and eval_loss, as in summary.json) of a run directory's latest
+    checkpoint, in this process: e.g. to score runs written before the summary carried eval_loss.
+
+    dp replicas share one model shard, so any dp size works; tp or pp > 1 shard the model and are refused."""
+    run = Path(run_dir)
+    job = JobConfig.from_json((run / "job.json").read_text())
+    if job.parallel.tp > 1 or job.parallel.pp > 1:
+        raise ValueError(
+            f"evaluate_checkpoint({str(run)!r}): the run has tp={job.parallel.tp} pp={job.parallel.pp}, but "
+            f"only unsharded (tp=1, pp=1) checkpoints are evaluated in one process; read that run's "
+            f"summary.json instead"
+        )
+    found = latest_checkpoint(run / "checkpoints")
+    if found is None:
+        raise CheckpointError(f"{run / 'checkpoints'} holds no checkpoint; train the run first")
+    job = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, dp=1))
+    sample = BatchSampler(DigitsDataset(job.data, "train"), job.train.global_batch).global_batch(0)
+    runtime = ParallelVLM(job, None, sample)
+    state = load_checkpoint(found, ["model_tp0_pp0", "trainer"])
+    runtime.modules.load_state_dict(state["model_tp0_pp0"])
+    accuracy, eval_loss = _distributed_eval(runtime, job, None)
+    return {"step": int(state["trainer"]["step"]), "eval_accuracy": accuracy, "eval_loss": eval_loss}
 
 
 def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
