@@ -31,7 +31,41 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-FIELDS = ("mean_loss_whole_run_rel", "mean_loss_second_half_rel", "final_loss_rel", "eval_accuracy_points")
+FIELDS = (
+    "mean_loss_whole_run_rel",
+    "mean_loss_second_half_rel",
+    "final_loss_rel",
+    "eval_loss_rel",
+    "eval_accuracy_points",
+)
+
+
+def eval_of(d: Path, s: dict) -> dict:
+    """The run's held-out eval: from summary.json, or (runs older than the summary's eval_loss) scored
+    again from its final checkpoint by sysopt.train.evaluate_checkpoint and cached in eval.json."""
+    if "eval_loss" in s:
+        return {"eval_loss": s["eval_loss"], "eval_accuracy": s["eval_accuracy"]}
+    cache = d / "eval.json"
+    if not cache.is_file():
+        from sysopt.train import evaluate_checkpoint
+
+        got = evaluate_checkpoint(d)
+        if got["step"] != s["steps"]:
+            raise SystemExit(
+                f"{d}: the latest checkpoint is step {got['step']}, not the run's last ({s['steps']})"
+            )
+        cache.write_text(json.dumps(got) + "\n")
+    return json.loads(cache.read_text())
+
+
+def _delayed(d: Path) -> bool:
+    from sysopt.precision import recipe as named
+    from sysopt.train import JobConfig
+
+    r = JobConfig.from_json((d / "job.json").read_text()).precision.resolved_recipe()
+    if isinstance(r, str):
+        r = None if r == "auto" else named(r)
+    return r is not None and r.scaling == "delayed"
 
 
 def load_run(d: Path) -> dict:
@@ -40,9 +74,19 @@ def load_run(d: Path) -> dict:
     steps = [r["step"] for r in m if "loss" in r]
     losses = [r["loss"] for r in m if "loss" in r]
     acc = s["eval_accuracy"]
+    scored = eval_of(d, s)
+    if any(abs(scored["eval_accuracy"][t] - acc[t]) > 1e-9 for t in acc):
+        # runs before eval froze the amax histories recorded into them while evaluating, so their
+        # delayed-scaling eval depended on batch order; the re-scored eval (frozen) is the one used
+        if not _delayed(d):
+            raise SystemExit(
+                f"{d}: the checkpoint's eval accuracy {scored['eval_accuracy']} is not the run's {acc}"
+            )
+        acc = scored["eval_accuracy"]
     return {
         "overrides": json.loads((d / "job.json").read_text()).get("precision", {}),
         "final_loss": s["final_loss"],
+        "eval_loss": scored["eval_loss"],
         "mean_logged_loss_whole_run": statistics.mean(losses),
         "mean_logged_loss_second_half": statistics.mean(losses[len(losses) // 2 :]),
         "eval_accuracy": acc,
@@ -59,6 +103,7 @@ def versus(r: dict, ref: dict) -> dict:
         "mean_loss_second_half_rel": r["mean_logged_loss_second_half"] / ref["mean_logged_loss_second_half"]
         - 1,
         "final_loss_rel": r["final_loss"] / ref["final_loss"] - 1,
+        "eval_loss_rel": r["eval_loss"] / ref["eval_loss"] - 1,
         "eval_accuracy_points": 100 * (r["mean_eval_accuracy"] - ref["mean_eval_accuracy"]),
         "worst_task_points": min(
             100 * (r["eval_accuracy"][t] - ref["eval_accuracy"][t]) for t in ref["eval_accuracy"]
@@ -127,9 +172,10 @@ def main(root: Path, out_dir: Path) -> None:
     fig.savefig(out_dir / "loss.png", dpi=100)
 
     print(
-        "| variant | seeds | mean loss, whole run vs fp32 | 2nd half vs fp32 | final loss vs fp32 | eval exact match (points) |"
+        "| variant | seeds | mean loss, whole run vs fp32 | 2nd half vs fp32 | final loss vs fp32 | eval loss vs fp32 "
+        "| eval exact match (points) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for variant, v in variants.items():
         a = v["over_seeds"]
 
@@ -141,7 +187,7 @@ def main(root: Path, out_dir: Path) -> None:
         print(
             f"| {variant} | {len(v['seeds'])} | {cell('mean_loss_whole_run_rel', 100, '%')} | "
             f"{cell('mean_loss_second_half_rel', 100, '%')} | {cell('final_loss_rel', 100, '%')} | "
-            f"{cell('eval_accuracy_points', 1, '')} |"
+            f"{cell('eval_loss_rel', 100, '%')} | {cell('eval_accuracy_points', 1, '')} |"
         )
     if noise:
         print(
