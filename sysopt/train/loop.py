@@ -80,7 +80,7 @@ def _distributed_eval(
     counts = torch.zeros(4, len(TASKS))  # [correct, samples, loss sum, answer tokens] per task
     for i, batch in enumerate(eval_batches(DigitsDataset(job.data, "eval"), job.train.eval_batch)):
         if i % world == rank:
-            counts += runtime.correct_counts(batch)
+            counts += runtime.eval_counts(batch)
     if groups is not None and world > 1:
         dist.all_reduce(counts, group=groups.dp_group)
     accuracy = {task: float(counts[0, t] / counts[1, t]) for t, task in enumerate(TASKS) if counts[1, t] > 0}

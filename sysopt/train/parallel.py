@@ -295,13 +295,13 @@ class ParallelVLM:
         return pad_sequence(batch, p.tp) if p.tp > 1 and p.sequence_parallel else batch
 
     @torch.no_grad()
-    def correct_counts(self, batch: Batch) -> torch.Tensor:
+    def eval_counts(self, batch: Batch) -> torch.Tensor:
         """[4, tasks] tensor of `batch`, on every rank: exact-match hits, samples, summed answer-token
         cross-entropy and answer tokens."""
         batch = self._prepare(batch)
         if self.executor is None:
             self.model.eval()
-            out = _hits(self.model(batch), batch)
+            out = _eval_counts(self.model(batch), batch)
             self.model.train()
             return out
         # forward only, stage after stage: simple and schedule-free (eval is not the hot path)
@@ -320,7 +320,7 @@ class ParallelVLM:
                 dist.recv(x, src=pp_ranks[owner[stage - 1]])
             x = self.stages[stage](x, batch)
             if stage == self.schedule.num_stages - 1:
-                out = _hits(x, batch)
+                out = _eval_counts(x, batch)
             elif owner[stage + 1] != me:
                 dist.send(x.contiguous(), dst=pp_ranks[owner[stage + 1]])
         for m in self.modules:
@@ -346,7 +346,7 @@ def _costs_after_tp(model: VLM, costs: tuple[list[float], list[float]], tp: int)
     return out_f, out_b
 
 
-def _hits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+def _eval_counts(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per task: exact-match hits, samples, summed answer-token cross-entropy, answer tokens."""
     hit = (logits.argmax(-1) == batch.targets) | (batch.loss_mask == 0)
     ok = hit.all(dim=1).float()
