@@ -111,6 +111,12 @@ def versus(r: dict, ref: dict) -> dict:
     }
 
 
+def _t(values: list[float]) -> float | None:
+    if len(values) < 2 or statistics.stdev(values) == 0:
+        return None
+    return statistics.mean(values) / (statistics.stdev(values) / len(values) ** 0.5)
+
+
 def main(root: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, int], dict] = {}
@@ -133,6 +139,10 @@ def main(root: Path, out_dir: Path) -> None:
                 "stdev": statistics.stdev(values) if len(values) > 1 else None,
                 "min": min(values),
                 "max": max(values),
+                # mean over its standard error: |t| well above 2 with many seeds says the paired
+                # difference is not zero (the null variants show what chaos alone gives)
+                "t": _t(values),
+                "positive_seeds": sum(x > 0 for x in values),
             }
         variants[variant] = {"seeds": seeds, "per_seed": per_seed, "over_seeds": agg}
     # the noise floor: fp32 against fp32 of other seeds (every ordered pair of distinct seeds)
@@ -189,6 +199,11 @@ def main(root: Path, out_dir: Path) -> None:
             f"{cell('mean_loss_second_half_rel', 100, '%')} | {cell('final_loss_rel', 100, '%')} | "
             f"{cell('eval_loss_rel', 100, '%')} | {cell('eval_accuracy_points', 1, '')} |"
         )
+    print("whole-run mean loss vs fp32, over seeds: mean / standard error (t), seeds above fp32")
+    for variant, v in variants.items():
+        a = v["over_seeds"]["mean_loss_whole_run_rel"]
+        if a["t"] is not None:
+            print(f"  {variant}: t={a['t']:+.2f}, {a['positive_seeds']}/{len(v['seeds'])} seeds above")
     if noise:
         print(
             "noise floor (fp32 between seeds, max |difference|):", {k: round(x, 4) for k, x in noise.items()}
