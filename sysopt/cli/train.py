@@ -39,7 +39,10 @@ def _run(cfg: DictConfig) -> None:
     summary = run_training(job, out_dir)
     acc = " ".join(f"{task}={value:.1%}" for task, value in summary["eval_accuracy"].items())
     print(
-        f"final loss {summary['final_loss']:.4f} | eval loss {summary['eval_loss']:.4f} | eval exact match: {acc} | "
+        f"final loss {summary['final_loss']:.4f} (last {summary['final_loss_mean_steps']} steps' mean "
+        f"{summary['final_loss_mean']:.4f}"
+        + (f", floor {summary['train_loss_floor']:.4f}" if summary["train_loss_floor"] > 0 else "")
+        + f") | eval loss {summary['eval_loss']:.4f} | eval exact match: {acc} | "
         f"{summary['tokens_per_s']:.0f} tokens/s, {summary['step_time_s'] * 1e3:.1f} ms/step"
     )
     print(json.dumps({"summary": str(out_dir / "summary.json")}))

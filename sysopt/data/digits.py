@@ -16,6 +16,7 @@ import torch
 from sysopt.data.tokenizer import Tokenizer
 
 TASKS = ("caption", "sum", "largest")
+ANSWER_COUNTS = (10, 19, 10)  # the possible answers of each task: 0-9, 0-18, 0-9
 IMAGE_SIZE = 8
 _SPLIT_CODES = {"train": 0, "eval": 1}
 
@@ -41,6 +42,10 @@ class DigitsTaskConfig:
     # training rows: 0 = one sample per row padded to seq_len; L > 0 = samples packed into rows of L
     # tokens, attention kept within each sample (block-diagonal causal) and positions restarting per sample
     pack_len: int = 0
+    # share of training sequences whose answer is replaced by one drawn uniformly from the task's answers
+    # (the true one included), afresh per sequence: an irreducible loss floor the model cannot memorise,
+    # so that final loss compares runs (see DigitsDataset.label_noise_floor); eval answers stay clean
+    label_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.task_mix) != len(TASKS) or min(self.task_mix) < 0 or sum(self.task_mix) <= 0:
@@ -63,6 +68,11 @@ class DigitsTaskConfig:
             raise ValueError(
                 f"pack_len={self.pack_len} is shorter than the longest sample ({self.seq_len} tokens); use 0 "
                 f"(no packing) or at least {self.seq_len}"
+            )
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(
+                f"label_noise={self.label_noise} must lie in [0, 1): the share of training answers drawn at "
+                "random (0 turns it off, e.g. 0.1)"
             )
         if self.tokens_per_image < 1:
             raise ValueError(f"tokens_per_image={self.tokens_per_image} must be >= 1")
@@ -194,6 +204,13 @@ class DigitsDataset:
         self.image_rows = _balanced_picks(rng, self.image_pool, n * width).reshape(n, width)
         digits = np.where(np.arange(width) < self.n_images[:, None], self.labels[self.image_rows], -1)
         self.answers = np.choose(self.task_ids, [digits[:, 0], digits[:, 0] + digits[:, 1], digits.max(1)])
+        self.clean_answers = self.answers
+        if split == "train" and config.label_noise > 0:
+            # its own stream: the images, tasks and clean answers are those of the noiseless dataset
+            noise_rng = np.random.default_rng([config.seed, 13])
+            flip = noise_rng.random(n) < config.label_noise
+            drawn = np.floor(noise_rng.random(n) * np.asarray(ANSWER_COUNTS)[self.task_ids]).astype(np.int64)
+            self.answers = np.where(flip, drawn, self.clean_answers)
         self._build_templates()
 
     def _build_templates(self) -> None:
@@ -224,6 +241,30 @@ class DigitsDataset:
 
     def __len__(self) -> int:
         return len(self.task_ids)
+
+    def label_noise_floor(self) -> float:
+        """The least mean answer-token cross-entropy any model can reach on this split (nats): that of the
+        predictor that reads every image right and knows the noise, so that each answer is the clean one
+        with probability 1 - p + p/K and any other of the task's K answers with p/K.
+
+        Per answer token it predicts the next digit from the digits before it, among the answers that have
+        that many digits or more (the "." after the answer is not an answer token). The figure is exact for
+        this split's tasks and clean answers: expected loss over expected answer tokens, sample-weighted."""
+        p = self.config.label_noise if self.split == "train" else 0.0
+        loss = tokens = 0.0
+        keys, counts = np.unique(np.stack([self.task_ids, self.clean_answers], 1), axis=0, return_counts=True)
+        for (task, clean), count in zip(keys, counts):
+            k = ANSWER_COUNTS[task]
+            q = {str(a): p / k + (1.0 - p) * (a == clean) for a in range(k)}
+            for answer, qa in q.items():
+                if qa == 0.0:
+                    continue
+                tokens += count * qa * len(answer)
+                for j in range(len(answer)):
+                    reach = sum(w for b, w in q.items() if len(b) > j and b[:j] == answer[:j])
+                    hit = sum(w for b, w in q.items() if len(b) > j and b[: j + 1] == answer[: j + 1])
+                    loss -= count * qa * np.log(hit / reach)
+        return float(loss / tokens)
 
     def __getitem__(self, i: int) -> Sample:
         ids, positions = self.templates[self.template_of[i]]

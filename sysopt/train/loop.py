@@ -176,6 +176,10 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
             ) from exc
         start_step = int(trainer_state["step"])
         torch.set_rng_state(trainer_state["rng"])
+    # the final loss worth comparing between runs is a mean over many batches, not the last one's loss;
+    # the window travels in the checkpoint so that a resumed run reports what an uninterrupted one does
+    tail_window = max(1, job.train.max_steps // 10)
+    recent_losses = list(trainer_state.get("recent_losses", ())) if trainer_state is not None else []
 
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step) if is_main else None
     progress = None
@@ -223,6 +227,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         step_times.append(step_time_s)
         tokens_per_step = int((global_batch.tokens != 0).sum())
         loss_value = float(loss_sum)
+        recent_losses = [*recent_losses, loss_value][-tail_window:]
         last = step == job.train.max_steps - 1
         if is_main and (step % job.train.log_every == 0 or last):
             metrics.write(
@@ -242,7 +247,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         every = job.train.checkpoint_every
         if (every and (step + 1) % every == 0) or last:
-            _save(runtime, optimizer, step + 1, ckpt_root, shard, groups)
+            _save(runtime, optimizer, step + 1, ckpt_root, shard, groups, recent_losses)
     if progress is not None:
         progress.close()
 
@@ -252,6 +257,11 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     median_step_s = sorted(steady)[len(steady) // 2]
     summary = {
         "final_loss": loss_value,
+        # mean training loss of the last 10% of steps (final_loss_mean_steps of them)
+        "final_loss_mean": sum(recent_losses) / len(recent_losses) if recent_losses else float("nan"),
+        "final_loss_mean_steps": len(recent_losses),
+        # the least training loss any model can reach here: 0 unless data.label_noise draws answers at random
+        "train_loss_floor": sampler.dataset.label_noise_floor(),
         "eval_accuracy": accuracy,
         "eval_loss": eval_loss,
         "steps": job.train.max_steps,
@@ -287,7 +297,13 @@ def _all_finite(runtime: ParallelVLM, grad_norm: torch.Tensor, groups: ParallelG
 
 
 def _save(
-    runtime: ParallelVLM, optimizer, step: int, root: Path, shard: str, groups: ParallelGroups | None
+    runtime: ParallelVLM,
+    optimizer,
+    step: int,
+    root: Path,
+    shard: str,
+    groups: ParallelGroups | None,
+    recent_losses: list[float],
 ) -> None:
     """Each (tp, pp) shard is written by its dp-rank-0 replica into one staging directory; after a
     barrier, world rank 0 renames it into place and moves `latest` (so a crash leaves the last one)."""
@@ -300,6 +316,7 @@ def _save(
             "step": step,
             "rng": torch.get_rng_state(),
             "boundaries": list(runtime.boundaries),
+            "recent_losses": list(recent_losses),
         }
     if groups is None or groups.rank == 0:  # clear what a crashed save may have left
         shutil.rmtree(root / f".tmp_step_{step:08d}", ignore_errors=True)
