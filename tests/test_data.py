@@ -115,6 +115,64 @@ def test_text_and_answers_follow_from_image_labels(train, held_out):
     assert seen == {("caption", 1), ("sum", 2), ("largest", 2), ("largest", 3), ("largest", 4)}
 
 
+NOISY = dataclasses.replace(SMALL, n_train=60_000, label_noise=0.3)
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    return DigitsDataset(NOISY, "train")
+
+
+def test_label_noise_redraws_training_answers_only(train, held_out, noisy):
+    """Noise changes the answers of about p * (1 - 1/K) of the training sequences per task and nothing
+    else: images, tasks and clean answers are the noiseless dataset's, the tokens say the noisy answer,
+    and the eval split is untouched."""
+    plain = DigitsDataset(dataclasses.replace(NOISY, label_noise=0.0), "train")
+    assert np.array_equal(noisy.image_rows, plain.image_rows) and np.array_equal(
+        noisy.task_ids, plain.task_ids
+    )
+    assert np.array_equal(noisy.clean_answers, plain.answers)
+    for t, k in enumerate((10, 19, 10)):
+        rows = noisy.task_ids == t
+        changed = float((noisy.answers[rows] != noisy.clean_answers[rows]).mean())
+        expected = NOISY.label_noise * (1 - 1 / k)
+        assert abs(changed - expected) < 4 * (expected * (1 - expected) / rows.sum()) ** 0.5, TASKS[t]
+        assert noisy.answers[rows].min() == 0 and noisy.answers[rows].max() == k - 1
+    tok = Tokenizer()
+    for i in range(0, len(noisy), 997):
+        s = noisy[i]
+        assert tok.decode(s.token_ids[p] for p in s.answer_positions).replace(" ", "") == str(s.answer)
+    eval_noisy = DigitsDataset(dataclasses.replace(SMALL, label_noise=0.3), "eval")
+    assert np.array_equal(eval_noisy.answers, held_out.answers)
+    assert train.label_noise_floor() == 0.0 and eval_noisy.label_noise_floor() == 0.0
+
+
+def test_label_noise_floor_is_the_plug_in_cross_entropy_of_the_noisy_answers(noisy):
+    """The closed-form floor against a count: predict each answer digit from the sequences with the same
+    task, clean answer and earlier digits (and at least as many digits), then score the data's own noisy
+    answers with those frequencies. 60,000 sequences put the count well within 0.5% of the limit, while
+    charging the whole answer's entropy (the stop after one digit included) would be 2% off."""
+    counts: dict[tuple, int] = {}
+    answers = [str(a) for a in noisy.answers]
+    keys = list(zip(noisy.task_ids.tolist(), noisy.clean_answers.tolist()))
+    for key, a in zip(keys, answers):
+        for j in range(len(a)):
+            counts[(key, a[:j], "reach")] = counts.get((key, a[:j], "reach"), 0) + 1
+            counts[(key, a[: j + 1], "hit")] = counts.get((key, a[: j + 1], "hit"), 0) + 1
+    loss = sum(
+        -np.log(counts[(key, a[: j + 1], "hit")] / counts[(key, a[:j], "reach")])
+        for key, a in zip(keys, answers)
+        for j in range(len(a))
+    )
+    plug_in = loss / sum(len(a) for a in answers)
+    floor = noisy.label_noise_floor()
+    assert floor == pytest.approx(plug_in, rel=0.005)
+    # the sum task's two-digit answers make it lower than the single-token entropy of its noise
+    q = 1 - NOISY.label_noise + NOISY.label_noise / 10
+    single = -q * np.log(q) - 9 * (1 - q) / 9 * np.log((1 - q) / 9)
+    assert 0.5 * single < floor < single
+
+
 def test_answers_never_appear_in_the_text_before_them(train, held_out):
     """No digit token precedes the first answer token, so only the images can tell the answer."""
     digit_ids = torch.tensor(Tokenizer().encode("0 1 2 3 4 5 6 7 8 9"))
@@ -250,6 +308,8 @@ def test_config_round_trips_and_rejects_bad_values():
         DigitsTaskConfig(min_relation_images=1)
     with pytest.raises(ValueError, match="rotate_deg=-1"):
         DigitsTaskConfig(rotate_deg=-1.0)
+    with pytest.raises(ValueError, match=r"label_noise=1.0 must lie in \[0, 1\)"):
+        DigitsTaskConfig(label_noise=1.0)
 
 
 def test_tokenizer_round_trip_and_unknown_word():

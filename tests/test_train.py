@@ -69,19 +69,28 @@ def test_data_parallel_losses_equal_single_process(tmp_path, microbatches):
 
 @pytest.mark.timeout(180)
 def test_crashed_run_resumes_bit_exactly(tmp_path, monkeypatch):
-    job = small_job(max_steps=9, checkpoint_every=3)
-    run_training(job, tmp_path / "straight")
-    monkeypatch.setenv(FAULT_ENV, "7")
-    with pytest.raises(RuntimeError, match="injected failure at step 7"):
+    # 20 steps: the summary's final_loss_mean covers the last 2 (steps 18 and 19); the checkpoint after
+    # step 18 is the one resumed, so one of the two losses has to come through it
+    job = small_job(max_steps=20, checkpoint_every=19)
+    done = run_training(job, tmp_path / "straight")
+    monkeypatch.setenv(FAULT_ENV, "19")
+    with pytest.raises(RuntimeError, match="injected failure at step 19"):
         run_training(job, tmp_path / "crashed")
-    assert latest_checkpoint(tmp_path / "crashed" / "checkpoints").name == "step_00000006"
+    assert latest_checkpoint(tmp_path / "crashed" / "checkpoints").name == "step_00000019"
     monkeypatch.delenv(FAULT_ENV)
     resumed = run_training(job, tmp_path / "crashed")
-    assert resumed["resumed_from_step"] == 6
+    assert resumed["resumed_from_step"] == 19
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     again = read_metrics(tmp_path / "crashed" / "metrics.jsonl")
-    assert [r["step"] for r in again] == list(range(9))  # no duplicated or missing steps
+    assert [r["step"] for r in again] == list(range(20))  # no duplicated or missing steps
     assert [r["loss"] for r in again] == [r["loss"] for r in straight]  # bit-exact
+    # the last-steps mean spans the resume: step 18's loss came through the checkpoint
+    assert done["final_loss_mean_steps"] == resumed["final_loss_mean_steps"] == 2
+    assert (
+        done["final_loss_mean"]
+        == resumed["final_loss_mean"]
+        == (straight[-2]["loss"] + straight[-1]["loss"]) / 2
+    )
     a = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "checkpoints"), ["model_tp0_pp0"])[
         "model_tp0_pp0"
     ]
