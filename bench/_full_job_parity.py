@@ -35,6 +35,8 @@ FIELDS = (
     "mean_loss_whole_run_rel",
     "mean_loss_second_half_rel",
     "final_loss_rel",
+    "final_loss_mean_rel",  # runs from before the summary's final_loss_mean lack these two
+    "excess_over_floor_rel",
     "eval_loss_rel",
     "eval_accuracy_points",
 )
@@ -83,9 +85,13 @@ def load_run(d: Path) -> dict:
                 f"{d}: the checkpoint's eval accuracy {scored['eval_accuracy']} is not the run's {acc}"
             )
         acc = scored["eval_accuracy"]
+    job = json.loads((d / "job.json").read_text())
     return {
-        "overrides": json.loads((d / "job.json").read_text()).get("precision", {}),
+        "overrides": job.get("precision", {}),
+        "label_noise": job.get("data", {}).get("label_noise", 0.0),
         "final_loss": s["final_loss"],
+        "final_loss_mean": s.get("final_loss_mean"),
+        "train_loss_floor": s.get("train_loss_floor", 0.0),
         "eval_loss": scored["eval_loss"],
         "mean_logged_loss_whole_run": statistics.mean(losses),
         "mean_logged_loss_second_half": statistics.mean(losses[len(losses) // 2 :]),
@@ -98,7 +104,15 @@ def load_run(d: Path) -> dict:
 
 
 def versus(r: dict, ref: dict) -> dict:
-    return {
+    extra = {}
+    if r["final_loss_mean"] is not None and ref["final_loss_mean"] is not None:
+        extra["final_loss_mean_rel"] = r["final_loss_mean"] / ref["final_loss_mean"] - 1
+        floor = ref["train_loss_floor"]
+        if floor > 0 and r["train_loss_floor"] == floor:  # what is left to learn, beyond the noise
+            extra["excess_over_floor_rel"] = (r["final_loss_mean"] - floor) / (
+                ref["final_loss_mean"] - floor
+            ) - 1
+    return extra | {
         "mean_loss_whole_run_rel": r["mean_logged_loss_whole_run"] / ref["mean_logged_loss_whole_run"] - 1,
         "mean_loss_second_half_rel": r["mean_logged_loss_second_half"] / ref["mean_logged_loss_second_half"]
         - 1,
@@ -123,6 +137,12 @@ def main(root: Path, out_dir: Path) -> None:
     for d in sorted(p for p in root.iterdir() if (p / "summary.json").is_file()):
         variant, _, seed = d.name.partition("@seed")
         runs[(variant, int(seed or 0))] = load_run(d)
+    noise_levels = {r["label_noise"] for r in runs.values()}
+    if len(noise_levels) > 1:
+        raise SystemExit(
+            f"{root} mixes runs with data.label_noise in {sorted(noise_levels)}: their losses do not compare; "
+            "keep each noise level's runs in a directory of their own"
+        )
     for (_variant, seed), r in runs.items():
         ref = runs.get(("fp32", seed))
         r["paired_with"] = f"fp32 seed {seed}" if ref is not None else "fp32 seed 0 (no same-seed fp32 run)"
@@ -132,7 +152,7 @@ def main(root: Path, out_dir: Path) -> None:
         seeds = sorted(s for v, s in runs if v == variant)
         per_seed = {s: runs[(variant, s)]["vs_fp32"] for s in seeds}
         agg = {}
-        for field in FIELDS:
+        for field in (f for f in FIELDS if all(f in per_seed[s] for s in seeds)):
             values = [per_seed[s][field] for s in seeds]
             agg[field] = {
                 "mean": statistics.mean(values),
@@ -148,9 +168,13 @@ def main(root: Path, out_dir: Path) -> None:
     # the noise floor: fp32 against fp32 of other seeds (every ordered pair of distinct seeds)
     fp32_seeds = sorted(s for v, s in runs if v == "fp32")
     pairs = [versus(runs[("fp32", a)], runs[("fp32", b)]) for a in fp32_seeds for b in fp32_seeds if a != b]
-    noise = {f: max(abs(p[f]) for p in pairs) for f in FIELDS} if pairs else None
+    noise = (
+        {f: max(abs(p[f]) for p in pairs) for f in FIELDS if all(f in p for p in pairs)} if pairs else None
+    )
     nulls = [r["vs_fp32"] for (v, _), r in runs.items() if v.startswith("null")]
-    paired_noise = {f: max(abs(n[f]) for n in nulls) for f in FIELDS} if nulls else None
+    paired_noise = (
+        {f: max(abs(n[f]) for n in nulls) for f in FIELDS if all(f in n for n in nulls)} if nulls else None
+    )
     summary = {
         "runs": {
             f"{v}@seed{s}": {k: x for k, x in r.items() if k != "curve"} for (v, s), r in sorted(runs.items())
@@ -173,37 +197,46 @@ def main(root: Path, out_dir: Path) -> None:
             )
             ax.plot(*r["curve"], color=colors[i % len(colors)], lw=2.0 if variant == "fp32" else 1.0, alpha=0.8,
                     label=label)  # fmt: skip
+    noise_level = next(iter(noise_levels))
+    floors = sorted({r["train_loss_floor"] for r in runs.values()})
+    if floors[-1] > 0:
+        ax.axhline(
+            statistics.mean(floors), color="k", ls=":", lw=1, label="noise floor (least reachable loss)"
+        )
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (logged every 25 steps)")
-    ax.set_title("default job, 1,500 steps, dp=2: each variant and seed")
+    job = "default job" + (f" with data.label_noise={noise_level}" if noise_level else "")
+    ax.set_title(f"{job}, 1,500 steps, dp=2: each variant and seed")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=100)
 
-    print(
-        "| variant | seeds | mean loss, whole run vs fp32 | 2nd half vs fp32 | final loss vs fp32 | eval loss vs fp32 "
-        "| eval exact match (points) |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    columns = [
+        ("mean_loss_whole_run_rel", "mean loss, whole run", 100, "%"),
+        ("mean_loss_second_half_rel", "2nd half", 100, "%"),
+        ("final_loss_rel", "last step's loss", 100, "%"),
+        ("final_loss_mean_rel", "final loss (last 10% of steps)", 100, "%"),
+        ("excess_over_floor_rel", "final loss above the noise floor", 100, "%"),
+        ("eval_loss_rel", "eval loss", 100, "%"),
+        ("eval_accuracy_points", "eval exact match (points)", 1, ""),
+    ]
+    columns = [c for c in columns if all(c[0] in v["over_seeds"] for v in variants.values())]
+    print("| variant | seeds | " + " | ".join(f"{label} vs fp32" for _, label, _, _ in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for variant, v in variants.items():
-        a = v["over_seeds"]
-
-        def cell(field, scale, unit, a=a):
-            s = a[field]
-            spread = f" [{scale * s['min']:+.1f}, {scale * s['max']:+.1f}]" if s["stdev"] is not None else ""
-            return f"{scale * s['mean']:+.1f}{unit}{spread}"
-
-        print(
-            f"| {variant} | {len(v['seeds'])} | {cell('mean_loss_whole_run_rel', 100, '%')} | "
-            f"{cell('mean_loss_second_half_rel', 100, '%')} | {cell('final_loss_rel', 100, '%')} | "
-            f"{cell('eval_loss_rel', 100, '%')} | {cell('eval_accuracy_points', 1, '')} |"
-        )
-    print("whole-run mean loss vs fp32, over seeds: mean / standard error (t), seeds above fp32")
-    for variant, v in variants.items():
-        a = v["over_seeds"]["mean_loss_whole_run_rel"]
-        if a["t"] is not None:
-            print(f"  {variant}: t={a['t']:+.2f}, {a['positive_seeds']}/{len(v['seeds'])} seeds above")
+        cells = []
+        for field, _, scale, unit in columns:
+            a = v["over_seeds"][field]
+            spread = f" [{scale * a['min']:+.1f}, {scale * a['max']:+.1f}]" if a["stdev"] is not None else ""
+            cells.append(f"{scale * a['mean']:+.1f}{unit}{spread}")
+        print(f"| {variant} | {len(v['seeds'])} | " + " | ".join(cells) + " |")
+    for field, label, _, _ in columns[:1] + [c for c in columns if c[0] == "final_loss_mean_rel"]:
+        print(f"{label} vs fp32, over seeds: mean / standard error (t), seeds above fp32")
+        for variant, v in variants.items():
+            a = v["over_seeds"][field]
+            if a["t"] is not None:
+                print(f"  {variant}: t={a['t']:+.2f}, {a['positive_seeds']}/{len(v['seeds'])} seeds above")
     if noise:
         print(
             "noise floor (fp32 between seeds, max |difference|):", {k: round(x, 4) for k, x in noise.items()}
