@@ -100,6 +100,37 @@ def test_crashed_run_resumes_bit_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.timeout(180)
+def test_delayed_scaling_run_resumes_bit_exactly(tmp_path, monkeypatch):
+    """A delayed-scaling recipe scales each step from amax histories kept in the model: the resumed run
+    must load them and go on exactly as the uninterrupted one (losses, eval and the histories)."""
+    from sysopt.train.config import PrecisionConfig
+
+    job = dataclasses.replace(
+        small_job(max_steps=6, checkpoint_every=3),
+        precision=PrecisionConfig("fp8_tensorwise_delayed", min_features=64),
+    )
+    straight = run_training(job, tmp_path / "straight")
+    assert straight["low_precision_layers"]
+    monkeypatch.setenv(FAULT_ENV, "4")
+    with pytest.raises(RuntimeError, match="injected failure at step 4"):
+        run_training(job, tmp_path / "crashed")
+    monkeypatch.delenv(FAULT_ENV)
+    resumed = run_training(job, tmp_path / "crashed")
+    assert resumed["resumed_from_step"] == 3
+    a = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "crashed" / "metrics.jsonl")]
+    assert b == a
+    assert (resumed["eval_loss"], resumed["eval_accuracy"]) == (
+        straight["eval_loss"],
+        straight["eval_accuracy"],
+    )
+    got = [load_checkpoint(latest_checkpoint(tmp_path / r / "checkpoints"), ["model_tp0_pp0"])["model_tp0_pp0"]
+           for r in ("straight", "crashed")]  # fmt: skip
+    histories = [k for k in got[0] if "amax_history" in k]
+    assert histories and all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+
+
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     root = tmp_path / "ckpt"
     save_checkpoint(root, 3, {"model": {"w": torch.ones(2)}, "trainer": {"step": 3}})
