@@ -1,6 +1,7 @@
 """sysopt.precision: recipes, the low-precision linear (numerics per GEMM), delayed scaling, overflow
 detection, convert() and precision='auto'."""
 
+import copy
 import importlib
 import logging
 import os
@@ -427,9 +428,20 @@ def test_convert_auto_uses_profile_and_tokens():
                           nn.Linear(2048, 8))  # fmt: skip
     with pytest.raises(ValueError, match="tokens="):
         P.convert(model, "auto")
+    fresh = copy.deepcopy(model)
     P.convert(model, "auto", profile=_profile(), tokens=4096)
     assert _converted(model) == ["1"]  # 2 and 3 are too small to gain, 0 and 4 are first/last
     assert model[1].recipe.name == "int8_rowwise"
+    # the same choice as data, applied again where the hardware would choose nothing
+    plan = P.auto_plan(fresh, profile=_profile(), tokens=4096)
+    assert (
+        plan == {"1": "int8_rowwise"}
+        and P.auto_plan(fresh, profile=_profile(isa=("avx2",)), tokens=4096) == {}
+    )
+    P.convert(fresh, plan)
+    assert _converted(fresh) == ["1"] and fresh[1].recipe.name == "int8_rowwise"
+    with pytest.raises(ValueError, match=r"the plan names \['1', '9'\], which are not swappable"):
+        P.convert(fresh, {"1": "int8_rowwise", "9": "int8_rowwise"})  # 1 is a LowPrecisionLinear by now
 
 
 def test_scaling_state_quantized_transpose_is_exact():

@@ -131,6 +131,58 @@ def test_delayed_scaling_run_resumes_bit_exactly(tmp_path, monkeypatch):
     assert histories and all(torch.equal(got[0][k], got[1][k]) for k in got[0])
 
 
+def _cpu_profile(int8_flops: float):
+    """A VNNI CPU's profile whose fp32 and bf16 GEMMs run at 1 GFLOP/s and int8 ones at `int8_flops`."""
+    from sysopt.hardware.profile import Calibration, CPUInfo, HardwareProfile, MatmulPoint
+
+    rates = {"fp32": 1e9, "bf16": 1e9, "int8": int8_flops}
+    calibration = Calibration(
+        device="cpu", matmul=tuple(MatmulPoint(d, 64, 64, 64, 2 * 64**3 / r, r) for d, r in rates.items()),
+        matmul_flops_per_s=rates, copy={}, p2p=None, allreduce=None, collective_world_size=1,
+        collective_backend="gloo", optimizer_params_per_s={"host": 1e9, "device": 1e9}, created="now",
+    )  # fmt: skip
+    cpu = CPUInfo("test cpu", 2, 2, ("avx512f", "avx512_vnni"), 24 << 30)
+    return HardwareProfile(cpu=cpu, gpus=(), calibration=calibration, created="now")
+
+
+@pytest.mark.timeout(180)
+def test_auto_precision_plan_is_made_once_and_kept_through_resume_and_eval(tmp_path, monkeypatch):
+    """precision=auto converts the layers sysopt.precision.auto_plan picks from this machine's profile for a
+    microbatch's GEMM rows. The plan goes into the checkpoint: resuming, or scoring the checkpoint again, on
+    a machine that would choose otherwise keeps the run's model."""
+    import sysopt.train.parallel as parallel
+    from sysopt.data import BatchSampler, DigitsDataset
+    from sysopt.models import VLM
+    from sysopt.precision import auto_plan
+    from sysopt.train.config import PrecisionConfig
+
+    fast, slow = _cpu_profile(1e15), _cpu_profile(1e9)  # int8 far faster than fp32 / no faster
+    job = dataclasses.replace(
+        small_job(max_steps=6, checkpoint_every=3), precision=PrecisionConfig("auto", min_features=64)
+    )
+    batch = BatchSampler(DigitsDataset(job.data, "train"), job.train.global_batch).global_batch(0)
+    expected = auto_plan(VLM(job.model), profile=fast, tokens=batch.tokens.numel(), min_features=64)
+    assert len(expected) >= 10 and set(expected.values()) == {"int8_rowwise"}
+    assert auto_plan(VLM(job.model), profile=slow, tokens=batch.tokens.numel(), min_features=64) == {}
+
+    monkeypatch.setattr(parallel, "auto_profile", lambda: fast)
+    straight = run_training(job, tmp_path / "straight")
+    assert straight["precision_plan"] == expected and straight["low_precision_layers"] == list(expected)
+    monkeypatch.setenv(FAULT_ENV, "4")
+    with pytest.raises(RuntimeError, match="injected failure at step 4"):
+        run_training(job, tmp_path / "crashed")
+    monkeypatch.delenv(FAULT_ENV)
+
+    monkeypatch.setattr(parallel, "auto_profile", lambda: slow)  # "another machine"
+    assert parallel.ParallelVLM(job, None, batch).precision_plan == {}  # where a new run converts nothing
+    resumed = run_training(job, tmp_path / "crashed")
+    assert resumed["resumed_from_step"] == 3 and resumed["precision_plan"] == expected
+    a = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "crashed" / "metrics.jsonl")] == a
+    again = evaluate_checkpoint(tmp_path / "straight")
+    assert (again["eval_loss"], again["eval_accuracy"]) == (straight["eval_loss"], straight["eval_accuracy"])
+
+
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     root = tmp_path / "ckpt"
     save_checkpoint(root, 3, {"model": {"w": torch.ones(2)}, "trainer": {"step": 3}})

@@ -10,7 +10,7 @@ optimizer.zero_grad()
 from __future__ import annotations
 
 from .auto import auto_recipe_for
-from .convert import MIN_FEATURES, SwapRule, convert, register_swap
+from .convert import MIN_FEATURES, SwapRule, auto_plan, convert, register_swap
 from .diagnostics import gemm_sqnr
 from .linear import LowPrecisionLinear, LowPrecisionLinearFunction, low_precision_linear
 from .overflow import NonFiniteError, check_finite, nonfinite_layers
@@ -32,6 +32,7 @@ __all__ = [
     "Recipe",
     "ScalingState",
     "SwapRule",
+    "auto_plan",
     "auto_recipe_for",
     "check_finite",
     "convert",

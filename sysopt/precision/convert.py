@@ -6,7 +6,7 @@ Which module types can be swapped, and how, is a registry: nn.Linear is register
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -62,9 +62,46 @@ def default_filter(
     return keep_low
 
 
+def _choose(
+    model: nn.Module, filter_fn: FilterFn | None, keep_first_last: bool, min_features: int
+) -> list[tuple[str, nn.Module]]:
+    """The swappable layers convert() takes: those filter_fn accepts, else the default choice."""
+    candidates = [(fqn, m) for fqn, m in model.named_modules() if type(m) in _SWAPS]
+    choose = filter_fn or default_filter(
+        candidates, keep_first_last=keep_first_last, min_features=min_features
+    )
+    return [(fqn, m) for fqn, m in candidates if choose(m, fqn)]
+
+
+def auto_plan(
+    model: nn.Module,
+    *,
+    profile,
+    tokens: int,
+    filter_fn: FilterFn | None = None,
+    keep_first_last: bool = True,
+    min_features: int = 1,
+) -> dict[str, str]:
+    """What convert(model, 'auto', ...) would do, as data: {layer fqn: recipe name} for the layers that
+    auto_recipe_for gives a recipe (the others stay in high precision). Pass it to convert() to apply it
+    again, e.g. on another machine or when resuming, where the hardware might choose otherwise."""
+    if profile is None or tokens is None:
+        raise ValueError(
+            "convert(recipe='auto') needs profile= (sysopt.hardware.load_or_calibrate()) and tokens= "
+            f"(rows per GEMM per step, e.g. micro_batch * seq_len); got profile={profile!r}, tokens={tokens}"
+        )
+    plan = {}
+    for fqn, module in _choose(model, filter_fn, keep_first_last, min_features):
+        in_features, out_features = _SWAPS[type(module)].features(module)
+        name = auto_recipe_for(profile, in_features, out_features, tokens)
+        if name is not None:
+            plan[fqn] = name
+    return plan
+
+
 def convert(
     model: nn.Module,
-    recipe: Recipe | str,
+    recipe: Recipe | str | Mapping[str, str | Recipe],
     filter_fn: FilterFn | None = None,
     *,
     keep_first_last: bool = True,
@@ -74,8 +111,9 @@ def convert(
 ) -> nn.Module:
     """Swap the model's registered linear layers (nn.Linear) for LowPrecisionLinear, in place.
 
-    recipe: a Recipe, a recipe name, or 'auto' (per layer from `profile` and `tokens` rows per step via
-      auto_recipe_for; layers it leaves in high precision are not swapped).
+    recipe: a Recipe, a recipe name, 'auto' (per layer from `profile` and `tokens` rows per step via
+      auto_recipe_for; layers it leaves in high precision are not swapped), or a plan {fqn: recipe or name}
+      such as auto_plan() returns, which converts exactly the layers it names (filter_fn is not used).
     filter_fn(module, fqn) -> bool: convert exactly the layers it accepts (replaces the default choice:
       not the first/last layer when keep_first_last, not when in or out features < min_features, which
       defaults to MIN_FEATURES for a fixed recipe and to 1 for 'auto', whose cost model judges size itself).
@@ -84,30 +122,27 @@ def convert(
     auto = isinstance(recipe, str) and recipe == "auto"
     if min_features is None:
         min_features = 1 if auto else MIN_FEATURES
-    candidates = [(fqn, m) for fqn, m in model.named_modules() if type(m) in _SWAPS]
-    choose = filter_fn or default_filter(
-        candidates, keep_first_last=keep_first_last, min_features=min_features
-    )
     if auto:
-        if profile is None or tokens is None:
+        recipe = auto_plan(
+            model, profile=profile, tokens=tokens, filter_fn=filter_fn, keep_first_last=keep_first_last,
+            min_features=min_features,
+        )  # fmt: skip
+    if isinstance(recipe, Mapping):
+        layers = dict(model.named_modules())
+        unknown = sorted(fqn for fqn in recipe if type(layers.get(fqn)) not in _SWAPS)
+        if unknown:
             raise ValueError(
-                "convert(recipe='auto') needs profile= (sysopt.hardware.load_or_calibrate()) and tokens= "
-                f"(rows per GEMM per step, e.g. micro_batch * seq_len); got profile={profile!r}, tokens={tokens}"
+                f"convert(): the plan names {unknown}, which are not swappable linears of this model (those "
+                f"are {[f for f, m in layers.items() if type(m) in _SWAPS]}); was the plan made for another model?"
             )
-    elif isinstance(recipe, str):
-        recipe = named_recipe(recipe)
-    for fqn, module in candidates:
-        if not choose(module, fqn):
-            continue
-        rule = _SWAPS[type(module)]
-        layer_recipe = recipe
-        if auto:
-            in_features, out_features = rule.features(module)
-            name = auto_recipe_for(profile, in_features, out_features, tokens)
-            if name is None:
-                continue
-            layer_recipe = named_recipe(name)
-        new = rule.swap(module, layer_recipe)
+        per_layer = {fqn: named_recipe(r) if isinstance(r, str) else r for fqn, r in recipe.items()}
+        chosen = [(fqn, layers[fqn]) for fqn in layers if fqn in per_layer]
+    else:
+        fixed = named_recipe(recipe) if isinstance(recipe, str) else recipe
+        chosen = _choose(model, filter_fn, keep_first_last, min_features)
+        per_layer = {fqn: fixed for fqn, _ in chosen}
+    for fqn, module in chosen:
+        new = _SWAPS[type(module)].swap(module, per_layer[fqn])
         if not fqn:
             return new
         _replace(model, fqn, new)

@@ -105,8 +105,8 @@ def evaluate_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{run / 'checkpoints'} holds no checkpoint; train the run first")
     job = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, dp=1))
     sample = BatchSampler(DigitsDataset(job.data, "train"), job.train.global_batch).global_batch(0)
-    runtime = ParallelVLM(job, None, sample)
     state = load_checkpoint(found, ["model_tp0_pp0", "trainer"])
+    runtime = ParallelVLM(job, None, sample, precision_plan=state["trainer"].get("precision_plan"))
     runtime.modules.load_state_dict(state["model_tp0_pp0"])
     accuracy, eval_loss = _distributed_eval(runtime, job, None)
     return {"step": int(state["trainer"]["step"]), "eval_accuracy": accuracy, "eval_loss": eval_loss}
@@ -158,10 +158,14 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     ckpt_root = out / "checkpoints"
     found = latest_checkpoint(ckpt_root) if job.train.resume else None
     trainer_state = load_checkpoint(found, ["trainer"])["trainer"] if found is not None else None
-    saved_boundaries = None
+    saved_boundaries = saved_plan = None
     if trainer_state is not None and trainer_state.get("boundaries") is not None:
         saved_boundaries = tuple(trainer_state["boundaries"])
-    runtime = ParallelVLM(job, groups, sampler.global_batch(0).shard(dp_rank, dp_size), saved_boundaries)
+    if trainer_state is not None:  # what precision=auto chose when the run started, on whichever machine
+        saved_plan = trainer_state.get("precision_plan")
+    runtime = ParallelVLM(
+        job, groups, sampler.global_batch(0).shard(dp_rank, dp_size), saved_boundaries, saved_plan
+    )
     optimizer = make_optimizer(job, runtime.params)
     shard = _shard_name(job, groups)
     if found is not None:
@@ -273,6 +277,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         "world_size": job.world_size,
         "pipeline_boundaries": list(runtime.boundaries),
         "low_precision_layers": runtime.low_precision_layers,
+        "precision_plan": runtime.precision_plan,
     }
     if is_main:
         write_json_atomic(out / "summary.json", summary)
@@ -317,6 +322,7 @@ def _save(
             "rng": torch.get_rng_state(),
             "boundaries": list(runtime.boundaries),
             "recent_losses": list(recent_losses),
+            "precision_plan": dict(runtime.precision_plan),
         }
     if groups is None or groups.rank == 0:  # clear what a crashed save may have left
         shutil.rmtree(root / f".tmp_step_{step:08d}", ignore_errors=True)

@@ -94,6 +94,13 @@ def measure_block_costs(model: VLM, batch: Batch, repeats: int = 3) -> tuple[lis
     return forward, backward
 
 
+def auto_profile():
+    """The HardwareProfile precision=auto decides from: the cached calibration, else the probed hardware."""
+    from sysopt.hardware import load_cached, probe
+
+    return load_cached() or probe()
+
+
 class ParallelVLM:
     """This rank's part of the VLM and the machinery to train and evaluate it."""
 
@@ -103,9 +110,12 @@ class ParallelVLM:
         groups: ParallelGroups | None,
         sample_batch: Batch,
         boundaries: tuple[int, ...] | None = None,
+        precision_plan: dict[str, str] | None = None,
     ) -> None:
         """`boundaries` fixes the pipeline split (a resumed run must cut where its checkpoint did), else
-        parallel.boundaries does; with neither, block costs are measured and partitioned."""
+        parallel.boundaries does; with neither, block costs are measured and partitioned. Likewise
+        `precision_plan` ({layer: recipe name}, a checkpoint's) fixes what precision=auto converts; without
+        it the plan is made here from this machine's HardwareProfile and the microbatch's GEMM rows."""
         self.job, self.groups = job, groups
         p = job.parallel
         if boundaries is not None and p.boundaries is not None and tuple(boundaries) != tuple(p.boundaries):
@@ -131,14 +141,17 @@ class ParallelVLM:
         if job.precision.recipe is not None:
             from sysopt.precision import convert
 
-            convert(
-                model,
-                job.precision.resolved_recipe(),
-                min_features=job.precision.min_features,
-                keep_first_last=True,
-            )
-        # names of the layers whose GEMMs run in low precision (dense and tensor-parallel linears alike)
-        self.low_precision_layers = [n for n, m in model.named_modules() if hasattr(m, "scaling_state")]
+            recipe = job.precision.resolved_recipe()
+            if recipe == "auto":
+                recipe = (
+                    precision_plan if precision_plan is not None else self._auto_plan(model, sample_batch)
+                )
+            convert(model, recipe, min_features=job.precision.min_features, keep_first_last=True)
+        # the layers whose GEMMs run in low precision (dense and tensor-parallel linears alike) and how
+        self.precision_plan = {
+            n: m.recipe.name for n, m in model.named_modules() if hasattr(m, "scaling_state")
+        }
+        self.low_precision_layers = list(self.precision_plan)
         self.model = model
         self.schedule = None
         self.executor = None
@@ -155,6 +168,26 @@ class ParallelVLM:
             # forward_backward); under one the executor interleaves microbatches, so they reduce after it
             self.grad_sync = BucketedGradSync(self.params, groups.dp_group)
             self.grad_sync.enabled = p.pp == 1
+
+    def _auto_plan(self, model: VLM, sample_batch: Batch) -> dict[str, str]:
+        """precision=auto's choice per layer on this machine (its cached calibrated HardwareProfile, else the
+        probed one) for the GEMM rows of one microbatch; rank 0's choice on every rank."""
+        from sysopt.precision import auto_plan
+
+        rows, row_len = sample_batch.tokens.shape
+        tokens = max(1, rows // self.microbatches) * row_len
+        plan = auto_plan(
+            model,
+            profile=auto_profile(),
+            tokens=tokens,
+            keep_first_last=True,
+            min_features=1 if self.job.precision.min_features is None else self.job.precision.min_features,
+        )
+        if dist.is_initialized():  # the ranks' shards must agree on it, even if their profiles did not
+            box = [plan]
+            dist.broadcast_object_list(box, src=0)
+            plan = box[0]
+        return plan
 
     # ---- pipeline construction ------------------------------------------------------------------
     def _dense_block_costs(self, model: VLM, sample_batch: Batch) -> tuple[list[float], list[float]]:
