@@ -67,17 +67,24 @@ def test_data_parallel_losses_equal_single_process(tmp_path, microbatches):
     assert again["eval_accuracy"] == pytest.approx(dp2["eval_accuracy"], abs=1e-9)
 
 
+def _run_then_crash(job: JobConfig, tmp_path, monkeypatch, at_step: int) -> dict:
+    """Train `job` into tmp_path/straight, then again into tmp_path/crashed with a failure injected at
+    `at_step`; returns the straight run's summary (resume the crashed one with run_training)."""
+    straight = run_training(job, tmp_path / "straight")
+    monkeypatch.setenv(FAULT_ENV, str(at_step))
+    with pytest.raises(RuntimeError, match=f"injected failure at step {at_step}"):
+        run_training(job, tmp_path / "crashed")
+    monkeypatch.delenv(FAULT_ENV)
+    return straight
+
+
 @pytest.mark.timeout(180)
 def test_crashed_run_resumes_bit_exactly(tmp_path, monkeypatch):
     # 20 steps: the summary's final_loss_mean covers the last 2 (steps 18 and 19); the checkpoint after
     # step 18 is the one resumed, so one of the two losses has to come through it
     job = small_job(max_steps=20, checkpoint_every=19)
-    done = run_training(job, tmp_path / "straight")
-    monkeypatch.setenv(FAULT_ENV, "19")
-    with pytest.raises(RuntimeError, match="injected failure at step 19"):
-        run_training(job, tmp_path / "crashed")
+    done = _run_then_crash(job, tmp_path, monkeypatch, 19)
     assert latest_checkpoint(tmp_path / "crashed" / "checkpoints").name == "step_00000019"
-    monkeypatch.delenv(FAULT_ENV)
     resumed = run_training(job, tmp_path / "crashed")
     assert resumed["resumed_from_step"] == 19
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
@@ -110,12 +117,8 @@ def test_delayed_scaling_run_resumes_bit_exactly(tmp_path, monkeypatch):
         small_job(max_steps=6, checkpoint_every=3),
         precision=PrecisionConfig("fp8_tensorwise_delayed", min_features=64),
     )
-    straight = run_training(job, tmp_path / "straight")
+    straight = _run_then_crash(job, tmp_path, monkeypatch, 4)
     assert straight["low_precision_layers"]
-    monkeypatch.setenv(FAULT_ENV, "4")
-    with pytest.raises(RuntimeError, match="injected failure at step 4"):
-        run_training(job, tmp_path / "crashed")
-    monkeypatch.delenv(FAULT_ENV)
     resumed = run_training(job, tmp_path / "crashed")
     assert resumed["resumed_from_step"] == 3
     a = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
@@ -166,12 +169,8 @@ def test_auto_precision_plan_is_made_once_and_kept_through_resume_and_eval(tmp_p
     assert auto_plan(VLM(job.model), profile=slow, tokens=batch.tokens.numel(), min_features=64) == {}
 
     monkeypatch.setattr(parallel, "auto_profile", lambda: fast)
-    straight = run_training(job, tmp_path / "straight")
+    straight = _run_then_crash(job, tmp_path, monkeypatch, 4)
     assert straight["precision_plan"] == expected and straight["low_precision_layers"] == list(expected)
-    monkeypatch.setenv(FAULT_ENV, "4")
-    with pytest.raises(RuntimeError, match="injected failure at step 4"):
-        run_training(job, tmp_path / "crashed")
-    monkeypatch.delenv(FAULT_ENV)
 
     monkeypatch.setattr(parallel, "auto_profile", lambda: slow)  # "another machine"
     assert parallel.ParallelVLM(job, None, batch).precision_plan == {}  # where a new run converts nothing
