@@ -185,7 +185,7 @@ def main(root: Path, out_dir: Path) -> None:
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, (ax, dots) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [3, 2]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, variant in enumerate(variants):
         for seed in variants[variant]["seeds"]:
@@ -209,6 +209,27 @@ def main(root: Path, out_dir: Path) -> None:
     job = "default job" + (f" with data.label_noise={noise_level}" if noise_level else "")
     ax.set_title(f"{job}, 1,500 steps, dp=2: each variant and seed")
     ax.legend(fontsize=8)
+    # each seed's paired difference from fp32 in the final loss (the whole-run mean for older runs)
+    field = "final_loss_mean_rel" if all("final_loss_mean_rel" in v["over_seeds"] for v in variants.values()) \
+        else "mean_loss_whole_run_rel"  # fmt: skip
+    others = [v for v in variants if v != "fp32"]
+    for i, variant in enumerate(others):
+        values = [100 * x[field] for x in variants[variant]["per_seed"].values()]
+        dots.plot(
+            [i] * len(values),
+            values,
+            "o",
+            alpha=0.7,
+            color=colors[(list(variants).index(variant)) % len(colors)],
+        )
+        dots.plot([i - 0.25, i + 0.25], [statistics.mean(values)] * 2, color="k", lw=2)
+    dots.axhspan(-2, 2, color="0.9", zorder=0, label="within 2% (issue 6's goal)")
+    dots.axhline(0, color="k", lw=0.5)
+    dots.set_xticks(range(len(others)), others, rotation=30, ha="right", fontsize=8)
+    label = "final loss (last 10% of steps)" if field == "final_loss_mean_rel" else "whole-run mean loss"
+    dots.set_ylabel(f"{label} vs fp32 of the same seed (%)")
+    dots.set_title("paired differences: one dot per seed, bar = mean")
+    dots.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=100)
 
