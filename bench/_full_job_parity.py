@@ -269,10 +269,10 @@ def main(root: Path, out_dir: Path) -> None:
             a = v["over_seeds"][field]
             if a["t"] is not None:
                 print(f"  {variant}: t={a['t']:+.2f}, {a['positive_seeds']}/{len(v['seeds'])} seeds above")
-    if any(runs[("fp32", s)]["train_loss_floor"] > 0 for s in fp32_seeds):
+    fp32_runs = {s: runs[("fp32", s)] for s in fp32_seeds}
+    if any(r["train_loss_floor"] > 0 for r in fp32_runs.values()):
         excess = {
-            s: round(1000 * (runs[("fp32", s)]["final_loss_mean"] - runs[("fp32", s)]["train_loss_floor"]), 1)
-            for s in fp32_seeds
+            s: round(1000 * (r["final_loss_mean"] - r["train_loss_floor"]), 1) for s, r in fp32_runs.items()
         }
         print("fp32's final loss above the split's noise floor, per seed (millinats):", excess)
     if noise:
