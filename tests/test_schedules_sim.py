@@ -6,8 +6,9 @@ import random
 import pytest
 
 from sysopt.schedules import Costs, ScheduleError, Simulation, build, partition, simulate
-from sysopt.schedules.partition import Partition, _step_time, even_boundaries
+from sysopt.schedules.partition import Partition, _step_time, chunk_costs, even_boundaries
 from sysopt.schedules.render import COLORS, gantt_png, text
+from sysopt.schedules.simulate import step_time
 
 # ---- bubbles: closed forms ----------------------------------------------------------------------
 
@@ -186,23 +187,71 @@ def _layer_costs(layers):
     return layers, [2 * x for x in layers], list(layers)
 
 
-def _brute_force(schedule_name, pp, vpp, m, fwd, bwd, wgt):
-    plan = build(schedule_name, pp, vpp, m)
-    n, chunks = len(fwd), pp * vpp
-    splits = ((0, *inner, n) for inner in itertools.combinations(range(1, n), chunks - 1))
-    return min(_step_time(plan, b, fwd, bwd, wgt, 0.0) for b in splits)
+def _brute_force(plan, fwd, bwd, wgt, p2p=0.0):
+    n = len(fwd)
+    splits = ((0, *inner, n) for inner in itertools.combinations(range(1, n), plan.num_stages - 1))
+    return min(_step_time(plan, b, fwd, bwd, wgt, p2p) for b in splits)
 
 
 @pytest.mark.parametrize("name,pp,vpp", [("1f1b", 4, 1), ("interleaved_1f1b", 2, 2), ("zbv", 2, 2)])
 def test_partition_finds_the_brute_force_optimum(name, pp, vpp):
     fwd, bwd, wgt = _layer_costs(VISION + DECODER)
-    best = _brute_force(name, pp, vpp, 8, fwd, bwd, wgt)
+    best = _brute_force(build(name, pp, vpp, 8), fwd, bwd, wgt)
     for limit in (10**6, 0):  # exhaustive, then DP seed + local refinement
         p = partition(fwd, bwd, wgt, pp=pp, vpp=vpp, schedule=name, microbatches=8, exhaustive_limit=limit)
         assert p.method == ("exhaustive" if limit else "dp+refine")
         assert p.step_time == pytest.approx(best)
         assert p.step_time < p.even_step_time  # the heavy encoder makes the even split slow
         assert sum(p.layers_per_chunk) == len(fwd) and min(p.layers_per_chunk) >= 1
+
+
+def test_partition_plans_a_cost_planned_schedule_on_each_split_and_finds_its_optimum():
+    """zb_greedy's order depends on the stage costs: each split is planned on its own costs, and branch and
+    bound (splits by start-up lower bound) returns the brute-force optimum over every split."""
+    fwd, bwd, wgt = _layer_costs([2.0, 2.0] + [1.0] * 8)
+    results = {}
+    for inner in itertools.combinations(range(1, 10), 3):
+        bounds = (0, *inner, 10)
+        costs = Costs(*chunk_costs(bounds, fwd, bwd, wgt), 0.05)
+        results[bounds] = step_time(build("zb_greedy", 2, 2, 6, costs=costs), costs)
+    for limit, method in ((10**6, "exhaustive"), (0, "bound")):
+        p = partition(
+            fwd, bwd, wgt, pp=2, vpp=2, schedule="zb_greedy", microbatches=6, p2p=0.05, exhaustive_limit=limit
+        )
+        assert p.method == method
+        assert p.step_time == pytest.approx(min(results.values()), rel=1e-12)
+        assert results[p.boundaries] == pytest.approx(p.step_time, rel=1e-12)
+    fixed = build("zb_greedy", 2, 2, 6)  # a built Schedule keeps its order on every split
+    p = partition(fwd, bwd, wgt, pp=2, vpp=2, schedule=fixed, microbatches=6, p2p=0.05)
+    assert p.schedule == "zb_greedy" and p.step_time == pytest.approx(
+        _brute_force(fixed, fwd, bwd, wgt, 0.05)
+    )
+    assert p.step_time > min(results.values())  # planning on each split's costs does better
+    with pytest.raises(ValueError, match="pass the values the schedule was built with"):
+        partition(fwd, bwd, wgt, pp=2, vpp=2, schedule=fixed, microbatches=8)
+    with pytest.raises(ValueError, match="drop costs="):
+        partition(
+            fwd, bwd, wgt, pp=2, vpp=2, schedule="zb_greedy", microbatches=6, costs=Costs(1.0, 2.0, 1.0)
+        )
+
+
+def test_partition_tie_break_picks_the_split_the_baseline_runs_fastest_among_equals():
+    """The bench's multimodal layers (two vision layers, each two decoder layers): several splits give
+    zb_greedy its best time, and interleaved 1F1B differs by 14% between them."""
+    layers = [0.04, 0.04] + [0.02] * 16  # seconds; p2p as calibrated on a 2-core VM
+    fwd, bwd, wgt = layers, [2 * x for x in layers], list(layers)
+    kw = dict(pp=4, vpp=2, schedule="zb_greedy", microbatches=8, p2p=5.6e-4, max_activations=2 * 11)
+    plain = partition(fwd, bwd, wgt, **kw)
+    tied = partition(fwd, bwd, wgt, tie_break="interleaved_1f1b", **kw)
+    assert plain.method == tied.method == "bound" and tied.tie_break == "interleaved_1f1b"
+    assert tied.step_time == pytest.approx(plain.step_time, rel=1e-9)
+    baseline = build("interleaved_1f1b", 4, 2, 8)
+
+    def baseline_time(bounds):
+        return step_time(baseline, Costs(*chunk_costs(bounds, fwd, bwd, wgt), 5.6e-4))
+
+    assert baseline_time(tied.boundaries) < baseline_time(plain.boundaries)
+    assert Partition.from_json(tied.to_json()) == tied
 
 
 def test_partition_reports_against_the_even_split_and_round_trips():

@@ -337,8 +337,8 @@ class CostModel:
             boundaries = (0, len(costs))
         elif math.comb(len(costs) - 1, chunks - 1) <= EXHAUSTIVE_PARTITION_LIMIT:
             p2p_max = max(self.p2p_s(layer, c.tp) for layer in model_layers)
-            found = partition(
-                f, b, w, pp=c.pp, vpp=c.vpp, schedule=c.schedule, microbatches=c.microbatches, p2p=p2p_max
+            found = partition(  # the order this config simulates, kept on every split
+                f, b, w, pp=c.pp, vpp=c.vpp, schedule=schedule, microbatches=c.microbatches, p2p=p2p_max
             )
             boundaries = found.boundaries
         else:  # too many splits to search per config: the better of partition's two seeds

@@ -1,7 +1,11 @@
 """Stage partitioning: split per-layer costs into pp*vpp contiguous chunks minimising simulated step time.
 
 Exhaustive when the number of splits is small; otherwise a min-max DP seed (and the even split) refined
-by local moves of the boundaries while the simulated step time drops. Pure Python.
+by local moves of the boundaries while the simulated step time drops. A schedule that plans its order on
+the stage costs (``zb_greedy``) is planned afresh for every candidate split, and searched exactly by
+branch and bound: splits in order of their start-up lower bound, until that bound passes the best found.
+Among splits within ``TIE_REL`` of the best, ``tie_break`` (a second schedule) picks the one it runs
+fastest on, else the first found is kept. Pure Python.
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ from dataclasses import asdict, dataclass
 
 from sysopt.schedules.builders import build
 from sysopt.schedules.ir import Schedule
-from sysopt.schedules.simulate import Costs, step_time
+from sysopt.schedules.simulate import Costs, startup_lower_bound, step_time
+
+COST_PLANNED = frozenset({"zb_greedy"})  # builders whose order is planned on the stage costs
+TIE_REL = 1e-9  # splits whose step times differ by less than this (relative) are ties
+BOUND_LIMIT = 100_000  # the most splits branch and bound enumerates; beyond it, DP seed + refinement
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,8 @@ class Partition:
     step_time: float
     even_boundaries: tuple[int, ...]
     even_step_time: float
-    method: str  # "exhaustive" or "dp+refine"
+    method: str  # "exhaustive", "bound" (branch and bound) or "dp+refine"
+    tie_break: str | None = None  # the schedule that chose among equally fast splits
 
     @property
     def speedup_over_even(self) -> float:
@@ -90,16 +99,21 @@ def partition(
     *,
     pp: int,
     vpp: int = 1,
-    schedule: str = "1f1b",
+    schedule: str | Schedule = "1f1b",
     microbatches: int,
     p2p: float = 0.0,
     exhaustive_limit: int = 300,
+    tie_break: str | None = None,
     **schedule_options,
 ) -> Partition:
     """Choose chunk boundaries for per-layer costs (e.g. vision-encoder layers then decoder layers).
 
     ``forward``/``backward``/``weight`` are per-layer times for one microbatch (``backward`` is the whole
-    backward, ``weight`` its weight-gradient part). Stage s of ``schedule`` gets chunk s.
+    backward, ``weight`` its weight-gradient part). Stage s of ``schedule`` gets chunk s. ``schedule`` is a
+    builder name (a cost-planned one is planned on each split's costs) or a built Schedule, whose order is
+    then kept on every split. ``tie_break``
+    names a schedule (built with the same pp, vpp and microbatches) whose step time decides between
+    splits that ``schedule`` runs equally fast, e.g. the baseline a comparison runs on the same split.
     """
     weight = [0.0] * len(forward) if weight is None else list(weight)
     if not len(forward) == len(backward) == len(weight):
@@ -113,28 +127,71 @@ def partition(
             f"{len(forward)} layers cannot fill pp*vpp={chunks} chunks of at least one layer; "
             f"lower pp or vpp, or split the model finer"
         )
-    plan = build(schedule, pp, vpp, microbatches, **schedule_options)
+    if isinstance(schedule, Schedule):
+        if (schedule.pp, schedule.num_stages, schedule.microbatches) != (pp, chunks, microbatches):
+            raise ValueError(
+                f"schedule {schedule.name} has pp={schedule.pp}, {schedule.num_stages} stages and "
+                f"{schedule.microbatches} microbatches but partition got pp={pp}, vpp={vpp} ({chunks} chunks), "
+                f"microbatches={microbatches}; pass the values the schedule was built with"
+            )
+        plan, schedule, planned = schedule, schedule.name, False
+    else:
+        planned = schedule in COST_PLANNED
+        if planned and "costs" in schedule_options:
+            raise ValueError(
+                f"partition plans {schedule} on each candidate split's own costs; drop costs= (got "
+                f"{schedule_options['costs']!r}) and pass the per-layer costs"
+            )
+        plan = build(schedule, pp, vpp, microbatches, **schedule_options)
+    baseline = build(tie_break, pp, vpp, microbatches) if tie_break is not None else None
+
+    def costs_of(bounds: tuple[int, ...]) -> Costs:
+        return Costs(*chunk_costs(bounds, forward, backward, weight), p2p)
 
     seen: dict[tuple[int, ...], float] = {}
 
     def time_of(bounds: tuple[int, ...]) -> float:
         if bounds not in seen:
-            seen[bounds] = _step_time(plan, bounds, forward, backward, weight, p2p)
+            costs = costs_of(bounds)
+            order = (
+                build(schedule, pp, vpp, microbatches, costs=costs, **schedule_options) if planned else plan
+            )
+            seen[bounds] = step_time(order, costs)
         return seen[bounds]
 
     even = even_boundaries(len(forward), chunks)
     even_time = time_of(even)
-    if math.comb(len(forward) - 1, chunks - 1) <= exhaustive_limit:
-        candidates = (
-            (0, *inner, len(forward)) for inner in itertools.combinations(range(1, len(forward)), chunks - 1)
-        )
+    splits = math.comb(len(forward) - 1, chunks - 1)
+    candidates = (
+        (0, *inner, len(forward)) for inner in itertools.combinations(range(1, len(forward)), chunks - 1)
+    )
+    if splits <= exhaustive_limit:
         best = min(candidates, key=time_of)
         method = "exhaustive"
+    elif planned and splits <= BOUND_LIMIT:
+        best = _branch_and_bound(candidates, time_of, lambda b: startup_lower_bound(plan, costs_of(b)))
+        method = "bound"
     else:
         seeds = {even, min_max_boundaries([f + b for f, b in zip(forward, backward)], chunks)}
         best = min((_refine(s, time_of) for s in seeds), key=time_of)
         method = "dp+refine"
-    return Partition(schedule, pp, vpp, microbatches, best, time_of(best), even, even_time, method)
+    if baseline is not None:  # every split tied with the best was evaluated, whichever the method
+        ties = [b for b, t in seen.items() if t <= time_of(best) * (1 + TIE_REL)]
+        best = min(ties, key=lambda b: (step_time(baseline, costs_of(b)), b))
+    return Partition(schedule, pp, vpp, microbatches, best, time_of(best), even, even_time, method, tie_break)
+
+
+def _branch_and_bound(candidates, time_of, bound_of) -> tuple[int, ...]:
+    """The fastest split, evaluating splits in order of a lower bound on their step time until the bound
+    exceeds the best time found (so every split tied with the best is evaluated too)."""
+    ranked = sorted((bound_of(b), b) for b in candidates)
+    best, best_time = ranked[0][1], math.inf
+    for bound, bounds in ranked:
+        if bound > best_time * (1 + TIE_REL):
+            break
+        if time_of(bounds) < best_time:
+            best, best_time = bounds, time_of(bounds)
+    return best
 
 
 def _step_time(plan: Schedule, bounds, forward, backward, weight, p2p: float) -> float:
