@@ -320,6 +320,23 @@ def test_cache_is_used_on_second_call(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
+def test_a_calibration_whose_collectives_failed_is_not_cached(tmp_path, monkeypatch):
+    """A failed collective launch (e.g. ranks spawned from a script without a __main__ guard) must not
+    be cached: the cache would serve a profile without collective fits until the code changed."""
+    good = handmade_profile()
+    failed = dataclasses.replace(
+        good, calibration=dataclasses.replace(good.calibration, collective_world_size=1)
+    )
+    results = [failed, good]
+    monkeypatch.setattr(calibration_module, "calibrate", lambda **kw: results.pop(0))
+    path = tmp_path / "profile.json"
+    with pytest.warns(UserWarning, match="not cached"):
+        assert load_or_calibrate(path, quick=True).calibration.collective_world_size == 1
+    assert not path.exists()
+    assert load_or_calibrate(path, quick=True).calibration.collective_world_size == 2  # measured again
+    assert HardwareProfile.load(path).calibration.collective_world_size == 2
+
+
 def test_default_cache_paths_separate_quick_from_full(tmp_path, monkeypatch):
     monkeypatch.setenv("SYSOPT_CACHE_DIR", str(tmp_path))
     calls = []

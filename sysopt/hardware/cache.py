@@ -107,5 +107,12 @@ def load_or_calibrate(
     profile = dataclasses.replace(
         profile, calibration=dataclasses.replace(profile.calibration, code=calibrating_code())
     )
+    if profile.calibration.collective_world_size < calibrate_kwargs.get("world_size", 2):
+        warnings.warn(  # cached, it would stand in for a good calibration until the code changed
+            "the collective calibration failed (its warning says why), so this profile is not cached: "
+            "the next load_or_calibrate measures again",
+            stacklevel=2,
+        )
+        return profile
     profile.save(Path(cache_path) if cache_path is not None else default_cache_path(quick))
     return profile
