@@ -201,9 +201,8 @@ def run(ctx: BenchContext) -> SuiteResult:
             specs.append(RunSpec(key, impl, name, 2, MICROBATCHES, costs, SHAPE, warmup, repeats))
             meta[key] = (name, 2, shared.boundaries, costs, workload)
             options[key] = {}
-        if (
-            workload == "multimodal"
-        ):  # the split sysopt's partitioner makes for its schedule, and megatron on it
+        # the split sysopt's partitioner makes for its schedule, and megatron-core on the same split
+        if workload == "multimodal":
             ours = _partition(layers, 2, "zb_greedy", p2p_s, tie_break="interleaved_1f1b",
                               max_activations=2 * default_max_activations(PP, 2, MICROBATCHES))  # fmt: skip
             costs = _costs(ours.boundaries, layers)

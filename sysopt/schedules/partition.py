@@ -111,9 +111,9 @@ def partition(
     ``forward``/``backward``/``weight`` are per-layer times for one microbatch (``backward`` is the whole
     backward, ``weight`` its weight-gradient part). Stage s of ``schedule`` gets chunk s. ``schedule`` is a
     builder name (a cost-planned one is planned on each split's costs) or a built Schedule, whose order is
-    then kept on every split. ``tie_break``
-    names a schedule (built with the same pp, vpp and microbatches) whose step time decides between
-    splits that ``schedule`` runs equally fast, e.g. the baseline a comparison runs on the same split.
+    then kept on every split. ``tie_break`` names a schedule (built with the same pp, vpp and
+    microbatches) whose step time decides between splits that ``schedule`` runs equally fast, e.g. the
+    baseline a comparison runs on the same split.
     """
     weight = [0.0] * len(forward) if weight is None else list(weight)
     if not len(forward) == len(backward) == len(weight):
@@ -175,7 +175,7 @@ def partition(
         seeds = {even, min_max_boundaries([f + b for f, b in zip(forward, backward)], chunks)}
         best = min((_refine(s, time_of) for s in seeds), key=time_of)
         method = "dp+refine"
-    if baseline is not None:  # every split tied with the best was evaluated, whichever the method
+    if baseline is not None:  # exhaustive and bound evaluate every tied split; dp+refine those it visited
         ties = [b for b, t in seen.items() if t <= time_of(best) * (1 + TIE_REL)]
         best = min(ties, key=lambda b: (step_time(baseline, costs_of(b)), b))
     return Partition(schedule, pp, vpp, microbatches, best, time_of(best), even, even_time, method, tie_break)
