@@ -209,6 +209,7 @@ inline void element16(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper
 struct Lanes8 {
   __m256i weyl = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                     _mm256_set1_epi32(static_cast<int>(kWeyl)));
+  __m256i weyl8 = _mm256_set1_epi32(static_cast<int>(8u * kWeyl));  // the counter's advance per vector
 };
 
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
@@ -217,14 +218,26 @@ inline __m256 load8(const c10::BFloat16* x) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-inline __m256i noise8x(int64_t i, const Hyper& h, const Lanes8& l) {  // lanes i .. i + 7, as noise32
-  uint32_t lo = static_cast<uint32_t>(i), hi = static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32);
-  __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(h.seed_lo + lo * kWeyl + hi * kWeylHigh)), l.weyl);
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
-  return _mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int>(h.seed_hi)));
-}
+// noise32 of lanes i .. i + 7, for i = begin, begin + 8, ...: the hash's input advances by 8 * golden per
+// vector instead of being rebuilt from i. A work item never crosses a multiple of 2^32 elements (kBlock
+// divides 2^32 and items start at multiples of it), so the index's high word is fixed within one.
+struct Noise8 {
+  __m256i x, seed_hi;
+  Noise8(int64_t begin, const Hyper& h, const Lanes8& l) {
+    uint32_t lo = static_cast<uint32_t>(begin), hi = static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 32);
+    x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(h.seed_lo + lo * kWeyl + hi * kWeylHigh)), l.weyl);
+    seed_hi = _mm256_set1_epi32(static_cast<int>(h.seed_hi));
+  }
+  __m256i next(const Lanes8& l) {
+    __m256i y = x;
+    x = _mm256_add_epi32(x, l.weyl8);
+    y = _mm256_xor_si256(y, _mm256_srli_epi32(y, 16));
+    y = _mm256_mullo_epi32(y, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+    y = _mm256_xor_si256(y, _mm256_srli_epi32(y, 13));
+    return _mm256_xor_si256(y, seed_hi);
+  }
+};
+static_assert((int64_t{1} << 32) % kBlock == 0, "Noise8 needs work items that never cross 2^32 elements");
 
 inline __m256i add_keep_nan8(__m256i u, __m256i add) {  // as high_half, before the shift
   __m256 x = _mm256_castsi256_ps(u);
@@ -239,27 +252,39 @@ inline __m256i round_nearest_even8(__m256 x) {  // rounded fp32 bits (low halves
   return add_keep_nan8(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
 }
 
-inline void store_high_halves8(c10::BFloat16* dst, __m256i r) {
-  __m256i high = _mm256_srli_epi32(r, 16);  // <= 0xFFFF: packus does not saturate
-  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high, high), 0x08);  // qwords 0, 2
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+inline void store_high_halves8(c10::BFloat16* dst, __m256i r) {  // 128-bit halves: no cross-lane permute
+  __m128i lo = _mm_srli_epi32(_mm256_castsi256_si128(r), 16);  // <= 0xFFFF: packus does not saturate
+  __m128i hi = _mm_srli_epi32(_mm256_extracti128_si256(r, 1), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_packus_epi32(lo, hi));
 }
-inline void store8(float* dst, __m256 x, __m256i) { _mm256_storeu_ps(dst, x); }
-inline void store8(c10::BFloat16* dst, __m256 x, __m256i noise16) {
-  store_high_halves8(dst, add_keep_nan8(_mm256_castps_si256(x), noise16));
+// Both moments rounded stochastically: the low half of each lane's noise for m, the high half for v. The NaN
+// blend (a moment is NaN only after a NaN or infinite gradient) runs only when some lane needs it.
+inline void store_moments8(c10::BFloat16* m, c10::BFloat16* v, __m256 mi, __m256 vi, __m256i noise) {
+  __m256i madd = _mm256_and_si256(noise, _mm256_set1_epi32(0xFFFF)), vadd = _mm256_srli_epi32(noise, 16);
+  __m256i mu = _mm256_castps_si256(mi), vu = _mm256_castps_si256(vi);
+  __m256 nan = _mm256_cmp_ps(mi, vi, _CMP_UNORD_Q);  // lanes where either is NaN
+  if (__builtin_expect(_mm256_testz_ps(nan, nan), 1)) {
+    store_high_halves8(m, _mm256_add_epi32(mu, madd));
+    store_high_halves8(v, _mm256_add_epi32(vu, vadd));
+  } else {
+    store_high_halves8(m, add_keep_nan8(mu, madd));
+    store_high_halves8(v, add_keep_nan8(vu, vadd));
+  }
+}
+inline void store_moments8(float* m, float* v, __m256 mi, __m256 vi, __m256i) {
+  _mm256_storeu_ps(m, mi);
+  _mm256_storeu_ps(v, vi);
 }
 
 template <typename P, typename G, typename S, bool kKahan>
-inline void element8(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper& h, const Lanes8& l) {
+inline void element8(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper& h, __m256i noise) {
   __m256 gi = load8(g + i);
   __m256 mi = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(h.b1), load8(m + i)), _mm256_mul_ps(_mm256_set1_ps(h.omb1), gi));
   __m256 vi = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(h.b2), load8(v + i)),
                             _mm256_mul_ps(_mm256_set1_ps(h.omb2), _mm256_mul_ps(gi, gi)));
   __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(vi), _mm256_set1_ps(h.inv_bc2_sqrt)), _mm256_set1_ps(h.eps));
   __m256 step = _mm256_mul_ps(_mm256_set1_ps(h.step_size), _mm256_div_ps(mi, denom));
-  __m256i noise = std::is_same_v<S, c10::BFloat16> ? noise8x(i, h, l) : _mm256_setzero_si256();
-  store8(m + i, mi, _mm256_and_si256(noise, _mm256_set1_epi32(0xFFFF)));
-  store8(v + i, vi, _mm256_srli_epi32(noise, 16));
+  store_moments8(m + i, v + i, mi, vi, noise);
   if constexpr (kKahan) {
     __m256 pi = load8(p + i);
     __m256 u = _mm256_sub_ps(load8(c + i), _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(h.wdlr), pi), step));
@@ -291,8 +316,12 @@ void run_range(P* p, P* c, const G* g, S* m, S* v, int64_t begin, int64_t end, c
   }
 #elif defined(SYSOPT_AVX2)
   const Lanes8 lanes;
+  Noise8 noise(begin, h, lanes);
   _Pragma("GCC unroll 2")
-  for (; i + 8 <= end; i += 8) element8<P, G, S, kKahan>(p, c, g, m, v, i, h, lanes);
+  for (; i + 8 <= end; i += 8) {
+    __m256i lane_noise = std::is_same_v<S, c10::BFloat16> ? noise.next(lanes) : _mm256_setzero_si256();
+    element8<P, G, S, kKahan>(p, c, g, m, v, i, h, lane_noise);
+  }
 #endif
   for (; i < end; ++i) element<P, G, S, kKahan>(p, c, g, m, v, i, h);
 }
