@@ -301,7 +301,10 @@ inline void element8(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper&
 #endif
 
 template <typename P, typename G, typename S, bool kKahan>
-void run_range(P* p, P* c, const G* g, S* m, S* v, int64_t begin, int64_t end, const Hyper& h) {
+void run_range(P* p, P* c, const G* g, S* m, S* v, int64_t begin, int64_t end, const Hyper& hyper) {
+  // A local copy: the stores through p, m and v cannot alias it, so the scalars' broadcasts leave the loop
+  // (read through the reference, every vector re-broadcast all nine from memory).
+  const Hyper h = hyper;
   int64_t i = begin;
 #ifdef SYSOPT_AVX512
   const Lanes lanes;
