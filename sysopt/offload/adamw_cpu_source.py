@@ -213,9 +213,9 @@ struct Lanes8 {
 };
 
 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-inline __m256 load8(const c10::BFloat16* x) {
-  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+inline __m256 load8(const c10::BFloat16* x) {  // interleaved with zero words, not widened and shifted
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x)), zero = _mm_setzero_si128();
+  return _mm256_castsi256_ps(_mm256_setr_m128i(_mm_unpacklo_epi16(zero, raw), _mm_unpackhi_epi16(zero, raw)));
 }
 
 // noise32 of lanes i .. i + 7, for i = begin, begin + 8, ...: the hash's input advances by 8 * golden per
@@ -252,10 +252,14 @@ inline __m256i round_nearest_even8(__m256 x) {  // rounded fp32 bits (low halves
   return add_keep_nan8(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
 }
 
-inline void store_high_halves8(c10::BFloat16* dst, __m256i r) {  // 128-bit halves: no cross-lane permute
-  __m128i lo = _mm_srli_epi32(_mm256_castsi256_si128(r), 16);  // <= 0xFFFF: packus does not saturate
-  __m128i hi = _mm_srli_epi32(_mm256_extracti128_si256(r, 1), 16);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_packus_epi32(lo, hi));
+// The high halves of r's lanes, packed: byte shuffles, not shifts and packs (Zen 1 runs vector shifts on one
+// pipe, which the hash and the adds already crowd).
+inline void store_high_halves8(c10::BFloat16* dst, __m256i r) {
+  const __m128i pick = _mm_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i pick_hi = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7, 10, 11, 14, 15);
+  __m128i lo = _mm_shuffle_epi8(_mm256_castsi256_si128(r), pick);
+  __m128i hi = _mm_shuffle_epi8(_mm256_extracti128_si256(r, 1), pick_hi);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_or_si128(lo, hi));
 }
 // Both moments rounded stochastically: the low half of each lane's noise for m, the high half for v. The NaN
 // blend (a moment is NaN only after a NaN or infinite gradient) runs only when some lane needs it.
