@@ -167,20 +167,27 @@ def test_kernel_stochastic_rounding_is_unbiased(kernel):
     assert m.float().mean().item() != 1.0
 
 
-def test_kernel_non_finite_values(kernel):
-    """inf keeps its sign, NaN stays NaN (canonical 0x7FC0), exactly as in the reference."""
+@pytest.mark.parametrize(
+    "combo", COMBOS, ids=lambda c: "p{}-g{}-s{}{}".format(*[str(t)[6:] for t in c[:3]], "-kahan" * c[3])
+)
+def test_kernel_non_finite_values(kernel, combo):
+    """inf keeps its sign, NaN stays NaN (canonical 0x7FC0 in bf16), exactly as in the reference, in the
+    vector body (48 elements: whole vectors) for every dtype combination, Kahan included."""
     outs = []
     for impl in ("cpp", "torch"):
-        p, comp, grad, m, v, step = state(48, F32, F32, BF16, False)
+        p, comp, grad, m, v, step = state(48, *combo)
         grad[3], grad[20], grad[40] = float("inf"), float("-inf"), float("nan")
         host_adamw_(
-            [p], [grad], [m], [v], [step], **HYPER, generator=torch.Generator().manual_seed(0), impl=impl
-        )
-        outs.append((p, m, v))
+            [p], [grad], [m], [v], [step], **HYPER, compensations=[comp] if comp is not None else None,
+            generator=torch.Generator().manual_seed(0), impl=impl,
+        )  # fmt: skip
+        outs.append((p, comp, m, v))
     assert_same_bits(*outs)
-    m = outs[0][1].float()
-    assert m[3] == float("inf") and m[20] == float("-inf") and m[40].isnan()
-    assert outs[0][1].view(torch.int16)[40].item() == 0x7FC0
+    m = outs[0][2]
+    assert m[3].item() == float("inf") and m[20].item() == float("-inf") and m[40].isnan()
+    assert outs[0][0][40].isnan() and not outs[0][0][:3].isnan().any()
+    if m.dtype == BF16:
+        assert m.view(torch.int16)[40].item() == 0x7FC0
 
 
 def test_kernel_rejects_mismatched_inputs_with_the_numbers(kernel):
