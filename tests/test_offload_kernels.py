@@ -36,6 +36,9 @@ COMBOS = [
     (BF16, F32, BF16, True),
     (BF16, BF16, BF16, True),
 ]
+each_combo = pytest.mark.parametrize(
+    "combo", COMBOS, ids=lambda c: "p{}-g{}-s{}{}".format(*[str(t)[6:] for t in c[:3]], "-kahan" * c[3])
+)
 
 
 @pytest.fixture(scope="session")
@@ -105,9 +108,7 @@ def assert_same_bits(a, b) -> None:
 # ----------------------------------------------------------------------------- kernel == reference
 
 
-@pytest.mark.parametrize(
-    "combo", COMBOS, ids=lambda c: "p{}-g{}-s{}{}".format(*[str(t)[6:] for t in c[:3]], "-kahan" * c[3])
-)
+@each_combo
 @pytest.mark.parametrize("n", [1, 37, 33_000])  # scalar tail only; a vector and a tail; two work items
 def test_kernel_bitwise_equal_to_torch_reference(kernel, combo, n):
     ours, ref = state(n, *combo), state(n, *combo)
@@ -167,9 +168,7 @@ def test_kernel_stochastic_rounding_is_unbiased(kernel):
     assert m.float().mean().item() != 1.0
 
 
-@pytest.mark.parametrize(
-    "combo", COMBOS, ids=lambda c: "p{}-g{}-s{}{}".format(*[str(t)[6:] for t in c[:3]], "-kahan" * c[3])
-)
+@each_combo
 def test_kernel_non_finite_values(kernel, combo):
     """inf keeps its sign, NaN stays NaN (canonical 0x7FC0 in bf16), exactly as in the reference, in the
     vector body (48 elements: whole vectors) for every dtype combination, Kahan included."""
