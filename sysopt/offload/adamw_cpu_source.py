@@ -1,5 +1,6 @@
 """C++ source of the host AdamW kernel (built JIT by sysopt.offload.cpu_kernel): bf16 moments with stochastic
-rounding, fp32 or Kahan-compensated bf16 master weights, fp32 or bf16 gradients; AVX-512 (or AVX2 where the CPU has no AVX-512) with a scalar twin.
+rounding; fp32, stochastically rounded bf16 or Kahan-compensated bf16 master weights; fp32 or bf16 gradients;
+AVX-512 (or AVX2 where the CPU has no AVX-512) with a scalar twin.
 
 Every operation is a single IEEE-rounded add, multiply, divide or square root (built with -ffp-contract=off,
 so no FMA), in the same order as the torch reference in sysopt.offload.update: results are bitwise equal.
@@ -26,6 +27,8 @@ CPP_SOURCE = r"""
 namespace {
 
 constexpr int64_t kBlock = 1 << 15;  // elements per parallel work item (a multiple of the 16 SIMD lanes)
+// The vector paths advance a noise counter within a work item, which needs the index's high word fixed there.
+static_assert((int64_t{1} << 32) % kBlock == 0, "work items must never cross a multiple of 2^32 elements");
 
 struct Hyper {  // one tensor's scalars, rounded to fp32 exactly as torch rounds a Python float operand
   float decay, wdlr, b1, omb1, b2, omb2, step_size, inv_bc2_sqrt, eps;
@@ -85,6 +88,11 @@ inline uint16_t round_nearest_even(float f) {
   return high_half(u, 0x7FFFu + ((u >> 16) & 1u));
 }
 
+// A stochastically rounded bf16 master takes its noise from the moments' hash: the xor of its two halves. With
+// the halves independent and uniform, the xor is uniform (the rounding is unbiased) and independent of either
+// half alone (of m's rounding, and of v's); only the three together are dependent. One vector op.
+inline uint32_t master_noise16(uint32_t noise) { return (noise & 0xFFFFu) ^ (noise >> 16); }
+
 inline void store(float* dst, float x, uint32_t) { *dst = x; }
 inline void store(c10::BFloat16* dst, float x, uint32_t noise16) { dst->x = round_stochastic(x, noise16); }
 
@@ -108,6 +116,8 @@ inline void element(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper& 
     float lost = u - (float_of(static_cast<uint32_t>(t16) << 16) - pi);
     p[i].x = t16;
     c[i].x = round_nearest_even(lost);
+  } else if constexpr (std::is_same_v<P, c10::BFloat16>) {  // bf16 master, stochastically rounded
+    store(p + i, to_f32(p[i]) * h.decay - step, master_noise16(noise));
   } else {
     p[i] = p[i] * h.decay - step;
   }
@@ -119,6 +129,7 @@ inline void element(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper& 
 struct Lanes {  // constant vectors, built once per work item
   __m512i weyl = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                     _mm512_set1_epi32(static_cast<int>(kWeyl)));
+  __m512i weyl16 = _mm512_set1_epi32(static_cast<int>(16u * kWeyl));  // the counter's advance per vector
   // vpermw indices: word k of a bf16 vector to the high half of lane k, and back.
   __m512i widen = _mm512_setr_epi32(0x00000000, 0x00010000, 0x00020000, 0x00030000, 0x00040000, 0x00050000,
                                     0x00060000, 0x00070000, 0x00080000, 0x00090000, 0x000A0000, 0x000B0000,
@@ -133,17 +144,24 @@ inline __m512 load16(const c10::BFloat16* x, const Lanes& l) {
   return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, l.widen, raw));
 }
 
-inline __m512i mix16(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
-}
-
-inline __m512i noise16x(int64_t i, const Hyper& h, const Lanes& l) {  // lanes i .. i + 15
-  uint32_t lo = static_cast<uint32_t>(i), hi = static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32);
-  __m512i x = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(h.seed_lo + lo * kWeyl + hi * kWeylHigh)), l.weyl);
-  return _mm512_xor_si512(mix16(x), _mm512_set1_epi32(static_cast<int>(h.seed_hi)));
-}
+// noise32 of lanes i .. i + 15, for i = begin, begin + 16, ...: the hash's input advances by 16 * golden per
+// vector instead of being rebuilt from i (a work item never crosses a multiple of 2^32 elements: see kBlock).
+struct Noise16 {
+  __m512i x, seed_hi;
+  Noise16(int64_t begin, const Hyper& h, const Lanes& l) {
+    uint32_t lo = static_cast<uint32_t>(begin), hi = static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 32);
+    x = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(h.seed_lo + lo * kWeyl + hi * kWeylHigh)), l.weyl);
+    seed_hi = _mm512_set1_epi32(static_cast<int>(h.seed_hi));
+  }
+  __m512i next(const Lanes& l) {
+    __m512i y = x;
+    x = _mm512_add_epi32(x, l.weyl16);
+    y = _mm512_xor_si512(y, _mm512_srli_epi32(y, 16));
+    y = _mm512_mullo_epi32(y, _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+    y = _mm512_xor_si512(y, _mm512_srli_epi32(y, 13));
+    return _mm512_xor_si512(y, seed_hi);
+  }
+};
 
 // As high_half: (u + add) with NaN lanes replaced by 0x7FC0'0000; the caller keeps the high halves.
 inline __m512i add_keep_nan(__m512i u, __m512i add) {
@@ -162,9 +180,34 @@ inline void store_high_halves(c10::BFloat16* dst, __m512i r, const Lanes& l) {
   __m512i packed = _mm512_permutexvar_epi16(l.narrow, r);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_castsi512_si256(packed));
 }
-inline void store16(float* dst, __m512 x, __m512i, const Lanes&) { _mm512_storeu_ps(dst, x); }
-inline void store16(c10::BFloat16* dst, __m512 x, __m512i noise16, const Lanes& l) {
-  store_high_halves(dst, add_keep_nan(_mm512_castps_si512(x), noise16), l);
+
+// x rounded stochastically into dst; the NaN blend runs only when some lane needs it (a value is NaN only
+// after a NaN or infinite gradient).
+inline void store_stochastic16(c10::BFloat16* dst, __m512 x, __m512i noise16, const Lanes& l) {
+  __m512i u = _mm512_castps_si512(x);
+  if (__builtin_expect(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) == 0, 1)) {
+    store_high_halves(dst, _mm512_add_epi32(u, noise16), l);
+  } else {
+    store_high_halves(dst, add_keep_nan(u, noise16), l);
+  }
+}
+
+// Both moments: the low half of each lane's noise for m, the high half for v.
+inline void store_moments16(c10::BFloat16* m, c10::BFloat16* v, __m512 mi, __m512 vi, __m512i noise,
+                            const Lanes& l) {
+  __m512i madd = _mm512_and_si512(noise, _mm512_set1_epi32(0xFFFF)), vadd = _mm512_srli_epi32(noise, 16);
+  __m512i mu = _mm512_castps_si512(mi), vu = _mm512_castps_si512(vi);
+  if (__builtin_expect(_mm512_cmp_ps_mask(mi, vi, _CMP_UNORD_Q) == 0, 1)) {  // neither is NaN in any lane
+    store_high_halves(m, _mm512_add_epi32(mu, madd), l);
+    store_high_halves(v, _mm512_add_epi32(vu, vadd), l);
+  } else {
+    store_high_halves(m, add_keep_nan(mu, madd), l);
+    store_high_halves(v, add_keep_nan(vu, vadd), l);
+  }
+}
+inline void store_moments16(float* m, float* v, __m512 mi, __m512 vi, __m512i, const Lanes&) {
+  _mm512_storeu_ps(m, mi);
+  _mm512_storeu_ps(v, vi);
 }
 
 constexpr int64_t kPrefetch = 1024;  // elements ahead (past the end of a tensor a prefetch is harmless)
@@ -175,7 +218,8 @@ inline void prefetch(const T* x) {
 }
 
 template <typename P, typename G, typename S, bool kKahan>
-inline void element16(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper& h, const Lanes& l) {
+inline void element16(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper& h, const Lanes& l,
+                      __m512i noise) {
   __m512 gi = load16(g + i, l);
   __m512 mi = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(h.b1), load16(m + i, l)),
                             _mm512_mul_ps(_mm512_set1_ps(h.omb1), gi));
@@ -184,9 +228,7 @@ inline void element16(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper
   __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), _mm512_set1_ps(h.inv_bc2_sqrt)),
                                _mm512_set1_ps(h.eps));
   __m512 step = _mm512_mul_ps(_mm512_set1_ps(h.step_size), _mm512_div_ps(mi, denom));
-  __m512i noise = std::is_same_v<S, c10::BFloat16> ? noise16x(i, h, l) : _mm512_setzero_si512();
-  store16(m + i, mi, _mm512_and_si512(noise, _mm512_set1_epi32(0xFFFF)), l);
-  store16(v + i, vi, _mm512_srli_epi32(noise, 16), l);
+  store_moments16(m + i, v + i, mi, vi, noise, l);
   if constexpr (kKahan) {
     __m512 pi = load16(p + i, l);
     __m512 u = _mm512_sub_ps(load16(c + i, l), _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(h.wdlr), pi), step));
@@ -195,6 +237,10 @@ inline void element16(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper
     __m512 lost = _mm512_sub_ps(u, _mm512_sub_ps(rounded, pi));
     store_high_halves(p + i, t, l);
     store_high_halves(c + i, round_nearest_even16(lost), l);
+  } else if constexpr (std::is_same_v<P, c10::BFloat16>) {  // bf16 master, stochastically rounded
+    __m512i pnoise = _mm512_xor_si512(_mm512_and_si512(noise, _mm512_set1_epi32(0xFFFF)), _mm512_srli_epi32(noise, 16));
+    __m512 pi = _mm512_sub_ps(_mm512_mul_ps(load16(p + i, l), _mm512_set1_ps(h.decay)), step);
+    store_stochastic16(p + i, pi, pnoise, l);
   } else {
     __m512 pi = load16(p + i, l);
     _mm512_storeu_ps(reinterpret_cast<float*>(p + i),
@@ -237,7 +283,6 @@ struct Noise8 {
     return _mm256_xor_si256(y, seed_hi);
   }
 };
-static_assert((int64_t{1} << 32) % kBlock == 0, "Noise8 needs work items that never cross 2^32 elements");
 
 inline __m256i add_keep_nan8(__m256i u, __m256i add) {  // as high_half, before the shift
   __m256 x = _mm256_castsi256_ps(u);
@@ -275,6 +320,15 @@ inline void store_moments8(c10::BFloat16* m, c10::BFloat16* v, __m256 mi, __m256
     store_high_halves8(v, add_keep_nan8(vu, vadd));
   }
 }
+inline void store_stochastic8(c10::BFloat16* dst, __m256 x, __m256i noise16) {
+  __m256i u = _mm256_castps_si256(x);
+  __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  if (__builtin_expect(_mm256_testz_ps(nan, nan), 1)) {
+    store_high_halves8(dst, _mm256_add_epi32(u, noise16));
+  } else {
+    store_high_halves8(dst, add_keep_nan8(u, noise16));
+  }
+}
 inline void store_moments8(float* m, float* v, __m256 mi, __m256 vi, __m256i) {
   _mm256_storeu_ps(m, mi);
   _mm256_storeu_ps(v, vi);
@@ -297,6 +351,9 @@ inline void element8(P* p, P* c, const G* g, S* m, S* v, int64_t i, const Hyper&
     __m256 lost = _mm256_sub_ps(u, _mm256_sub_ps(rounded, pi));
     store_high_halves8(p + i, t);
     store_high_halves8(c + i, round_nearest_even8(lost));
+  } else if constexpr (std::is_same_v<P, c10::BFloat16>) {  // bf16 master, stochastically rounded
+    __m256i pnoise = _mm256_xor_si256(_mm256_and_si256(noise, _mm256_set1_epi32(0xFFFF)), _mm256_srli_epi32(noise, 16));
+    store_stochastic8(p + i, _mm256_sub_ps(_mm256_mul_ps(load8(p + i), _mm256_set1_ps(h.decay)), step), pnoise);
   } else {
     __m256 pi = load8(p + i);
     _mm256_storeu_ps(reinterpret_cast<float*>(p + i), _mm256_sub_ps(_mm256_mul_ps(pi, _mm256_set1_ps(h.decay)), step));
@@ -312,6 +369,7 @@ void run_range(P* p, P* c, const G* g, S* m, S* v, int64_t begin, int64_t end, c
   int64_t i = begin;
 #ifdef SYSOPT_AVX512
   const Lanes lanes;
+  Noise16 noise(begin, h, lanes);
   _Pragma("GCC unroll 2")  // two vectors in flight: their divides and square roots overlap
   for (; i + 16 <= end; i += 16) {
     prefetch(p + i + kPrefetch);  // a single thread's streams are latency-bound without it (~10% here)
@@ -319,7 +377,8 @@ void run_range(P* p, P* c, const G* g, S* m, S* v, int64_t begin, int64_t end, c
     prefetch(m + i + kPrefetch);
     prefetch(v + i + kPrefetch);
     if constexpr (kKahan) prefetch(c + i + kPrefetch);
-    element16<P, G, S, kKahan>(p, c, g, m, v, i, h, lanes);
+    __m512i lane_noise = std::is_same_v<S, c10::BFloat16> ? noise.next(lanes) : _mm512_setzero_si512();
+    element16<P, G, S, kKahan>(p, c, g, m, v, i, h, lanes, lane_noise);
   }
 #elif defined(SYSOPT_AVX2)
   const Lanes8 lanes;
@@ -363,13 +422,15 @@ void check_same(at::TensorList ts, c10::ScalarType dtype, at::TensorList ref, co
 
 // AdamW on lists of CPU tensors, in place. `scalars` holds per tensor, in order: decay (1 - lr*wd), lr*wd,
 // beta1, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1, 1 / sqrt(bias_correction2), eps (9 doubles),
-// `seeds` two 32-bit words per tensor. Empty `comps`: fp32 master params; else bf16 params + compensation.
+// `seeds` two 32-bit words per tensor. Empty `comps`: fp32 master params, or bf16 ones rounded stochastically;
+// else bf16 params + Kahan compensation.
 void adamw_step(at::TensorList params, at::TensorList comps, at::TensorList grads, at::TensorList exp_avgs,
                 at::TensorList exp_avg_sqs, c10::ArrayRef<double> scalars, c10::ArrayRef<int64_t> seeds) {
   const size_t n = params.size();
   if (n == 0) return;
   const bool kahan = !comps.empty();
-  const auto pdtype = kahan ? at::kBFloat16 : at::kFloat;
+  const auto pdtype = kahan ? at::kBFloat16 : params[0].scalar_type();
+  TORCH_CHECK(pdtype == at::kFloat || pdtype == at::kBFloat16, "params must be float32 or bfloat16, got ", pdtype);
   check_same(params, pdtype, params, kahan ? "params (with compensation)" : "params");
   if (kahan) check_same(comps, at::kBFloat16, params, "compensations");
   const auto gdtype = grads.empty() ? at::kFloat : grads[0].scalar_type();
@@ -379,7 +440,7 @@ void adamw_step(at::TensorList params, at::TensorList comps, at::TensorList grad
   check_same(exp_avgs, sdtype, params, "exp_avgs");
   check_same(exp_avg_sqs, sdtype, params, "exp_avg_sqs");
   TORCH_CHECK(sdtype == at::kFloat || sdtype == at::kBFloat16, "moments must be float32 or bfloat16, got ", sdtype);
-  TORCH_CHECK(!(kahan && sdtype == at::kFloat), "Kahan-compensated bf16 params need bfloat16 moments");
+  TORCH_CHECK(!(pdtype == at::kBFloat16 && sdtype == at::kFloat), "bf16 params need bfloat16 moments");
   TORCH_CHECK(scalars.size() == 9 * n, "scalars: expected 9 per tensor (", 9 * n, "), got ", scalars.size());
   TORCH_CHECK(seeds.size() == 2 * n, "seeds: expected 2 per tensor (", 2 * n, "), got ", seeds.size());
   std::vector<Hyper> hyper(n);
@@ -398,6 +459,9 @@ void adamw_step(at::TensorList params, at::TensorList comps, at::TensorList grad
   if (kahan) {
     if (g32) run_work<BF, float, BF, true>(params, comps, grads, exp_avgs, exp_avg_sqs, hyper, work);
     else run_work<BF, BF, BF, true>(params, comps, grads, exp_avgs, exp_avg_sqs, hyper, work);
+  } else if (pdtype == at::kBFloat16) {  // bf16 master, stochastically rounded
+    if (g32) run_work<BF, float, BF, false>(params, comps, grads, exp_avgs, exp_avg_sqs, hyper, work);
+    else run_work<BF, BF, BF, false>(params, comps, grads, exp_avgs, exp_avg_sqs, hyper, work);
   } else if (s32) {
     if (g32) run_work<float, float, float, false>(params, comps, grads, exp_avgs, exp_avg_sqs, hyper, work);
     else run_work<float, BF, float, false>(params, comps, grads, exp_avgs, exp_avg_sqs, hyper, work);

@@ -99,6 +99,12 @@ def noise32(index: torch.Tensor, seed_lo: int, seed_hi: int) -> torch.Tensor:
     return _mix32(x) ^ seed_hi
 
 
+def master_noise16(noise: torch.Tensor) -> torch.Tensor:
+    """A stochastically rounded bf16 master's noise from the moments' hash: the xor of its halves, uniform and
+    independent of each half alone (of the first moment's rounding noise, and of the second's)."""
+    return (noise & 0xFFFF) ^ (noise >> 16)
+
+
 def _high_half(u: torch.Tensor, add: torch.Tensor | int) -> torch.Tensor:
     """int16 bf16 bit patterns: the high halves of fp32 bits `u` + `add` (add < 2**16: infinities, whose low
     halves are 0, stay infinite), every NaN becoming the canonical 0x7FC0 as c10::BFloat16 makes it."""
@@ -156,6 +162,11 @@ def _reference_chunk(p, c, g, m, v, start: int, s: tuple[float, ...], seed_lo: i
     else:
         m.copy_(mi)
         v.copy_(vi)
+    if c is None and p.dtype == torch.bfloat16:  # bf16 master, stochastically rounded
+        p.view(torch.int16).copy_(
+            round_stochastic_bits(p.float().mul_(decay).sub_(step), master_noise16(noise))
+        )
+        return
     if c is None:
         p.mul_(decay).sub_(step)
         return
@@ -207,8 +218,9 @@ def host_adamw_(
 ) -> str:
     """AdamW in place on host tensors; returns which implementation ran ("cpp" or "torch").
 
-    params: fp32 masters, or bf16 weights with bf16 Kahan `compensations` (the low bits lost to rounding,
-    carried into the next update). Moments fp32 or bf16 (bf16: stochastically rounded with noise from
+    params: fp32 masters; bf16 masters rounded stochastically (no compensations: unbiased, 16 bytes of
+    state traffic a parameter with fp32 grads); or bf16 weights with bf16 Kahan `compensations` (the low bits
+    lost to rounding, carried into the next update). Moments fp32 or bf16 (bf16 with bf16 params) (bf16: stochastically rounded with noise from
     `generator`, one seed pair per tensor). Grads fp32 or bf16. Formula as torch's AdamW (decoupled decay):
     p <- p (1 - lr wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)."""
     if impl not in IMPLS:
@@ -224,8 +236,17 @@ def host_adamw_(
         if len(ts) != len(params):
             raise ValueError(f"{name} has {len(ts)} tensors for {len(params)} params; pass one per param")
     kahan = compensations is not None and len(compensations) > 0
-    if not kahan and any(p.dtype != torch.float32 for p in params):
-        raise ValueError("params must be fp32 masters; bf16 params need compensations= (Kahan buffers)")
+    pdtypes = {p.dtype for p in params}
+    if kahan and pdtypes != {torch.bfloat16}:
+        raise ValueError(
+            f"compensations= (Kahan buffers) go with bf16 params, got {sorted(map(str, pdtypes))}"
+        )
+    if len(pdtypes) > 1 or not pdtypes <= {torch.float32, torch.bfloat16}:
+        raise ValueError(
+            f"params have dtypes {sorted(map(str, pdtypes))}: pass fp32 masters or bf16 ones (one dtype per call)"
+        )
+    if torch.bfloat16 in pdtypes and any(m.dtype != torch.bfloat16 for m in [*exp_avgs, *exp_avg_sqs]):
+        raise ValueError("bf16 params need bf16 moments (exp_avgs, exp_avg_sqs)")
     grads = [g if g.dtype in (torch.float32, torch.bfloat16) else g.float() for g in grads]
     # The kernel wants one grad dtype and one moment dtype per call.
     if len({g.dtype for g in grads}) > 1:
@@ -264,9 +285,10 @@ def bf16_state_adamw_(
     generator: torch.Generator | None = None,
     impl: str = "auto",
 ) -> str:
-    """AdamW on fp32 master `params` with bf16 moments, stochastically rounded on store (host_adamw_).
+    """AdamW on fp32 master `params` (or bf16 ones, also rounded stochastically) with bf16 moments,
+    stochastically rounded on store (host_adamw_).
 
-    Same formula as torch's AdamW; agrees with it to bf16 precision of the moments."""
+    Same formula as torch's AdamW; agrees with it to bf16 precision of the moments (and masters)."""
     return host_adamw_(
         params,
         grads,
