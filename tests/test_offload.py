@@ -602,3 +602,70 @@ def test_bf16_host_state_optimizer_trains_close_and_resumes():
         m(xs[0]).pow(2).mean().backward()
         o.step()
     assert_params_equal(model, twin_model)
+
+
+def test_bf16_master_host_state_trains_close_resumes_and_halves_the_master():
+    """master_dtype=bf16: host masters are bf16 (rounded stochastically), parameters hold bf16 values exactly,
+    training follows fp32 AdamW to bf16 precision, and a checkpoint continues bit-exactly."""
+    xs = batches(6)
+    ref, _ = reference(xs)
+    model, opt, sched = offload("host", state_dtype=torch.bfloat16, master_dtype=torch.bfloat16)
+    train(model, opt, sched, xs)
+    params = [p for p in model.parameters() if p.grad is not None]
+    assert all(opt._master(p).dtype == torch.bfloat16 for p in params)
+    for p in params:  # the device parameter is exactly its bf16 master, upcast
+        assert torch.equal(p, opt._master(p).float())
+    moved = max((q - make_model().get_parameter(n)).abs().max().item() for n, q in ref.named_parameters())
+    for p, q in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0.15 * moved)
+    plain = offload("host", state_dtype=torch.bfloat16)[1]
+    assert sum(s.host_state_bytes for s in opt.subgroups) < sum(s.host_state_bytes for s in plain.subgroups)
+    sd = opt.state_dict()
+    assert all("master_param" not in st for st in sd["state"].values())  # the fp32 parameter holds it
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    twin_model, twin, _ = offload("host", state_dtype=torch.bfloat16, master_dtype=torch.bfloat16, seed=9)
+    twin_model.load_state_dict(model.state_dict())
+    twin.load_state_dict(torch.load(buf, weights_only=True))
+    for m, o in ((model, opt), (twin_model, twin)):
+        for x in xs[:2]:
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    assert_params_equal(model, twin_model)
+
+
+def test_bf16_master_needs_bf16_moments_and_names_the_fix():
+    model = make_model()
+    with pytest.raises(ValueError, match="master_dtype=torch.bfloat16 needs state_dtype=torch.bfloat16"):
+        OffloadAdamW(model.parameters(), strategy="host", master_dtype=torch.bfloat16)
+    with pytest.raises(
+        ValueError, match="master_dtype=torch.float16 must be torch.float32 or torch.bfloat16"
+    ):
+        OffloadAdamW(model.parameters(), strategy="host", master_dtype=torch.float16)
+
+
+def test_bf16_master_rounding_keeps_small_updates_on_average():
+    """Updates far below a bf16 step: round-to-nearest masters never move, stochastic ones move by the
+    right amount on average (the mean over many elements tracks the fp32 master)."""
+    n, steps = 20_000, 30
+    hyper = dict(lr=1e-4, betas=(0.0, 0.999), weight_decay=0.0, eps=1e-8)  # each step moves p by ~lr
+    p0 = torch.full((n,), 1.0)  # the bf16 step below 1.0 is 2**-8 = 0.0039: each update is ~1/40 of it
+    grad = torch.ones(n)
+
+    def run(master_dtype):
+        p = p0.clone().to(master_dtype)
+        m, v = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
+        step, gen = torch.zeros(()), torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            bf16_state_adamw_([p], [grad], [m], [v], [step], **hyper, generator=gen)
+        return p.float()
+
+    exact = run(torch.float32)
+    sr = run(torch.bfloat16)
+    moved = (p0 - exact).mean().item()
+    assert moved == pytest.approx(steps * 1e-4, rel=0.05)
+    assert torch.equal(sr, sr.bfloat16().float()) and (sr == 1.0).float().mean() > 0.3  # whole bf16 steps
+    assert (p0 - sr).mean().item() == pytest.approx(moved, rel=0.05)
+    assert torch.tensor(1.0 - 1e-4).bfloat16().item() == 1.0  # round-to-nearest: every update is lost

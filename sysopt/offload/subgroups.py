@@ -46,17 +46,23 @@ def device_state_bytes_per_param(param_dtype: torch.dtype) -> int:
     return 8 + (0 if param_dtype == torch.float32 else 4)
 
 
-def host_state_bytes_per_param(param_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32) -> int:
-    """Moments in `state_dtype`, an fp32 master and a gradient buffer in the parameter's dtype."""
+def host_state_bytes_per_param(
+    param_dtype: torch.dtype,
+    state_dtype: torch.dtype = torch.float32,
+    master_dtype: torch.dtype = torch.float32,
+) -> int:
+    """Moments in `state_dtype`, a master in `master_dtype` and a gradient buffer in the parameter's dtype."""
     itemsize = torch.empty((), dtype=param_dtype).element_size()
     moment = torch.empty((), dtype=state_dtype).element_size()
-    return 2 * moment + 4 + itemsize
+    master = torch.empty((), dtype=master_dtype).element_size()
+    return 2 * moment + master + itemsize
 
 
 def partition(
     param_groups: Sequence[Sequence[torch.Tensor]],
     subgroup_bytes: int = DEFAULT_SUBGROUP_BYTES,
     state_dtype: torch.dtype = torch.float32,
+    master_dtype: torch.dtype = torch.float32,
 ) -> tuple[Subgroup, ...]:
     """Cut parameters into subgroups of about `subgroup_bytes` of device optimizer state.
 
@@ -80,17 +86,24 @@ def partition(
                 )
             nbytes = p.numel() * device_state_bytes_per_param(p.dtype)
             if current and current_bytes + nbytes > subgroup_bytes:
-                subgroups.append(_make(len(subgroups), group_index, current, params, state_dtype))
+                subgroups.append(
+                    _make(len(subgroups), group_index, current, params, state_dtype, master_dtype)
+                )
                 current, current_bytes = [], 0
             current.append(param_index)
             current_bytes += nbytes
         if current:
-            subgroups.append(_make(len(subgroups), group_index, current, params, state_dtype))
+            subgroups.append(_make(len(subgroups), group_index, current, params, state_dtype, master_dtype))
     return tuple(subgroups)
 
 
 def _make(
-    index: int, group_index: int, indices: list[int], params: Sequence[torch.Tensor], state_dtype: torch.dtype
+    index: int,
+    group_index: int,
+    indices: list[int],
+    params: Sequence[torch.Tensor],
+    state_dtype: torch.dtype,
+    master_dtype: torch.dtype,
 ) -> Subgroup:
     ps = [params[i] for i in indices]
     return Subgroup(
@@ -101,7 +114,9 @@ def _make(
         param_bytes=sum(p.numel() * p.element_size() for p in ps),
         grad_bytes=sum(p.numel() * p.element_size() for p in ps),
         device_state_bytes=sum(p.numel() * device_state_bytes_per_param(p.dtype) for p in ps),
-        host_state_bytes=sum(p.numel() * host_state_bytes_per_param(p.dtype, state_dtype) for p in ps),
+        host_state_bytes=sum(
+            p.numel() * host_state_bytes_per_param(p.dtype, state_dtype, master_dtype) for p in ps
+        ),
     )
 
 
