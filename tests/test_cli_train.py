@@ -41,6 +41,8 @@ def test_default_config_is_valid_and_data_parallel():
         (["model.max_seq=8"], r"raise model.max_seq to"),
         (["offload.state_dtype=fp16"], r"offload.state_dtype='fp16' must be fp32 or bf16"),
         (["offload.state_dtype=bf16"], r"offload.state_dtype=bf16 needs sysopt's OffloadAdamW"),
+        (["offload=host", "offload.master_dtype=fp16"], r"offload.master_dtype='fp16' must be fp32 or bf16"),
+        (["offload=host", "offload.master_dtype=bf16"], r"offload.master_dtype=bf16 needs bf16 moments"),
         (["data.pack_len=40"], r"training rows are 40 tokens .* raise model.max_seq to 40"),
         (["data.pack_len=5"], r"pack_len=5 is shorter than the longest sample"),
         (

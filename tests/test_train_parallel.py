@@ -8,6 +8,7 @@ import torch
 
 from sysopt.data import DigitsTaskConfig
 from sysopt.train import JobConfig, OptimConfig, TrainConfig, read_metrics, run_training
+from sysopt.train.checkpoint import latest_checkpoint, load_checkpoint
 from sysopt.train.config import OffloadConfig, ParallelConfig, PrecisionConfig, ScheduleConfig
 from sysopt.train.loop import FAULT_ENV
 
@@ -99,6 +100,21 @@ def test_offload_strategy_matches_plain_adamw(tmp_path, single):
     job = dataclasses.replace(base_job(), offload=OffloadConfig(strategy="host"))
     run_training(job, tmp_path)
     assert losses(tmp_path) == single[0]  # OffloadAdamW is bitwise torch's fused AdamW
+
+
+def test_bf16_master_offload_trains_on_bf16_weights(tmp_path, single):
+    """offload.master_dtype=bf16: the parameters the model trains on are the host's bf16 masters (upcast), the
+    run follows fp32 training closely, and it differs (the masters really are bf16)."""
+    torch.set_num_threads(1)
+    offload = OffloadConfig(strategy="host", state_dtype="bf16", master_dtype="bf16")
+    run_training(dataclasses.replace(base_job(), offload=offload), tmp_path)
+    got, ref = losses(tmp_path), single[0]
+    assert got[0] == ref[0]  # the first step runs on the initial fp32 weights
+    assert got[1:] != ref[1:]
+    assert all(abs(a - b) / b < 0.05 for a, b in zip(got, ref))
+    model = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"), ["model_tp0_pp0"])["model_tp0_pp0"]
+    weights = [t for t in model.values() if t.is_floating_point() and t.numel() > 1]
+    assert weights and all(torch.equal(t, t.bfloat16().float()) for t in weights)
 
 
 @pytest.mark.timeout(300)

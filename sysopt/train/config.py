@@ -157,6 +157,9 @@ class OffloadConfig:
     device_budget_bytes: int | None = None
     fraction: float = 0.5  # share of subgroups kept on the device for strategy=fraction
     state_dtype: str = "fp32"  # fp32 | bf16: host moments in bf16 with stochastic rounding (fp32 masters)
+    master_dtype: str = (
+        "fp32"  # fp32 | bf16: host masters in bf16 with stochastic rounding (state_dtype=bf16)
+    )
 
 
 @dataclass(frozen=True)
@@ -341,6 +344,13 @@ def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
         )
     if job.offload.state_dtype not in ("fp32", "bf16"):
         raise ConfigError(f"offload.state_dtype={job.offload.state_dtype!r} must be fp32 or bf16")
+    if job.offload.master_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"offload.master_dtype={job.offload.master_dtype!r} must be fp32 or bf16")
+    if job.offload.master_dtype == "bf16" and job.offload.state_dtype != "bf16":
+        raise ConfigError(
+            "offload.master_dtype=bf16 needs bf16 moments: add offload.state_dtype=bf16 (the host kernel rounds "
+            "a bf16 master and its moments together)"
+        )
     if job.offload.state_dtype == "bf16" and job.offload.strategy == "none":
         raise ConfigError(
             "offload.state_dtype=bf16 needs sysopt's OffloadAdamW: set offload=host (or fraction, interleaved)"

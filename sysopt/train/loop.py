@@ -134,6 +134,7 @@ def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.op
         device_budget_bytes=off.device_budget_bytes,
         fraction=off.fraction,
         state_dtype=torch.bfloat16 if off.state_dtype == "bf16" else torch.float32,
+        master_dtype=torch.bfloat16 if off.master_dtype == "bf16" else torch.float32,
     )
 
 
