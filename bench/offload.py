@@ -2,11 +2,13 @@
 
 1. Host AdamW update throughput (params/s) on 100M parameters (--quick: 10M), at 1 thread and at all cores:
    sysopt's fp32 host path (torch's fused kernel, as OffloadAdamW runs it), sysopt's C++ kernel (fp32 state;
-   bf16 moments with fp32 or bf16 grads; bf16 Kahan masters), torch AdamW foreach and fused, and the peer
+   bf16 moments with fp32 or bf16 grads; bf16 masters rounded stochastically, with fp32 or bf16 grads; bf16
+   Kahan masters), torch AdamW foreach and fused, and the peer
    DeepSpeedCPUAdam (when importable: `make bench-deps`). The implementations take turns in every repeat,
    so a change in machine load hits all of them alike.
 2. bf16-state loss parity: the VLM trained single-process with OffloadAdamW(strategy="host"), fp32 state vs
-   state_dtype=bfloat16, same seed and batches; final loss = mean of the last 20 steps (--quick: 10).
+   state_dtype=bfloat16 (fp32 masters) and vs state_dtype=master_dtype=bfloat16, same seed and batches; final
+   loss = mean of the last 20 steps (--quick: 10).
 3. VLM iteration time per strategy (device, host, fraction, interleaved) beside the performance model's
    prediction: OffloadAdamW.predict() after observe() of the medians of the measured forward and backward
    times and host/device update rates over the timed iterations (copy rates: the optimizer's own).
@@ -117,7 +119,8 @@ def _update_candidates(n: int, quick: bool) -> tuple[dict, dict, str | None]:
     m32, v32 = torch.zeros(n), torch.zeros(n)
     m16, v16 = torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
     g16, p16, c16 = g.bfloat16(), p.bfloat16(), torch.zeros(n, dtype=torch.bfloat16)
-    steps = [torch.zeros(()) for _ in range(3)]
+    p16_sr = p.bfloat16()
+    steps = [torch.zeros(()) for _ in range(4)]
     kernel = cpu_kernel.status()
     impl = (
         f"C++ kernel ({kernel.vector_isa})"
@@ -149,6 +152,16 @@ def _update_candidates(n: int, quick: bool) -> tuple[dict, dict, str | None]:
         "sysopt_bf16_state_bf16_grad": (
             lambda: host_adamw_([p], [g16], [m16], [v16], [steps[1]], **HYPER),
             cfg("as sysopt_bf16_state with bf16 gradients (a bf16 model)", "fp32", "bf16", "bf16", 18, impl=impl),
+        ),
+        "sysopt_bf16_master": (
+            lambda: host_adamw_([p16_sr], [g], [m16], [v16], [steps[3]], **HYPER),
+            cfg("OffloadAdamW state_dtype=master_dtype=bf16 host update: bf16 master and moments, all three "
+                "rounded stochastically", "bf16 (stochastic rounding)", "fp32", "bf16", 16, impl=impl),
+        ),
+        "sysopt_bf16_master_bf16_grad": (
+            lambda: host_adamw_([p16_sr], [g16], [m16], [v16], [steps[3]], **HYPER),
+            cfg("as sysopt_bf16_master with bf16 gradients (a bf16 model)", "bf16 (stochastic rounding)", "bf16",
+                "bf16", 14, impl=impl),
         ),
         "sysopt_bf16_kahan": (
             lambda: host_adamw_([p16], [g16], [m16], [v16], [steps[2]], **HYPER, compensations=[c16]),
@@ -208,6 +221,8 @@ def throughput(ctx: BenchContext) -> tuple[list[Record], list]:
                                     by_name["sysopt_fp32"], ds, ">= 1.0"))  # fmt: skip
             goals.append(goal_ratio(f"sysopt bf16-state host update vs DeepSpeedCPUAdam ({basis}){suffix}",
                                     by_name["sysopt_bf16_state"], ds, ">= 1.5"))  # fmt: skip
+            goals.append(goal_ratio(f"sysopt bf16-master host update vs DeepSpeedCPUAdam ({basis}){suffix}",
+                                    by_name["sysopt_bf16_master"], ds, ">= 1.5"))  # fmt: skip
     return records, goals
 
 
@@ -243,6 +258,7 @@ def _vlm_setup(model_config, batch: int, steps: int, seed: int = 0):
 RUNS = {  # label -> optimizer; the torch foreach run differs from fp32_state only in last-bit rounding
     "fp32_state": "OffloadAdamW(strategy='host'), fp32 state",
     "bf16_state": "OffloadAdamW(strategy='host', state_dtype=torch.bfloat16)",
+    "bf16_master": "OffloadAdamW(strategy='host', state_dtype=torch.bfloat16, master_dtype=torch.bfloat16)",
     "fp32_torch_foreach": "torch.optim.AdamW(foreach=True): the run-to-run noise floor of this metric",
 }
 SEEDS, QUICK_SEEDS = (0, 1, 2, 3), (0,)  # model init, batch order and stochastic rounding all follow the seed
@@ -262,10 +278,12 @@ def _train_losses(run: str, steps: int, batch: int, seed: int = 0) -> list[float
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
         clip = lambda: torch.nn.utils.clip_grad_norm_(params, o.grad_clip)  # noqa: E731
     else:
-        dtype = torch.bfloat16 if run == "bf16_state" else torch.float32
+        dtype = torch.bfloat16 if run in ("bf16_state", "bf16_master") else torch.float32
+        master = torch.bfloat16 if run == "bf16_master" else torch.float32
         opt = OffloadAdamW(
-            groups, lr=o.lr, betas=o.betas, eps=o.eps, strategy="host", state_dtype=dtype, seed=seed
-        )
+            groups, lr=o.lr, betas=o.betas, eps=o.eps, strategy="host", state_dtype=dtype, master_dtype=master,
+            seed=seed,
+        )  # fmt: skip
         clip = lambda: opt.clip_grad_norm_(o.grad_clip)  # noqa: E731
     warmup = min(o.warmup_steps, steps // 4)
     losses = []
@@ -320,15 +338,15 @@ def loss_parity(ctx: BenchContext) -> tuple[list[Record], list]:
             )  # fmt: skip
     goals = []
     for reading in ("mean_loss", "final_loss"):
-        fp32, bf16 = records[("fp32_state", reading)], records[("bf16_state", reading)]
-        floor = records[("fp32_torch_foreach", reading)]
+        fp32, floor = records[("fp32_state", reading)], records[("fp32_torch_foreach", reading)]
         label = "" if reading == "mean_loss" else " (informative)"
-        goals += [
-            goal(f"bf16-state {reading.replace('_', ' ')} within 1% of fp32 state over {len(seeds)} seeds "
-                 f"(|bf16/fp32 - 1|){label}", abs(bf16.value / fp32.value - 1), "<= 0.01", (bf16.name, fp32.name)),
-            goal(f"noise floor, informative: fp32 torch foreach vs fp32 state, {reading.replace('_', ' ')} "
-                 "(rounding only)", abs(floor.value / fp32.value - 1), "<= 0.01", (floor.name, fp32.name)),
-        ]  # fmt: skip
+        for run, what in (("bf16_state", "bf16-state"), ("bf16_master", "bf16-master")):
+            bf16 = records[(run, reading)]
+            goals.append(goal(f"{what} {reading.replace('_', ' ')} within 1% of fp32 state over {len(seeds)} "
+                              f"seeds (|bf16/fp32 - 1|){label}", abs(bf16.value / fp32.value - 1), "<= 0.01",
+                              (bf16.name, fp32.name)))  # fmt: skip
+        goals.append(goal(f"noise floor, informative: fp32 torch foreach vs fp32 state, {reading.replace('_', ' ')} "
+                          "(rounding only)", abs(floor.value / fp32.value - 1), "<= 0.01", (floor.name, fp32.name)))  # fmt: skip
     return list(records.values()), goals
 
 
