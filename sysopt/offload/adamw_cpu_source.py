@@ -372,11 +372,15 @@ void run_range(P* p, P* c, const G* g, S* m, S* v, int64_t begin, int64_t end, c
   Noise16 noise(begin, h, lanes);
   _Pragma("GCC unroll 2")  // two vectors in flight: their divides and square roots overlap
   for (; i + 16 <= end; i += 16) {
-    prefetch(p + i + kPrefetch);  // a single thread's streams are latency-bound without it (~10% here)
-    prefetch(g + i + kPrefetch);
-    prefetch(m + i + kPrefetch);
-    prefetch(v + i + kPrefetch);
-    if constexpr (kKahan) prefetch(c + i + kPrefetch);
+    // A single thread's bf16-state streams are latency-bound without software prefetch (~5-10%); the fp32
+    // state's seven 4-byte streams are ~18% faster without it (Zen 4, 100M elements, 1 thread).
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      prefetch(p + i + kPrefetch);
+      prefetch(g + i + kPrefetch);
+      prefetch(m + i + kPrefetch);
+      prefetch(v + i + kPrefetch);
+      if constexpr (kKahan) prefetch(c + i + kPrefetch);
+    }
     __m512i lane_noise = std::is_same_v<S, c10::BFloat16> ? noise.next(lanes) : _mm512_setzero_si512();
     element16<P, G, S, kKahan>(p, c, g, m, v, i, h, lanes, lane_noise);
   }
