@@ -149,7 +149,9 @@ def measure_cases(
     shapes: dict[str, Shape], sweep: dict[str, tuple[int, ...]], repeats: int, profile_json: str
 ) -> dict:
     """Every case of one tp size: {"<shape>/<mode>/<strategy>": {"seconds", "summaries", "spans",
-    "plans"}}. Repeats go round-robin over the strategies so load drifts hit them all alike."""
+    "plans"}}. Repeats go round-robin over the strategies so load drifts hit them all alike, starting one
+    strategy later each round, so that none always runs after the same one (a step after chunked:16 was
+    seen to run ~10% slower than the same plan elsewhere in the round)."""
     from megatron.core import parallel_state
 
     from sysopt.dist.megatron_shims import megatron_cpu_shims
@@ -194,8 +196,9 @@ def measure_cases(
                 with use_compute(EmulatedCompute(gemms) if mode == "emulated" else TorchCompute()):
                     for step in steps.values():
                         step()  # warm-up
-                    for _ in range(repeats):
-                        for strategy, step in steps.items():
+                    order = list(steps.items())
+                    for r in range(repeats):  # the order rotates: no strategy always follows the same one
+                        for strategy, step in order[r % len(order) :] + order[: r % len(order)]:
                             t, s = _timed_step(step, record=strategy != "megatron")
                             seconds[strategy].append(t)
                             spans[strategy].append(s)
