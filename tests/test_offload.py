@@ -636,6 +636,27 @@ def test_bf16_master_host_state_trains_close_resumes_and_halves_the_master():
     assert_params_equal(model, twin_model)
 
 
+def test_bf16_parameters_with_bf16_masters_train_close_to_fp32_masters():
+    """A bf16 model: its host master is bf16 too (rounded stochastically), the parameter equals it after each
+    step, and training stays close to the fp32-master run."""
+    xs = batches(6)
+    runs = {}
+    for master in (torch.float32, torch.bfloat16):
+        model, opt, sched = offload(
+            "host", dtype=torch.bfloat16, state_dtype=torch.bfloat16, master_dtype=master
+        )
+        train(model, opt, sched, xs)
+        runs[master] = model, opt
+    model, opt = runs[torch.bfloat16]
+    params = [p for p in model.parameters() if p.grad is not None]
+    assert all(opt._master(p).dtype == torch.bfloat16 and torch.equal(opt._master(p), p) for p in params)
+    assert all(opt.state[p]["master_param"].dtype == torch.bfloat16 for p in params)
+    initial = make_model(torch.bfloat16)
+    for (name, p), q in zip(model.named_parameters(), runs[torch.float32][0].parameters()):
+        moved = (q.float() - initial.get_parameter(name).float()).abs().max().item()
+        torch.testing.assert_close(p.float(), q.float(), rtol=0, atol=0.2 * moved + 2**-8)
+
+
 def test_bf16_master_needs_bf16_moments_and_names_the_fix():
     model = make_model()
     with pytest.raises(ValueError, match="master_dtype=torch.bfloat16 needs state_dtype=torch.bfloat16"):

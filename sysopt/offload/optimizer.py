@@ -87,8 +87,9 @@ class OffloadAdamW(torch.optim.Optimizer):
     state_dtype: torch.bfloat16 keeps host moments in bf16 with stochastic rounding (fp32 master kept), updated
     by the C++ kernel of sysopt.offload.cpu_kernel (built on first use; the torch reference where it cannot be).
     master_dtype: torch.bfloat16 (with state_dtype=torch.bfloat16) keeps the host masters in bf16 too, rounded
-    stochastically as torchao's bf16_stochastic_round AdamW does: 8 bytes of host state a parameter instead of
-    12, 16 bytes of update traffic instead of 20, and bf16 parameter copies back to the device. The device
+    stochastically as torchao's bf16_stochastic_round AdamW does: 6 bytes of host optimizer state a parameter
+    (master and moments) instead of 8, 16 bytes of update traffic instead of 20 (fp32 gradients), and bf16
+    parameter copies back to the device. The device
     then trains on bf16-representable weights. Device-placed subgroups keep fp32 state; moving a subgroup to
     the host rounds its master to bf16 (nearest), as it rounds its moments.
     Until forward/backward times are measured (or given through observe()), the interleaved planner takes
