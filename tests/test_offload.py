@@ -657,6 +657,16 @@ def test_bf16_parameters_with_bf16_masters_train_close_to_fp32_masters():
         torch.testing.assert_close(p.float(), q.float(), rtol=0, atol=0.2 * moved + 2**-8)
 
 
+def test_bf16_master_copy_back_is_bf16_and_the_performance_model_counts_it():
+    model, opt, _ = offload("host", state_dtype=torch.bfloat16, master_dtype=torch.bfloat16, measure=False)
+    plain = offload("host", state_dtype=torch.bfloat16, measure=False)[1]
+    assert [2 * s.param_bytes for s in opt.subgroups] == [s.param_bytes for s in plain.subgroups]
+    model(batches(1)[0]).pow(2).mean().backward()
+    opt.step()
+    with_grad = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    assert opt._transfers.stats.h2d_bytes == 2 * with_grad  # what the model predicts is what crossed
+
+
 def test_bf16_master_needs_bf16_moments_and_names_the_fix():
     model = make_model()
     with pytest.raises(ValueError, match="master_dtype=torch.bfloat16 needs state_dtype=torch.bfloat16"):

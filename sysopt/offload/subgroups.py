@@ -20,7 +20,9 @@ class Subgroup:
     `param_indices` are positions in `param_groups[group_index]["params"]`, in grad-ready order.
     `device_state_bytes` is what the subgroup's optimizer state occupies on the device when placed there
     (two moments, plus an fp32 master when the parameters are not fp32); `host_state_bytes` is what it
-    occupies on the host when placed there (moments, fp32 master, gradient staging buffer)."""
+    occupies on the host when placed there (moments, master, gradient staging buffer). `param_bytes` is
+    what a host update copies back to the device: the parameters in their dtype, or in bf16 when the host
+    masters are bf16; `grad_bytes` what backward copies to the host."""
 
     index: int
     group_index: int
@@ -56,6 +58,12 @@ def host_state_bytes_per_param(
     moment = torch.empty((), dtype=state_dtype).element_size()
     master = torch.empty((), dtype=master_dtype).element_size()
     return 2 * moment + master + itemsize
+
+
+def _copy_back_itemsize(param_dtype: torch.dtype, master_dtype: torch.dtype) -> int:
+    """Bytes per element a host update sends back: a bf16 master (or a parameter narrower than its
+    master, rounded on the host) crosses in the narrower of the two dtypes."""
+    return min(torch.empty((), dtype=d).element_size() for d in (param_dtype, master_dtype))
 
 
 def partition(
@@ -111,7 +119,7 @@ def _make(
         group_index=group_index,
         param_indices=tuple(indices),
         numel=sum(p.numel() for p in ps),
-        param_bytes=sum(p.numel() * p.element_size() for p in ps),
+        param_bytes=sum(p.numel() * _copy_back_itemsize(p.dtype, master_dtype) for p in ps),
         grad_bytes=sum(p.numel() * p.element_size() for p in ps),
         device_state_bytes=sum(p.numel() * device_state_bytes_per_param(p.dtype) for p in ps),
         host_state_bytes=sum(
