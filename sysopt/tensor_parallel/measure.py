@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -149,9 +150,10 @@ def measure_cases(
     shapes: dict[str, Shape], sweep: dict[str, tuple[int, ...]], repeats: int, profile_json: str
 ) -> dict:
     """Every case of one tp size: {"<shape>/<mode>/<strategy>": {"seconds", "summaries", "spans",
-    "plans"}}. Repeats go round-robin over the strategies so load drifts hit them all alike, starting one
-    strategy later each round, so that none always runs after the same one (a step after chunked:16 was
-    seen to run ~10% slower than the same plan elsewhere in the round)."""
+    "plans"}}. Every repeat runs each strategy once, so load drifts hit them all alike, in an order shuffled
+    afresh each round (seeded by the round, so every rank agrees): no strategy keeps the same neighbour (in a
+    fixed order `auto` always ran after chunked:16 and measured ~10% slower than chunked:1 with the same
+    plan; rotating the start of the round, as 7d356be did, keeps the neighbours and did not fix that)."""
     from megatron.core import parallel_state
 
     from sysopt.dist.megatron_shims import megatron_cpu_shims
@@ -196,9 +198,10 @@ def measure_cases(
                 with use_compute(EmulatedCompute(gemms) if mode == "emulated" else TorchCompute()):
                     for step in steps.values():
                         step()  # warm-up
-                    order = list(steps.items())
-                    for r in range(repeats):  # the order rotates: no strategy always follows the same one
-                        for strategy, step in order[r % len(order) :] + order[: r % len(order)]:
+                    for r in range(repeats):  # a new order each round, the same on every rank (seeded)
+                        order = list(steps.items())
+                        random.Random(r).shuffle(order)
+                        for strategy, step in order:
                             t, s = _timed_step(step, record=strategy != "megatron")
                             seconds[strategy].append(t)
                             spans[strategy].append(s)
