@@ -261,7 +261,8 @@ RUNS = {  # label -> optimizer; the torch foreach run differs from fp32_state on
     "bf16_master": "OffloadAdamW(strategy='host', state_dtype=torch.bfloat16, master_dtype=torch.bfloat16)",
     "fp32_torch_foreach": "torch.optim.AdamW(foreach=True): the run-to-run noise floor of this metric",
 }
-SEEDS, QUICK_SEEDS = tuple(range(8)), (0,)  # model init, batch order and stochastic rounding all follow the seed
+# model init, batch order and stochastic rounding all follow the seed
+SEEDS, QUICK_SEEDS = tuple(range(8)), (0,)
 
 
 def _train_losses(run: str, steps: int, batch: int, seed: int = 0) -> list[float]:
