@@ -109,8 +109,11 @@ def reduce_scatter(
     group: dist.ProcessGroup | None,
     out: torch.Tensor | None = None,
     name: str = "reduce_scatter",
+    bias: torch.Tensor | None = None,
 ) -> Pending:
-    """Sum `x` over ranks and keep this rank's 1/tp slice of dim 0 (written into `out` if given)."""
+    """Sum `x` over ranks and keep this rank's 1/tp slice of dim 0 (written into `out` if given), plus
+    `bias` (broadcast over the last dim; off NCCL added to this rank's own block, before the partial sums,
+    as the chunked GEMM+reduce-scatter adds it, so both give the same bits)."""
     tp = group_size(group)
     if x.shape[0] % tp:
         raise ValueError(f"reduce_scatter: dim 0 of size {x.shape[0]} is not divisible by tp={tp}")
@@ -119,15 +122,17 @@ def reduce_scatter(
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     if tp == 1:
-        return Pending(None, out.copy_(x))
+        return Pending(None, out.copy_(x) if bias is None else torch.add(x, bias, out=out))
     if _nccl(x, group):
         done = runtime.comm_started(name)
-        return Pending(_reduce_scatter(out, x, group=group, async_op=True), out, done=done)
+        work = _reduce_scatter(out, x, group=group, async_op=True)
+        return Pending(work, out, finish=None if bias is None else lambda: out.add_(bias), done=done)
     rank, x3 = group_rank(group), x.view(tp, *shape)
     received = exchange(remote_rows(x3, rank, 0, shape[0]), group, name)
 
     def finish() -> None:
-        add_partials(out.copy_(x3[rank]), received)
+        own = out.copy_(x3[rank]) if bias is None else torch.add(x3[rank], bias, out=out)
+        add_partials(own, received)
 
     return Pending(None, out, finish=finish)
 

@@ -54,15 +54,14 @@ class _ColumnParallel(torch.autograd.Function):
             out3, w_t = out.view(tp, x2.shape[0], n), weight.t()
 
             def gemm(first: int, row: int, blocks: torch.Tensor) -> None:
-                mm_into(rows_of(out3, first, row, blocks), flat(blocks), w_t, f"{setup.name}.fwd")
+                target = rows_of(out3, first, row, blocks)
+                mm_into(target, flat(blocks), w_t, f"{setup.name}.fwd", bias=bias)
 
             GatheredBlocks(x2, setup.group, setup.forward, f"{setup.name}.fwd.all_gather").consume(gemm)
             shape = (tp * x.shape[0], *x.shape[1:-1], n)
         else:
-            out = runtime.mm(x2, weight.t(), name=f"{setup.name}.fwd")
+            out = runtime.mm(x2, weight.t(), name=f"{setup.name}.fwd", bias=bias)
             shape = (*x.shape[:-1], n)
-        if bias is not None:
-            out += bias
         ctx.save_for_backward(x, weight)
         ctx.setup, ctx.has_bias = setup, bias is not None
         return out.view(shape)
@@ -97,15 +96,16 @@ class _RowParallel(torch.autograd.Function):
     def forward(ctx, y, weight, bias, setup: _Setup):
         y2 = y.reshape(-1, y.shape[-1])
         n = weight.shape[0]
-        if setup.sequence_parallel:  # the GEMM, then reduce-scatter the sequence
+        if setup.sequence_parallel:  # the GEMM, then reduce-scatter the sequence; the bias joins our rows
             tp = comm.group_size(setup.group)
-            out = gemm_reduce_scatter(y2, weight.t(), setup.group, setup.forward, f"{setup.name}.fwd").wait()
+            name = f"{setup.name}.fwd"
+            out = gemm_reduce_scatter(y2, weight.t(), setup.group, setup.forward, name, bias).wait()
             shape = (y.shape[0] // tp, *y.shape[1:-1], n)
-        else:
+        else:  # the bias goes on after the all-reduce (before it, it would be summed tp times)
             out = gemm_all_reduce(y2, weight.t(), setup.group, setup.forward, f"{setup.name}.fwd").wait()
             shape = (*y.shape[:-1], n)
-        if bias is not None:
-            out += bias
+            if bias is not None:
+                out += bias
         ctx.save_for_backward(y, weight)
         ctx.setup, ctx.has_bias = setup, bias is not None
         return out.view(shape)

@@ -46,6 +46,10 @@ class ShapeRecorder(TorchCompute):
         self.shapes.add((a.shape[0], b.shape[1], a.shape[1]))
         return super().addmm_(acc, a, b)
 
+    def mm_bias(self, bias, a, b, out=None):
+        self.shapes.add((a.shape[0], b.shape[1], a.shape[1]))
+        return super().mm_bias(bias, a, b, out)
+
 
 class MeasuredGemms:
     """GEMM seconds per (m, n, k) for emulated compute. `measure(shapes)` (collective) times the

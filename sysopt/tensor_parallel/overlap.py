@@ -229,36 +229,45 @@ def flat(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(-1, blocks.shape[-1])
 
 
-def mm_into(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, name: str) -> None:
-    """target[...] = a @ b for a [ranks, rows, n] view `target` (a 2-D `a`); written in place when
-    the view is contiguous, else through a temporary."""
+def mm_into(
+    target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, name: str, bias: torch.Tensor | None = None
+) -> None:
+    """target[...] = a @ b (+ bias) for a [ranks, rows, n] view `target` (a 2-D `a`); written in place
+    when the view is contiguous, else through a temporary."""
     if target.is_contiguous():
-        runtime.mm(a, b, out=target.view(-1, target.shape[-1]), name=name)
+        runtime.mm(a, b, out=target.view(-1, target.shape[-1]), name=name, bias=bias)
     else:
-        target.copy_(runtime.mm(a, b, name=name).view(target.shape))
+        target.copy_(runtime.mm(a, b, name=name, bias=bias).view(target.shape))
 
 
 def gemm_reduce_scatter(
-    a: torch.Tensor, b: torch.Tensor, group: dist.ProcessGroup | None, plan: ChunkPlan, name: str
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    plan: ChunkPlan,
+    name: str,
+    bias: torch.Tensor | None = None,
 ) -> InFlight:
-    """Reduce-scatter of a @ b over dim 0 (a: [tp*rows, k], rank-major rows) -> [rows, n].
+    """Reduce-scatter of a @ b over dim 0 (a: [tp*rows, k], rank-major rows) -> [rows, n], plus `bias`
+    (added once, to this rank's own block, before the partial sums of the other ranks).
 
     Overlapped, the rows other ranks own come first: chunk i's GEMM makes rows lo:hi of every other
     rank's block and its exchange (an all-to-all among the other ranks) starts at once. This rank's
-    own block is multiplied last, while the final chunks are in flight, and the partial sums received
-    are added to it when the result is waited for (after whatever the caller overlaps with them).
+    own block is multiplied last (the bias in its epilogue), while the final chunks are in flight, and
+    the partial sums received are added to it when the result is waited for (after whatever the caller
+    overlaps with them).
     """
     tp = comm.group_size(group)
     if not plan.overlap:
         full = runtime.mm(a, b, name=f"{name}.gemm")
-        return InFlight([], comm.reduce_scatter(full, group, name=name).wait())
+        return InFlight([], comm.reduce_scatter(full, group, name=name, bias=bias).wait())
     rank, rows = comm.group_rank(group), a.shape[0] // tp
     a3 = a.reshape(tp, rows, a.shape[1])
     chunks = []
     for i, (lo, hi) in enumerate(chunk_bounds(rows, plan.chunks)):
         block = runtime.mm(comm.remote_rows(a3, rank, lo, hi), b, name=f"{name}.gemm[{i}]")
         chunks.append((lo, hi, comm.exchange(block, group, name=f"{name}[{i}]")))
-    out = runtime.mm(a3[rank], b, name=f"{name}.gemm[local]")
+    out = runtime.mm(a3[rank], b, name=f"{name}.gemm[local]", bias=bias)
 
     def add_received() -> None:
         for lo, hi, pending in chunks:

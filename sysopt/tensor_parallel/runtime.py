@@ -21,6 +21,11 @@ class TorchCompute:
     def addmm_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return acc.addmm_(a, b)
 
+    def mm_bias(
+        self, bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return torch.addmm(bias, a, b, out=out) if out is not None else torch.addmm(bias, a, b)
+
 
 class EmulatedCompute:
     """Each GEMM sleeps `seconds_fn(m, n, k)` and returns uninitialised memory: collectives still
@@ -36,6 +41,11 @@ class EmulatedCompute:
     def addmm_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         time.sleep(self.seconds_fn(a.shape[0], b.shape[1], a.shape[1]))
         return acc
+
+    def mm_bias(
+        self, bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:  # the bias rides in the GEMM's epilogue: the same sleep as mm
+        return self.mm(a, b, out)
 
 
 _compute: TorchCompute | EmulatedCompute = TorchCompute()
@@ -67,13 +77,19 @@ def active_timeline() -> Timeline | None:
     return _timeline
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, name: str = "gemm") -> torch.Tensor:
-    """a @ b (into `out` when given) on the active compute backend."""
-    if _timeline is None:
-        return _compute.mm(a, b, out)
-    start = time.perf_counter()
-    result = _compute.mm(a, b, out)
-    _timeline.add(COMPUTE, name, start, time.perf_counter())
+def mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor | None = None,
+    name: str = "gemm",
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """a @ b (+ bias, broadcast over rows, added in the GEMM's epilogue: torch.addmm) into `out` when
+    given, on the active compute backend."""
+    start = time.perf_counter() if _timeline is not None else 0.0
+    result = _compute.mm(a, b, out) if bias is None else _compute.mm_bias(bias, a, b, out)
+    if _timeline is not None:
+        _timeline.add(COMPUTE, name, start, time.perf_counter())
     return result
 
 
