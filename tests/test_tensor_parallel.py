@@ -109,6 +109,11 @@ def _layer_checks() -> list[str]:
                     _check(failures, f"{name} input grad", _shard(x_in.grad, 2), _shard(x_ref.grad, 2))
                     _check(failures, f"{name} weight grad", layer.weight.grad, _shard(dense.weight.grad, 1))
                     _check(failures, f"{name} bias grad", layer.bias.grad, dense.bias.grad)
+                if kind == "row":  # the bias is replicated: every rank must get the same bits
+                    copies = [torch.empty_like(layer.bias.grad) for _ in range(dist.get_world_size())]
+                    dist.all_gather(copies, layer.bias.grad)
+                    if not all(torch.equal(c, copies[0]) for c in copies):
+                        failures.append(f"{name}: the replicated bias's grads differ across ranks")
                 plans = layer.last_plans.values()
                 if resolve_overlap(overlap).strategy == "auto" and not (
                     all(1 <= p.chunks <= 8 for p in plans) and any(p.overlap for p in plans)
@@ -151,6 +156,59 @@ def _layer_checks() -> list[str]:
         failures.append(
             f"timeline: expected 3 GEMMs each followed by its collective, then the local GEMM, got {timeline.spans}"
         )
+    return failures
+
+
+def _agreement_and_bf16_checks() -> list[str]:
+    failures: list[str] = []
+    tp, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(4)
+    dense = nn.Linear(IN, OUT)
+    x = torch.randn(SEQ, BATCH, IN)
+
+    # `auto` planned from different profiles still runs one plan on every rank, the first rank's (alone,
+    # the first rank's profile gives 1 chunk and the others' 3 or 6: gloo aborts on the mismatched sizes)
+    policies = [
+        OverlapPolicy("auto", max_chunks=8, profile=fake_profile()),
+        OverlapPolicy("auto", max_chunks=8, profile=fake_profile(1e8, 1e-9, 1e7), chunk_overhead_s=0.0),
+    ]
+    policy = policies[min(rank, 1)]
+    layer = ColumnParallelLinear.from_dense(dense, sequence_parallel=True, overlap=policy)
+    y = layer(_shard(x, 0))
+    plans = [None] * tp
+    dist.all_gather_object(plans, {k: p.chunks for k, p in layer.last_plans.items()})
+    if any(p != plans[0] for p in plans):
+        failures.append(f"auto from different profiles: plans differ across ranks: {plans}")
+    _check(failures, "auto from different profiles: output", y, _shard(dense(x), 2))
+
+    # bf16 weight and bias grads summed over 8 chunks are about as accurate as over one block
+    # (accumulated in fp32, rounded once): relative error against fp64 on the same bf16 inputs
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return ((got.double() - want).norm() / want.norm()).item()
+
+    col_dense, row_dense = nn.Linear(IN, OUT).bfloat16(), nn.Linear(OUT, IN).bfloat16()
+    x16, h16 = x.bfloat16(), torch.randn(SEQ, BATCH, OUT).bfloat16()
+    g_col, g_row = torch.randn(SEQ, BATCH, OUT).bfloat16(), torch.randn(SEQ, BATCH, IN).bfloat16()
+    rows = lambda t: t.double().flatten(0, 1)  # noqa: E731
+    want = (
+        rows(_shard(g_col, 2)).t() @ rows(x16),  # column dW (this rank's output rows)
+        rows(g_row).t() @ rows(_shard(h16, 2)),  # row dW (this rank's input columns)
+        rows(g_row).sum(0),  # row db
+    )
+    errors = {}
+    for overlap in ("none", "chunked:8"):
+        col = ColumnParallelLinear.from_dense(col_dense, sequence_parallel=True, overlap=overlap)
+        col(_shard(x16, 0)).backward(_shard(g_col, 2))
+        row = RowParallelLinear.from_dense(row_dense, sequence_parallel=True, overlap=overlap)
+        row(_shard(h16, 2)).backward(_shard(g_row, 0))
+        errors[overlap] = [
+            rel(got, w) for got, w in zip((col.weight.grad, row.weight.grad, row.bias.grad), want)
+        ]
+    for what, chunked, whole in zip(("column dW", "row dW", "row db"), errors["chunked:8"], errors["none"]):
+        if not chunked <= 2 * whole + 1e-4:
+            failures.append(
+                f"bf16 {what}: relative error {chunked:.2e} over 8 chunks, {whole:.2e} in one block"
+            )
     return failures
 
 
@@ -269,7 +327,7 @@ def _megatron_checks() -> list[str]:
 
 
 def _layer_and_block_checks() -> list[str]:
-    return _layer_checks() + _block_checks()
+    return _layer_checks() + _block_checks() + _agreement_and_bf16_checks()
 
 
 def _assert_no_failures(per_rank: list[list[str]]) -> None:
@@ -319,3 +377,36 @@ def test_resolve_overlap_names():
     assert resolve_overlap("none").strategy == "none"
     policy = OverlapPolicy("auto", max_chunks=6)
     assert OverlapPolicy.from_dict(policy.to_dict()) == policy
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_layers_under_autocast_compute_in_its_dtype(sp):
+    """Under torch.autocast(bf16) the layers run in bf16 like nn.Linear does (fp32 parameters get fp32
+    grads), instead of failing in backward or writing bf16 products into fp32 buffers."""
+    torch.manual_seed(6)
+    dense = nn.Linear(IN, OUT)
+    x = torch.randn(SEQ, BATCH, IN)
+    for cls in (ColumnParallelLinear, RowParallelLinear):
+        layer = cls.from_dense(dense, sequence_parallel=sp, overlap="chunked:3")
+        ref = nn.Linear(IN, OUT)
+        ref.load_state_dict(dense.state_dict())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, y_ref = layer(x), ref(x)
+        assert y.dtype == y_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)  # bf16: the bias may round separately
+        y.float().square().sum().backward()
+        y_ref.float().square().sum().backward()
+        assert layer.weight.grad.dtype == torch.float32
+        for got, want in ((layer.weight.grad, ref.weight.grad), (layer.bias.grad, ref.bias.grad)):
+            assert (got - want).norm() <= 1e-2 * want.norm()  # bf16 sums, added in another order
+
+
+def test_block_from_dense_keeps_norm_dtype_and_frozen_parameters():
+    from sysopt.models import DecoderBlock
+
+    dense = DecoderBlock(32, 4, 2).bfloat16()
+    dense.ln_attn.weight.requires_grad_(False)
+    block = TensorParallelBlock.from_dense(dense)
+    assert block.ln_attn.weight.dtype == block.ln_mlp.bias.dtype == torch.bfloat16
+    assert not block.ln_attn.weight.requires_grad and block.ln_mlp.weight.requires_grad
+    assert block.ln_attn.weight is not dense.ln_attn.weight  # a copy, not shared

@@ -11,7 +11,7 @@ from sysopt.tensor_parallel.chunk_model import (
     pipeline_time_s,
     profile_costs,
 )
-from sysopt.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from sysopt.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, overlap_plans
 from sysopt.tensor_parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
@@ -36,6 +36,7 @@ __all__ = [
     "TensorParallelBlock",
     "Timeline",
     "TorchCompute",
+    "overlap_plans",
     "choose_chunks",
     "choose_chunks_for",
     "chunk_bounds",

@@ -4,6 +4,8 @@ returns this rank's sequence shard, and the layernorms and residuals run on that
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -129,6 +131,5 @@ class TensorParallelBlock(nn.Module):
 
 
 def _copy_norm(ln: nn.LayerNorm) -> nn.LayerNorm:
-    out = nn.LayerNorm(ln.normalized_shape, eps=ln.eps)
-    out.load_state_dict(ln.state_dict())
-    return out
+    """A copy (not shared with the dense block) keeping dtype, device and requires_grad."""
+    return copy.deepcopy(ln)

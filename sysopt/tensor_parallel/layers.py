@@ -8,6 +8,7 @@ contiguous slices of dim 0. Gradients come out complete on every rank (no extra 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from sysopt.tensor_parallel.overlap import (
     ChunkPlan,
     GatheredBlocks,
     OverlapPolicy,
+    chunk_bounds,
     flat,
     gemm_all_reduce,
     gemm_reduce_scatter,
@@ -76,7 +78,7 @@ class _ColumnParallel(torch.autograd.Function):
             # re-gather the input for wgrad while dgrad runs; dgrad chunks feed the reduce-scatter
             gathered = GatheredBlocks(x2, setup.group, setup.forward, f"{setup.name}.bwd.all_gather")
             dx = gemm_reduce_scatter(g2, weight, setup.group, setup.backward, f"{setup.name}.dgrad")
-            dw = torch.zeros_like(weight)
+            dw = _grad_accumulator(weight)
             g3 = g2.view(comm.group_size(setup.group), -1, g2.shape[1])
 
             def wgrad(first: int, row: int, blocks: torch.Tensor) -> None:
@@ -84,6 +86,7 @@ class _ColumnParallel(torch.autograd.Function):
                 runtime.addmm_(dw, g.t(), flat(blocks), name=f"{setup.name}.wgrad")
 
             gathered.consume(wgrad)  # overlaps the reduce-scatter still in flight
+            dw = dw.to(weight.dtype)
         else:
             dx = gemm_all_reduce(g2, weight, setup.group, setup.backward, f"{setup.name}.dgrad")
             dw = runtime.mm(g2.t(), x2, name=f"{setup.name}.wgrad")  # overlaps the all-reduce
@@ -121,22 +124,73 @@ class _RowParallel(torch.autograd.Function):
             tp = comm.group_size(setup.group)
             dy = y2.new_empty(y2.shape)
             dy3, y3 = dy.view(tp, -1, dy.shape[1]), y2.reshape(tp, -1, y2.shape[1])
-            dw = torch.zeros_like(weight)
-            db = torch.zeros(weight.shape[0], dtype=g2.dtype, device=g2.device) if ctx.has_bias else None
+            dw = _grad_accumulator(weight)
+            bias_sums = _BiasGradSums(g2.shape[0], setup.backward) if ctx.has_bias else None
 
             def grads(first: int, row: int, blocks: torch.Tensor) -> None:
                 g = flat(blocks)
                 mm_into(rows_of(dy3, first, row, blocks), g, weight, f"{setup.name}.dgrad")
                 runtime.addmm_(dw, g.t(), flat(rows_of(y3, first, row, blocks)), name=f"{setup.name}.wgrad")
-                if db is not None:
-                    db.add_(g.sum(0))
+                if bias_sums is not None:
+                    bias_sums.add(first, row, blocks)
 
             GatheredBlocks(g2, setup.group, setup.backward, f"{setup.name}.bwd.all_gather").consume(grads)
+            dw = dw.to(weight.dtype)
+            db = None if bias_sums is None else bias_sums.total(g2.dtype)
         else:  # the output gradient is replicated: no communication
             dy = runtime.mm(g2, weight, name=f"{setup.name}.dgrad")
             dw = runtime.mm(g2.t(), y2, name=f"{setup.name}.wgrad")
             db = g2.sum(0) if ctx.has_bias else None
         return dy.view(y.shape), dw, db, None
+
+
+def _plan_on_first_rank(
+    plan: Callable[[], tuple[ChunkPlan, ChunkPlan]], group: dist.ProcessGroup | None
+) -> tuple[ChunkPlan, ChunkPlan]:
+    """`plan()` run on the group's first rank and broadcast: the ranks of a TP group must run the same
+    chunking (mismatched all-to-all sizes abort gloo, and would hang or corrupt on NCCL), but `auto` reads
+    each rank's own cached HardwareProfile, which may differ (or be missing) from host to host."""
+    payload: list = [None]
+    if dist.get_rank(group) == 0:
+        try:
+            payload[0] = plan()
+        except ValueError as exc:  # every rank raises it, instead of the others waiting in the broadcast
+            payload[0] = str(exc)
+    dist.broadcast_object_list(
+        payload, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group
+    )
+    if isinstance(payload[0], str):
+        raise ValueError(payload[0])
+    return payload[0]
+
+
+def _grad_accumulator(weight: torch.Tensor) -> torch.Tensor:
+    """A zeroed weight gradient to sum per-block GEMMs into: fp32 for 16-bit weights, so a chunked
+    backward rounds once at the end instead of once per block."""
+    dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+    return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+
+
+class _BiasGradSums:
+    """The replicated row-layer bias gradient, summed from gathered gradient blocks so that every rank
+    gets the same bits: each rank's rows are summed in the same pieces (the plan's chunks) whichever
+    rank holds them, and the pieces are added in (rank, row) order. Summing blocks in arrival order
+    would let the copies of the bias drift apart (each rank sees its own rows first)."""
+
+    def __init__(self, rows: int, plan: ChunkPlan) -> None:
+        self.bounds = chunk_bounds(rows, plan.chunks) if plan.overlap else [(0, rows)]
+        self.pieces: dict[tuple[int, int], torch.Tensor] = {}
+
+    def add(self, first: int, row: int, blocks: torch.Tensor) -> None:
+        """blocks[i] holds rows row:row+blocks.shape[1] of rank first+i (see overlap.Consumer)."""
+        dtype = torch.float32 if blocks.dtype in (torch.bfloat16, torch.float16) else blocks.dtype
+        for lo, hi in self.bounds:
+            if row <= lo and hi <= row + blocks.shape[1]:
+                for i in range(blocks.shape[0]):
+                    self.pieces[(first + i, lo)] = blocks[i, lo - row : hi - row].sum(0, dtype=dtype)
+
+    def total(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.stack([self.pieces[key] for key in sorted(self.pieces)]).sum(0).to(dtype)
 
 
 class _ParallelLinear(nn.Module):
@@ -213,14 +267,33 @@ class _ParallelLinear(nn.Module):
         key = (tuple(x.shape), x.dtype)
         if key not in self._plans:
             fwd_op, bwd_op = self._ops(local_rows, _DTYPE_NAMES.get(x.dtype, "fp32"))
-            plan = (
-                _NO_COMM if fwd_op is None or self.tp_size == 1 else self.overlap.plan(fwd_op),
-                _NO_COMM if bwd_op is None or self.tp_size == 1 else self.overlap.plan(bwd_op),
-            )
-            self._plans[key] = plan
+
+            def plan() -> tuple[ChunkPlan, ChunkPlan]:
+                return (
+                    _NO_COMM if fwd_op is None or self.tp_size == 1 else self.overlap.plan(fwd_op),
+                    _NO_COMM if bwd_op is None or self.tp_size == 1 else self.overlap.plan(bwd_op),
+                )
+
+            auto = self.overlap.strategy == "auto" and self.tp_size > 1 and dist.is_initialized()
+            self._plans[key] = _plan_on_first_rank(plan, self.group) if auto else plan()
         fwd, bwd = self._plans[key]
         self.last_plans = {"forward": fwd, "backward": bwd}
         return _Setup(self.group, self.sequence_parallel, fwd, bwd, type(self).__name__)
+
+    def _apply(
+        self, function: type[torch.autograd.Function], x: torch.Tensor, local_rows: int
+    ) -> torch.Tensor:
+        """function.apply on (x, weight, bias). Under torch.autocast the three are cast to the autocast
+        dtype first (differentiably, so fp32 parameters get fp32 grads) and the function runs with autocast
+        off: its GEMMs write into preallocated buffers, which autocast would not cast."""
+        weight, bias, device = self.weight, self.bias, x.device.type
+        if not torch.is_autocast_enabled(device):
+            return function.apply(x, weight, bias, self._setup(x, local_rows))
+        dtype = torch.get_autocast_dtype(device)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return function.apply(x, weight, bias, self._setup(x, local_rows))
 
     def extra_repr(self) -> str:
         return (
@@ -251,7 +324,7 @@ class ColumnParallelLinear(_ParallelLinear):
             raise ValueError(
                 f"ColumnParallelLinear: input last dim {x.shape[-1]} != in_features={self.in_features}"
             )
-        return _ColumnParallel.apply(x, self.weight, self.bias, self._setup(x, x.numel() // x.shape[-1]))
+        return self._apply(_ColumnParallel, x, x.numel() // x.shape[-1])
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -285,4 +358,14 @@ class RowParallelLinear(_ParallelLinear):
                     f"sequence parallelism needs whole shards: pad the sequence to a multiple of {self.tp_size}"
                 )
             rows //= self.tp_size
-        return _RowParallel.apply(x, self.weight, self.bias, self._setup(x, rows))
+        return self._apply(_RowParallel, x, rows)
+
+
+def overlap_plans(model: nn.Module) -> dict[str, dict[str, str]]:
+    """{name: {"forward": plan, "backward": plan}} for every column/row-parallel linear in `model` that has
+    run, each plan "none" or "chunked:<k>" as its last call ran it (what `auto` chose, made visible)."""
+    return {
+        name: {phase: plan.name for phase, plan in module.last_plans.items()}
+        for name, module in model.named_modules()
+        if isinstance(module, _ParallelLinear) and module.last_plans
+    }

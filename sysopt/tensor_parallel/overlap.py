@@ -34,6 +34,11 @@ class ChunkPlan:
     predicted_s: float | None = None  # auto: modelled pipeline time
     serial_s: float | None = None  # auto: modelled time without overlap
 
+    @property
+    def name(self) -> str:
+        """ "none" or "chunked:<k>": the overlap name that runs this plan."""
+        return f"chunked:{self.chunks}" if self.overlap else "none"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "overlap": self.overlap,
@@ -73,10 +78,12 @@ class OverlapPolicy:
             return ChunkPlan(overlap=False, chunks=1)
         if self.strategy == "chunked":
             if self.chunks > op.rows:
+                paired = (
+                    f"an {op.kind} feeding a GEMM" if op.kind == "all_gather" else f"a GEMM feeding {op.kind}"
+                )
                 raise ValueError(
                     f"overlap chunks={self.chunks} cannot split the {op.rows} rows (sequence x batch on "
-                    f"each rank) of a GEMM feeding {op.kind}: use chunks <= {op.rows}, a longer "
-                    f"sequence, or overlap='auto'"
+                    f"each rank) of {paired}: use chunks <= {op.rows}, a longer sequence, or overlap='auto'"
                 )
             return ChunkPlan(overlap=True, chunks=self.chunks)
         if (cached := self._auto_plans.get(op)) is not None:

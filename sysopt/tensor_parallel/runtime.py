@@ -4,7 +4,9 @@ matmuls, or sleeps of a measured time for emulated-compute benchmarks) and the a
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -19,6 +21,8 @@ class TorchCompute:
         return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
 
     def addmm_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if acc.dtype != a.dtype:  # a wider accumulator (fp32 for bf16 operands): the product rounds once
+            return acc.add_(torch.mm(a, b))
         return acc.addmm_(a, b)
 
     def mm_bias(
@@ -87,10 +91,22 @@ def mm(
     """a @ b (+ bias, broadcast over rows, added in the GEMM's epilogue: torch.addmm) into `out` when
     given, on the active compute backend."""
     start = time.perf_counter() if _timeline is not None else 0.0
+    if _timeline is not None and a.is_cuda:
+        _warn_cuda_timeline()
     result = _compute.mm(a, b, out) if bias is None else _compute.mm_bias(bias, a, b, out)
     if _timeline is not None:
         _timeline.add(COMPUTE, name, start, time.perf_counter())
     return result
+
+
+@functools.cache
+def _warn_cuda_timeline() -> None:
+    warnings.warn(
+        "tensor_parallel timeline on CUDA tensors: spans are host-side times, so a GEMM span is its kernel "
+        "launch and an NCCL collective completes (its future) when enqueued; the hidden fraction is only "
+        "meaningful on CPU/gloo. Time CUDA runs with torch.profiler or CUDA events instead.",
+        stacklevel=3,
+    )
 
 
 def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, name: str = "wgrad") -> torch.Tensor:
