@@ -35,11 +35,11 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize(
     "parallel, schedule",
     [
-        (ParallelConfig(tp=2, pp=2, vpp=2), ScheduleConfig("zbv", 4)),
+        (ParallelConfig(tp=2, pp=2, vpp=2, tp_overlap="chunked", tp_chunks=3), ScheduleConfig("zbv", 4)),
         (ParallelConfig(dp=2, pp=2), ScheduleConfig("1f1b", 4, receive_ahead=1)),
         (ParallelConfig(pp=2, vpp=2, boundaries=(0, 2, 4, 5, 7)), ScheduleConfig("zb_greedy", 4)),
     ],
-    ids=["tp2-pp2-vpp2-zbv", "dp2-pp2-1f1b-ahead1", "pp2-vpp2-zb_greedy-given-split"],
+    ids=["tp2-pp2-vpp2-zbv-chunked3", "dp2-pp2-1f1b-ahead1", "pp2-vpp2-zb_greedy-given-split"],
 )
 def test_parallel_training_equals_single_process(tmp_path, single, parallel, schedule):
     ref_losses, ref_summary = single
@@ -48,6 +48,9 @@ def test_parallel_training_equals_single_process(tmp_path, single, parallel, sch
     got = losses(tmp_path)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
     assert len(summary["pipeline_boundaries"]) == parallel.pp * parallel.vpp + 1
+    if parallel.tp > 1:  # parallel.tp_chunks is the chunk count every TP linear ran
+        plans = summary["tp_overlap_plans"]
+        assert plans and all(p == {"forward": "chunked:3", "backward": "chunked:3"} for p in plans.values())
     if parallel.boundaries is not None:  # a given split is the one that runs
         assert tuple(summary["pipeline_boundaries"]) == parallel.boundaries
     for task, value in ref_summary["eval_accuracy"].items():

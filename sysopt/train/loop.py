@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from sysopt.data import TASKS, BatchSampler, DigitsDataset, eval_batches
 from sysopt.dist import ParallelGroups, build_groups, launch
+from sysopt.tensor_parallel import overlap_plans
 from sysopt.train.checkpoint import (
     CheckpointError,
     commit_checkpoint,
@@ -279,6 +280,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         "pipeline_boundaries": list(runtime.boundaries),
         "low_precision_layers": runtime.low_precision_layers,
         "precision_plan": runtime.precision_plan,
+        # the chunking each of rank 0's TP linears ran ("none" / "chunked:<k>"), auto's choice included
+        "tp_overlap_plans": overlap_plans(runtime.model) if job.parallel.tp > 1 else {},
     }
     if is_main:
         write_json_atomic(out / "summary.json", summary)

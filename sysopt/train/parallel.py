@@ -394,10 +394,9 @@ def _eval_counts(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def _overlap_policy(p) -> str:
+    """The TP layers' overlap name for parallel.tp_overlap / tp_chunks ("chunked:<k>" when a count is set)."""
     if p.tp_overlap == "chunked" and p.tp_chunks is not None:
-        from sysopt.tensor_parallel import OverlapPolicy
-
-        return OverlapPolicy.chunked(p.tp_chunks) if hasattr(OverlapPolicy, "chunked") else "chunked"
+        return f"chunked:{p.tp_chunks}"
     return p.tp_overlap
 
 
