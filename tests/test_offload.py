@@ -224,6 +224,40 @@ def test_external_parameter_write_refreshes_host_master():
     assert_params_equal(ref_model, model)
 
 
+@pytest.mark.parametrize("write", ["data_mul", "amp_unscale", "grad_scaler"])
+def test_gradient_writes_that_skip_the_version_counter_are_not_missed(write):
+    """Some in-place writes do not bump p.grad's version (writes through .data, GradScaler's unscale, c10d
+    collectives on p.grad): host subgroups must step on the written gradient, not the early copy."""
+    xs = batches(3)
+    results = {}
+    for name in ("torch", "host"):
+        model = make_model()
+        if name == "torch":
+            opt = torch.optim.AdamW(param_groups(model), lr=1e-3, fused=True)
+        else:
+            opt = OffloadAdamW(param_groups(model), lr=1e-3, strategy="host", subgroup_bytes=SUBGROUP_BYTES)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if write == "grad_scaler" else None
+        for x in xs:
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if write == "data_mul":
+                for g in grads:
+                    g.data.mul_(0.5)
+            elif write == "amp_unscale":
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, torch.zeros(1), torch.full((1,), 0.5))
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        results[name] = model
+        if name == "host":
+            assert opt.stats.grad_copies_stale_unversioned > 0
+    assert_params_equal(results["torch"], results["host"])
+
+
 def test_param_group_added_later_is_partitioned_and_planned():
     xs = batches(4)
     ref_model = make_model()
@@ -316,6 +350,54 @@ def test_impossible_budgets_fail_before_training_with_the_numbers():
         offload("host", plan=all_device, device_budget_bytes=64)
     with pytest.raises(ValueError, match=rf"plan has 2 placements but the optimizer has {n} subgroups"):
         offload("host", plan=PlacementPlan("manual", (HOST, HOST), (0, 1), 0))
+    with pytest.raises(ValueError) as device_error:  # the fix named fits the strategy
+        offload("device", device_budget_bytes=100)
+    assert "fraction" not in str(device_error.value)
+    with pytest.raises(ValueError, match=r"lower fraction to <= "):
+        offload("fraction", fraction=0.9, device_budget_bytes=1000)
+
+
+def test_failed_add_param_group_leaves_no_group_behind():
+    model = make_model()
+    groups = param_groups(model)
+    fits = OffloadAdamW(
+        groups[:1], lr=1e-3, strategy="device", subgroup_bytes=SUBGROUP_BYTES
+    ).plan.device_state_bytes
+    opt = OffloadAdamW(
+        groups[:1], lr=1e-3, strategy="device", subgroup_bytes=SUBGROUP_BYTES, device_budget_bytes=fits
+    )
+    with pytest.raises(ValueError, match=r"device_budget_bytes="):
+        opt.add_param_group(groups[1])
+    assert len(opt.param_groups) == 1 and not any(p in opt.state for p in groups[1]["params"])
+    opt.add_param_group({**groups[1], "params": []})  # the optimizer still works afterwards
+
+
+def test_state_dict_with_amsgrad_or_maximize_is_refused():
+    model, opt, _ = offload("host")
+    sd = opt.state_dict()
+    sd["param_groups"][1]["amsgrad"] = True
+    with pytest.raises(
+        ValueError, match=r"param group 1 has amsgrad=True.*amsgrad=False, maximize=False only"
+    ):
+        opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("strategy", ["host", "device"])
+def test_bf16_resume_is_bit_exact_whichever_state_dict_loads_first(strategy):
+    """Loading the optimizer before the model must not let the model's (bf16) load overwrite the fp32
+    masters restored from the checkpoint."""
+    xs = batches(6)
+    straight, opt, sched = offload(strategy, dtype=torch.bfloat16)
+    train(straight, opt, sched, xs)
+    model, opt, sched = offload(strategy, dtype=torch.bfloat16)
+    train(model, opt, sched, xs[:3])
+    ckpt = {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict()}
+    model2, opt2, sched2 = offload(strategy, dtype=torch.bfloat16)
+    opt2.load_state_dict(ckpt["optim"])
+    model2.load_state_dict(ckpt["model"])
+    sched2.load_state_dict(ckpt["sched"])
+    train(model2, opt2, sched2, xs[3:])
+    assert_params_equal(straight, model2)
 
 
 @pytest.mark.parametrize("budget", [0, 1000, 3000, 5000, 10**6])
@@ -497,6 +579,40 @@ def test_attached_forward_waits_for_slow_parameter_copies(monkeypatch):
     model(xs[0])  # the forward itself waits, module by module
     assert not opt._pending_params
     assert opt.stats.param_waits == opt.stats.param_copies_started
+    assert_params_equal(ref, model)
+
+
+def test_attached_waits_cover_groups_added_later_and_model_state_dict(monkeypatch):
+    """attach() then add_param_group(): the added parameters' forwards wait for their copies too; and a
+    model.state_dict() right after step() holds the updated weights."""
+    run = CpuTransfers._run
+
+    def slow_run(self, direction, dsts, srcs):
+        if direction == "h2d":
+            time.sleep(0.05)
+        run(self, direction, dsts, srcs)
+
+    monkeypatch.setattr(CpuTransfers, "_run", slow_run)
+    xs = batches(3)
+    ref = make_model()
+    ref_groups = param_groups(ref)
+    ref_opt = torch.optim.AdamW(ref_groups[1:], lr=1e-3, fused=True)
+    ref_opt.add_param_group(ref_groups[0])
+    model = make_model()
+    groups = param_groups(model)
+    opt = OffloadAdamW(groups[1:], lr=1e-3, strategy="host", subgroup_bytes=SUBGROUP_BYTES)
+    opt.attach(model)
+    opt.add_param_group(groups[0])
+    for x in xs:
+        outs = []
+        for m, o in ((ref, ref_opt), (model, opt)):
+            o.zero_grad()
+            outs.append(m(x))  # the first layer's forward must wait for its (slow) copy back
+            outs[-1].pow(2).mean().backward()
+            o.step()
+        assert torch.equal(outs[0], outs[1])
+        saved = model.state_dict()  # waits for the copies back (state_dict pre-hooks)
+        assert all(torch.equal(saved[k], v) for k, v in ref.state_dict().items())
     assert_params_equal(ref, model)
 
 

@@ -4,6 +4,7 @@ hooks), update on the host with the fused CPU kernel, and copy parameters back b
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import weakref
@@ -47,6 +48,9 @@ class OffloadStats:
     steps: int = 0
     grad_copies_started: int = 0  # from post-accumulate-grad hooks, during backward
     grad_copies_redone: int = 0  # at step(): the gradient changed after its copy (e.g. clipping)
+    # ...of which the version counter did not show it (GradScaler's unscale, a c10d collective on p.grad,
+    # a write through .data): found by comparing sampled elements with the copy
+    grad_copies_stale_unversioned: int = 0
     grad_copies_skipped: int = 0  # hooks of accumulation microbatches before the last: no copy started
     param_copies_started: int = 0
     param_waits: int = 0
@@ -61,6 +65,16 @@ class _GradCopy:
     grad: torch.Tensor
     version: int
     handle: Any  # None when the copy was synchronous
+
+
+SAMPLE_ELEMENTS = 64  # elements of each early-copied gradient compared with its copy at step()
+
+
+@functools.cache
+def _sample_index(numel: int, device: torch.device) -> torch.Tensor:
+    """Up to SAMPLE_ELEMENTS evenly spaced flat indices of a tensor of `numel` elements (first and last
+    included), on `device`."""
+    return torch.linspace(0, numel - 1, min(numel, SAMPLE_ELEMENTS)).round().long().unique().to(device)
 
 
 def _on_grad_ready(ref: weakref.ref, p: torch.Tensor) -> None:
@@ -193,6 +207,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._inflight_params: dict[int, Any] = {}  # may still read the host master
         self._hooks: dict[torch.Tensor, Any] = {}
         self._attached = False
+        self._attached_to: tuple[nn.Module, ...] = ()
         self._module_hooks: list[Any] = []
         self._first_grad_s: float | None = None
         self._last_grad_s: float | None = None
@@ -257,14 +272,30 @@ class OffloadAdamW(torch.optim.Optimizer):
         check_plan(plan, self.subgroups, self._budget_limit, free_bytes, free_host)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._built and self._given_plan is not None:
+            raise ValueError(
+                "add_param_group changes the subgroups, so the explicit plan no longer fits; "
+                "create the optimizer with all param groups, or use a strategy instead of plan="
+            )
         super().add_param_group(param_group)
         if self._built:
-            if self._given_plan is not None:
-                raise ValueError(
-                    "add_param_group changes the subgroups, so the explicit plan no longer fits; "
-                    "create the optimizer with all param groups, or use a strategy instead of plan="
-                )
-            self._build()
+            try:
+                self._build()
+            except Exception:  # no half-registered group whose parameters would silently never update
+                self._forget(self.param_groups.pop()["params"])
+                self._build()
+                raise
+            if self._attached:  # the new parameters' modules need their forward waits too
+                self.attach(*self._attached_to)
+
+    def _forget(self, params: list[torch.Tensor]) -> None:
+        """Drop whatever a failed add_param_group set up for `params`."""
+        for p in params:
+            for table in (self.state, self._where, self._host_master, self._host_grad, self._param_version):
+                table.pop(p, None)
+            hook = self._hooks.pop(p, None)
+            if hook is not None:
+                hook.remove()
 
     def _apply_plan(self, plan: PlacementPlan) -> None:
         self._wait_all_params()
@@ -351,6 +382,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         if hooks < self._grad_hooks_last.get(p, 1):  # more accumulation to come: copy later
             self.stats.grad_copies_skipped += 1
             return
+        if p.dtype != torch.float32 and (inflight := self._inflight_params.get(i)) is not None:
+            # a 16-bit parameter's copy back reads this very buffer: it must finish first (it has, unless the
+            # parameter was used outside the forward of its attached module, e.g. a tied weight)
+            self._transfers.wait_host(inflight)
         handle = self._transfers.d2h([self._host_grad[p]], [g])
         self._grad_copies[p] = _GradCopy(g, g._version, handle)
         self.stats.grad_copies_started += 1
@@ -366,6 +401,37 @@ class OffloadAdamW(torch.optim.Optimizer):
             self._grad_copies[p] = _GradCopy(g, g._version, None)
             self.stats.grad_copies_redone += 1
         return self._host_grad[p]
+
+    def _verify_early_copies(self) -> None:
+        """Mark as stale the early gradient copies whose gradient changed in place without a version bump.
+
+        The version counter misses some in-place writes: GradScaler's unscale, c10d collectives on
+        p.grad (a hand-written data-parallel all-reduce), writes through .data. Each still-current copy is
+        compared with its gradient on SAMPLE_ELEMENTS evenly spaced elements (one batched read from the
+        device); a mismatch makes _host_grad_current copy again. Such writes change every element in
+        practice; a change that leaves all sampled elements as they were would go unnoticed."""
+        checks = []
+        for p, rec in self._grad_copies.items():
+            g = p.grad
+            if g is None or rec.grad is not g or rec.version != g._version:
+                continue  # re-copied at step anyway
+            if rec.handle is not None:
+                self._transfers.wait_host(rec.handle)
+                rec.handle = None
+            checks.append((rec, g.reshape(-1), self._host_grad[p].reshape(-1)))
+        if not checks:
+            return
+        cpu = torch.device("cpu")
+        device = torch.cat([g[_sample_index(g.numel(), g.device)].float() for _, g, _ in checks]).cpu()
+        host = torch.cat([h[_sample_index(h.numel(), cpu)].float() for _, _, h in checks])
+        start = 0
+        for rec, g, _ in checks:
+            idx = _sample_index(g.numel(), cpu)
+            stop = start + idx.numel()
+            if not torch.equal(device[start:stop], host[start:stop]):
+                rec.version = -1  # never equal to a real version: _host_grad_current copies again
+                self.stats.grad_copies_stale_unversioned += 1
+            start = stop
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False):
@@ -403,23 +469,33 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- forward side
 
-    def attach(self, module: nn.Module) -> None:
-        """Wait for each module's updated parameters right before its forward, instead of for all of them
-        at the end of step(), so parameter copies overlap the next forward. Assumes a module's forward
-        reads only its own parameters (recurse=False) plus those of modules that ran before it."""
+    def attach(self, *modules: nn.Module) -> None:
+        """Wait for each module's updated parameters right before its forward (and its state_dict), instead
+        of for all of them at the end of step(), so parameter copies overlap the next forward.
+
+        Assumes a module's forward reads only its own parameters (recurse=False) plus those of modules that
+        ran before it. Anything else that reads parameters between step() and the next forward (an EMA,
+        weight logging, functional_call) must call wait_for_params() first. Attaching again (or
+        add_param_group while attached) replaces the hooks."""
+        for h in self._module_hooks:
+            h.remove()
+        self._module_hooks.clear()
         ref = weakref.ref(self)
-        for m in module.modules():
-            own = [p for p in m.parameters(recurse=False) if p in self._subgroup_of]
-            if own:
-                hook = m.register_forward_pre_hook(lambda mod, args, own=own: _before_forward(ref, own))
-                self._module_hooks.append(hook)
+        for module in modules:
+            for m in module.modules():
+                own = [p for p in m.parameters(recurse=False) if p in self._subgroup_of]
+                if own:
+                    wait = lambda *_, own=own: _before_forward(ref, own)  # noqa: E731
+                    self._module_hooks.append(m.register_forward_pre_hook(wait))
+                    self._module_hooks.append(m.register_state_dict_pre_hook(wait))
+        self._attached_to = modules
         self._attached = True
 
     def detach(self) -> None:
         for h in self._module_hooks:
             h.remove()
         self._module_hooks.clear()
-        self._attached = False
+        self._attached, self._attached_to = False, ()
         self.wait_for_params()
 
     def _wait_params(self, i: int) -> None:
@@ -460,9 +536,14 @@ class OffloadAdamW(torch.optim.Optimizer):
         )
 
     def _refresh_master(self, p: torch.Tensor, master: torch.Tensor) -> None:
-        """A parameter written from outside since our last update (e.g. a model checkpoint) wins."""
-        if master is not p and p._version != self._param_version[p]:
+        """A parameter written from outside since our last update (e.g. a model checkpoint) wins, unless
+        the write left the value the master already rounds to (the model's checkpoint loaded after the
+        optimizer's): then the higher-precision master stays, and resume is bit-exact in either order."""
+        if master is p or p._version == self._param_version[p]:
+            return
+        if not torch.equal(master.to(p.device, p.dtype), p):
             master.copy_(p)
+        self._param_version[p] = p._version
 
     def _update_device(self, i: int) -> int:
         ps, gs, ms, vs, steps, cast_back = [], [], [], [], [], []
@@ -539,6 +620,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.wait_for_params()
         self._transfers.poll()
         with torch.no_grad():
+            self._verify_early_copies()
             device_numel = sum(self._update_device(i) for i in self.plan.device_subgroups)
             device_s = time.perf_counter() - start_s
             host_start_s = time.perf_counter()
@@ -656,6 +738,12 @@ class OffloadAdamW(torch.optim.Optimizer):
                 raise ValueError(
                     f"param group {i}: state_dict has {len(sg['params'])} parameters, "
                     f"the optimizer {len(g['params'])}"
+                )
+        for i, sg in enumerate(saved_groups):
+            if sg.get("amsgrad") or sg.get("maximize"):
+                raise ValueError(
+                    f"state_dict param group {i} has amsgrad={sg.get('amsgrad')}, maximize={sg.get('maximize')}: "
+                    "OffloadAdamW supports amsgrad=False, maximize=False only; load it into torch.optim.AdamW"
                 )
         saved_state = state_dict["state"]
         with torch.no_grad():

@@ -299,11 +299,16 @@ def check_plan(
     need = _placement_bytes(subgroups, plan.placements)
     total = sum(s.device_state_bytes for s in subgroups)
     if need > device_budget_bytes:
+        fix = (
+            f"lower fraction to <= {device_budget_bytes / max(total, 1):.3f}, "
+            if plan.strategy == "fraction"
+            else ""
+        )
         raise ValueError(
             f"strategy={plan.strategy!r} places {need} bytes of optimizer state on the device "
             f"({len(plan.device_subgroups)} of {len(subgroups)} subgroups, {total} bytes in all) but "
-            f"device_budget_bytes={device_budget_bytes}; raise the budget, lower fraction to "
-            f"<= {device_budget_bytes / max(total, 1):.3f}, or use strategy='interleaved' or 'host'"
+            f"device_budget_bytes={device_budget_bytes}; raise the budget, {fix}or use strategy='interleaved' "
+            "or 'host'"
         )
     if free_device_bytes is not None and need > free_device_bytes:
         raise ValueError(
