@@ -357,6 +357,9 @@ def test_single_process_layers_equal_dense():
     row = RowParallelLinear.from_dense(dense, overlap="chunked:3")
     torch.testing.assert_close(col(x), dense(x), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(row(x), dense(x), rtol=1e-6, atol=1e-6)
+    col, row = col.double(), row.to(torch.float64)  # nn.Module's conversions work on the layers
+    assert col.weight.dtype == row.bias.dtype == torch.float64
+    torch.testing.assert_close(col(x.double()), dense.double()(x.double()))
 
 
 @pytest.mark.parametrize(

@@ -280,7 +280,7 @@ class _ParallelLinear(nn.Module):
         self.last_plans = {"forward": fwd, "backward": bwd}
         return _Setup(self.group, self.sequence_parallel, fwd, bwd, type(self).__name__)
 
-    def _apply(
+    def _call(
         self, function: type[torch.autograd.Function], x: torch.Tensor, local_rows: int
     ) -> torch.Tensor:
         """function.apply on (x, weight, bias). Under torch.autocast the three are cast to the autocast
@@ -324,7 +324,7 @@ class ColumnParallelLinear(_ParallelLinear):
             raise ValueError(
                 f"ColumnParallelLinear: input last dim {x.shape[-1]} != in_features={self.in_features}"
             )
-        return self._apply(_ColumnParallel, x, x.numel() // x.shape[-1])
+        return self._call(_ColumnParallel, x, x.numel() // x.shape[-1])
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -358,7 +358,7 @@ class RowParallelLinear(_ParallelLinear):
                     f"sequence parallelism needs whole shards: pad the sequence to a multiple of {self.tp_size}"
                 )
             rows //= self.tp_size
-        return self._apply(_RowParallel, x, rows)
+        return self._call(_RowParallel, x, rows)
 
 
 def overlap_plans(model: nn.Module) -> dict[str, dict[str, str]]:
