@@ -169,6 +169,24 @@ def test_quantize_with_amax_saturates_and_reports_own_amax(impl):
     assert torch.isfinite(q.float()).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=str)
+def test_quantize_with_amax_without_a_usable_amax_uses_the_tensors_own(impl, dtype):
+    """A delayed-scaling history max of 0 (all-zero history) or inf/NaN must not become scale EPS / qmax,
+    which saturates every value: x's own amax is used, exactly as current scaling would."""
+    module = quantize_ref if impl == "torch" else quantize_triton
+    x = _data((8, 50), seed=3)
+    q_cur, s_cur = module.quantize(x, dtype, "tensorwise")
+    for given in (0.0, float("inf"), float("nan")):
+        q, scale, x_amax = module.quantize_with_amax(x, dtype, torch.tensor(given))
+        assert torch.equal(scale, s_cur), given
+        assert torch.equal(_bits(q), _bits(q_cur)), given
+        assert x_amax.item() == x.abs().max().item()
+    q, scale, _ = module.quantize_with_amax(x, dtype, torch.tensor(1.0))  # a usable amax is still used
+    assert scale.item() == pytest.approx(1.0 / QMAX[dtype], rel=1e-7)
+
+
 # ---- scaled GEMM --------------------------------------------------------------------------------------------
 
 GEMM_LAYOUTS = [  # (a granularity, a block, b granularity, b block)

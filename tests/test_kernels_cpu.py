@@ -65,6 +65,18 @@ def test_transposed_view_and_saturating_cast_match_reference():
     assert (got[0].abs() == 127).sum() > 1
 
 
+def test_quantize_with_amax_without_a_usable_amax_matches_reference():
+    """An all-zero delayed-scaling history (amax 0) or a non-finite one: x's own amax, as in the reference."""
+    x = _data((40, 70), seed=2)
+    for given in (0.0, float("inf"), 3.0):
+        q, scale, x_amax = cpu.quantize_with_amax(x, torch.int8, torch.tensor(given))
+        q_ref, scale_ref, x_amax_ref = quantize_ref.quantize_with_amax(x, torch.int8, torch.tensor(given))
+        assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref) and torch.equal(x_amax, x_amax_ref)
+    assert scale.item() == pytest.approx(3.0 / 127, rel=1e-7)
+    q, scale, _ = cpu.quantize_with_amax(x, torch.int8, torch.tensor(0.0))
+    assert scale.item() == pytest.approx(x.abs().max().item() / 127, rel=1e-6) and q.abs().max() == 127
+
+
 def test_rows_with_bf16_copy_and_transposing_cast():
     x = _data((33, 50), seed=2)
     q, scale, x16 = cpu.quantize_rows_int8(x, with_bf16=True)

@@ -283,6 +283,37 @@ def test_delayed_history_is_not_poisoned_by_inf():
     assert torch.isfinite(y).all() and P.check_finite(layer)
 
 
+def test_delayed_scaling_with_an_all_zero_history_uses_current_scaling():
+    """A role whose history holds no positive amax quantises with its own amax, not with scale EPS / qmax
+    (which saturated every value and silently zeroed the GEMM): a zero-initialised weight after its first
+    step, and an overflow (recorded as 0) with amax_history_len=1."""
+    recipe = P.recipe("fp8_tensorwise_delayed")
+    layer = _layer(recipe, 64, 32)
+    with torch.no_grad():
+        layer.weight.zero_()
+    x = torch.randn(16, 64)
+    layer(x).sum().backward()
+    assert layer.amax_history[1].max() == 0  # the weight's history: only zeros
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, 64) * 0.02)  # what an optimizer step makes of it
+    w = layer.weight.detach()
+    got = layer(x).detach() - layer.bias.detach()
+    bound = _gemm_bound(x, w, recipe.forward, pow2=False)
+    assert ((got.double() - (x @ w.t()).double()).abs() <= bound).all()
+    assert P.check_finite(layer)
+
+    layer = _layer(replace(recipe, amax_history_len=1), 64, 32)
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    layer(bad)
+    assert not P.check_finite(layer) and layer.amax_history[0].tolist() == [0.0]
+    w = layer.weight.detach()
+    got = layer(x).detach() - layer.bias.detach()
+    bound = _gemm_bound(x, w, recipe.forward, pow2=False)
+    assert ((got.double() - (x @ w.t()).double()).abs() <= bound).all()
+    assert P.check_finite(layer)
+
+
 def test_autocast_runs_in_the_autocast_dtype():
     layer = _layer(P.recipe("int8_rowwise"))
     x = torch.randn(6, 96)

@@ -36,6 +36,7 @@ def quantize_with_amax(
     x: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor, *, power_of_two: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tensorwise quantisation with the scale from a given amax (delayed scaling); values beyond it saturate.
+    An amax that is not positive and finite (an all-zero history) is replaced by x's own (current scaling).
 
     Returns (q, scale, amax of x); x's amax is non-finite when x holds inf or NaN.
     """

@@ -99,8 +99,9 @@ def quantize_with_amax(
     """quantize_ref.quantize_with_amax, with the int8 cast in C++."""
     if not _fast(x, dtype):
         return quantize_ref.quantize_with_amax(x, dtype, amax, power_of_two=power_of_two)
-    scale = quantize_ref.scale_from_amax(amax.reshape(()), check_dtype(dtype), power_of_two)
     x_amax = quantize_ref.amax_of(x, "tensorwise", None)
+    usable = quantize_ref.usable_amax(amax.reshape(()), x_amax)
+    scale = quantize_ref.scale_from_amax(usable, check_dtype(dtype), power_of_two)
     return _cast_int8(x, scale, clamp=True), scale, x_amax
 
 

@@ -28,6 +28,14 @@ def scale_from_amax(amax: torch.Tensor, qmax: float, power_of_two: bool) -> torc
     return round_up_pow2(scale) if power_of_two else scale
 
 
+def usable_amax(amax: torch.Tensor, own_amax: torch.Tensor) -> torch.Tensor:
+    """`amax` where it is positive and finite, else `own_amax` (x's own: current scaling). A delayed-scaling
+    history that holds no real amax (all zero: a zero tensor's first use, an overflow recorded as 0) would
+    otherwise give scale EPS / qmax, and every value of x would saturate. Decided on the device: no sync."""
+    usable = (amax > 0) & torch.isfinite(amax)
+    return torch.where(usable, amax.float(), own_amax.float())
+
+
 def _cast_rows(x: torch.Tensor, inv: torch.Tensor, out: torch.Tensor, qmax: float, clamp: bool) -> None:
     v = (x if x.dtype == torch.float32 else x.float()) * inv
     if clamp:
@@ -136,10 +144,11 @@ def quantize_with_amax(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tensorwise quantisation with the scale taken from a given amax (delayed scaling).
 
-    Values beyond the scale's range saturate at +-qmax. Returns (q, scale, amax of x) so the caller can
-    record x's own amax in its history.
+    Values beyond the scale's range saturate at +-qmax. An amax that is not positive and finite (an all-zero
+    history) is not used: x's own amax is (current scaling, see usable_amax). Returns (q, scale, amax of x)
+    so the caller can record x's own amax in its history.
     """
     qmax = check_dtype(dtype)
-    scale = scale_from_amax(amax.reshape(()), qmax, power_of_two)
     x_amax = amax_of(x, "tensorwise", None)
+    scale = scale_from_amax(usable_amax(amax.reshape(()), x_amax), qmax, power_of_two)
     return cast_scaled(x, scale, dtype, clamp=True), scale, x_amax

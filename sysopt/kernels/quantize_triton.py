@@ -109,12 +109,17 @@ def _quantize_blocks_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, sqk, ssm,
 
 
 @triton.jit
-def _amax_tiles_kernel(x_ptr, amax_ptr, M, K, sxm, sxk, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-tile amax (tensorwise scaling reduces these partials)."""
+def _amax_tiles_kernel(x_ptr, amax_ptr, gate_ptr, M, K, sxm, sxk, GATED: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Per-tile amax (tensorwise scaling reduces these partials). GATED: only where the amax at gate_ptr is
+    not positive and finite (else every load is masked off, reads nothing, and the partials are 0)."""
     pm, pk = tl.program_id(0), tl.program_id(1)
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
+    if GATED:
+        gate = tl.load(gate_ptr)
+        mask = tl.where((gate <= 0.0) | (gate != gate) | (gate == float("inf")), mask, False)
     x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
     tl.store(amax_ptr + pm * tl.num_programs(1) + pk, tl.max(tl.max(_abs_for_amax(x), axis=1), axis=0))
 
@@ -155,12 +160,13 @@ def _tensorwise_cast(x2, dtype, scale, write_amax):
     return q, partial
 
 
-def _tensorwise_amax(x2: torch.Tensor) -> torch.Tensor:
+def _tensorwise_amax(x2: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """max |x2|; with `gate` (an fp32 amax) only where the gate is not positive and finite, else 0."""
     grid = _tile_grid(*x2.shape)
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x2.device)
-    _amax_tiles_kernel[grid](
-        x2, partial, x2.shape[0], x2.shape[1], *x2.stride(), BLOCK_M=_TILE_M, BLOCK_K=_TILE_K
-    )
+    gated = gate is not None
+    _amax_tiles_kernel[grid](x2, partial, gate if gated else partial, x2.shape[0], x2.shape[1], *x2.stride(),
+                             GATED=gated, BLOCK_M=_TILE_M, BLOCK_K=_TILE_K)  # fmt: skip
     return partial.max()
 
 
@@ -208,8 +214,13 @@ def quantize_with_amax(
     x: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor, *, power_of_two: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of quantize_ref.quantize_with_amax: one fused pass casts with the given scale and
-    reduces x's own amax."""
-    scale = quantize_ref.scale_from_amax(amax.reshape(()), check_dtype(dtype), power_of_two)
+    reduces x's own amax. Where the given amax is not positive and finite, a pass before it takes x's own
+    amax for the scale (current scaling); otherwise that pass reads nothing (no host sync decides it)."""
     x2 = _as_2d(x)
+    amax = amax.reshape(()).float()
+    own = _tensorwise_amax(x2, gate=amax)
+    scale = quantize_ref.scale_from_amax(
+        quantize_ref.usable_amax(amax, own), check_dtype(dtype), power_of_two
+    )
     q, partial = _tensorwise_cast(x2, dtype, scale, write_amax=True)
     return q.reshape(x.shape), scale, partial.max()

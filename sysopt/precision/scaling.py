@@ -58,7 +58,9 @@ class ScalingState:
 
         Activations and gradients use the recipe's granularity/activation_block, the weight its
         weight granularity/weight_block. With delayed scaling the scale comes from the role's amax history
-        and, when `record`, t's amax is pushed into it (the first use of a role falls back to current scaling).
+        and, when `record`, t's amax is pushed into it. The first use of a role falls back to current scaling,
+        and so does a use whose history holds no positive finite amax (all zero: a zero-initialised weight, or
+        an overflow recorded as 0); kernels.quantize_with_amax decides that on the device, without a sync.
         `keep_bf16` also returns t in bf16 (Quantized.bf16), written in the same pass where the C++ CPU
         kernels quantise (int8 rowwise, current scaling)."""
         if keep_bf16:
