@@ -246,6 +246,22 @@ def test_delayed_scaling_state_survives_a_checkpoint_and_eval_freezes_it():
     assert not torch.equal(layer.amax_history, before)  # training mode records again
 
 
+def test_load_state_dict_with_assign_keeps_the_scaling_state_on_the_loaded_history():
+    """load_state_dict(assign=True) replaces the amax_history buffer object: the layer's ScalingState must
+    use (and record into) the loaded tensor, as after a plain load, not the tensor it replaced."""
+    recipe = P.recipe("fp8_tensorwise_delayed")
+    layer = _layer(recipe, 32, 16)
+    torch.manual_seed(1)
+    for a in (4.0, 1.0, 0.5):
+        layer((torch.randn(8, 32) * a).requires_grad_()).sum().backward()
+    restored = _layer(recipe, 32, 16, seed=7)
+    restored.load_state_dict(copy.deepcopy(layer.state_dict()), assign=True)
+    assert restored.scaling_state.amax_history is restored.amax_history
+    nxt = torch.randn(8, 32) * 0.25  # quieter than the history: the first-use fallback would differ
+    assert torch.equal(restored(nxt), layer(nxt))
+    assert torch.equal(restored.state_dict()["amax_history"], layer.amax_history)  # recorded where saved
+
+
 def test_nonfinite_forward_is_flagged_and_step_skipped(caplog):
     model = nn.Sequential(nn.Linear(8, 8), _layer(P.recipe("int8_rowwise"), 96, 80))
     x = torch.randn(4, 96)

@@ -116,11 +116,15 @@ class ScalingBuffers:
         self.scaling_state = ScalingState(self.recipe, self.amax_history, self.nonfinite)
         self.scaling_state.recording = getattr(self, "training", True)
 
+    def _bind_state(self) -> None:
+        """Point the ScalingState at the module's current buffers (after they were replaced)."""
+        self.scaling_state.amax_history, self.scaling_state.nonfinite = self.amax_history, self.nonfinite
+
     def _apply(
         self, fn, recurse=True
     ):  # keep the state's buffer references valid across .to()/.cuda()  # cuda-ok
         out = super()._apply(fn, recurse)
-        self.scaling_state.amax_history, self.scaling_state.nonfinite = self.amax_history, self.nonfinite
+        self._bind_state()
         return out
 
     def train(self, mode: bool = True):
@@ -131,6 +135,7 @@ class ScalingBuffers:
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._bind_state()  # load_state_dict(assign=True) replaces the buffer objects
         if prefix + "amax_history" in state_dict:
             self.scaling_state.history_loaded()
 
