@@ -492,13 +492,39 @@ def test_convert_auto_uses_profile_and_tokens():
 
 
 def test_scaling_state_quantized_transpose_is_exact():
-    """Reusing a transposed quantisation (tensorwise, square blocks) equals quantising the transpose."""
-    w = torch.randn(256, 384)
-    for granularity, block in (("tensorwise", None), ("blockwise", (128, 128))):
+    """Reusing a transposed quantisation (tensorwise, square blocks) equals quantising the transpose; an
+    operand that says it is transposable must be, also when its scale has one element (one row, one block)."""
+    cases = [  # (granularity, block, shape, transposable)
+        ("tensorwise", None, (256, 384), True),
+        ("tensorwise", None, (1, 100), True),
+        ("blockwise", (128, 128), (256, 384), True),
+        ("blockwise", (128, 128), (1, 100), True),
+        ("rowwise", None, (1, 100), False),  # one row: a (1, 1) scale, but not a tensorwise one
+        ("blockwise", (1, 128), (1, 128), False),  # one (1, 128) block
+        ("blockwise", (1, 128), (4, 256), False),
+    ]
+    for granularity, block, shape, transposable in cases:
+        w = torch.randn(shape)
         q, s = kernels.quantize(w, torch.float8_e4m3fn, granularity, block)
-        qt = scaling.Quantized(q, s, block).t()
+        quantized = scaling.Quantized(q, s, block)
+        assert quantized.transposable() == transposable, (granularity, block, shape)
+        qt = quantized.t()
         q2, s2 = kernels.quantize(w.t(), torch.float8_e4m3fn, granularity, block)
-        assert torch.equal(qt.q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(qt.scale, s2)
+        exact = qt.block == block and qt.scale.shape == s2.shape and torch.equal(qt.scale, s2)
+        exact = exact and torch.equal(qt.q.view(torch.uint8), q2.view(torch.uint8))
+        assert exact == transposable, (granularity, block, shape)
+
+
+def test_fp8_blockwise_single_row_with_one_block_runs_backward():
+    """A (1, K <= 128) input is one (1, 128) block: its grad-weight operand is quantised again (reusing its
+    transpose gave a (128, 1) block and the GEMM raised 'must share the K block size')."""
+    recipe = P.recipe("fp8_blockwise")
+    layer = _layer(recipe, 128, 256)
+    x = torch.randn(1, 128, requires_grad=True)
+    dy = torch.randn(1, 256)
+    layer(x).backward(dy)
+    bound = _gemm_bound(dy.t(), x.detach().t(), recipe.grad_weight, recipe.power_of_two_scales)
+    assert ((layer.weight.grad.double() - (dy.t() @ x.detach()).double()).abs() <= bound).all()
 
 
 def test_gemm_sqnr_measures_each_gemm_of_the_recipe():

@@ -36,8 +36,12 @@ class Quantized:
         return Quantized(self.q.t(), self.scale.t(), (self.block[1], self.block[0]))
 
     def transposable(self) -> bool:
-        """True when .t() is the quantisation of the transposed tensor with the same recipe settings."""
-        return self.scale.numel() == 1 or (self.block is not None and self.block[0] == self.block[1])
+        """True when .t() is the quantisation of the transposed tensor with the same recipe settings:
+        tensorwise scales (0-dim) and square blocks. A one-element scale is not enough: one row's rowwise
+        scale, or a blockwise operand that is a single (1, 128) block, quantises its transpose otherwise."""
+        if self.block is None:
+            return self.scale.dim() == 0
+        return self.block[0] == self.block[1]
 
 
 class ScalingState:
