@@ -420,6 +420,28 @@ def test_convert_filter_fn_overrides_default():
     assert _converted(model) == ["0"] and model[0].recipe.name == "fp8_rowwise"
 
 
+def test_convert_swaps_a_shared_module_under_every_name():
+    """A linear registered under two names (a reused layer) is listed once by named_modules(); every
+    reference must become the same LowPrecisionLinear (one scaling state), by a fixed recipe or by a plan."""
+    shared = nn.Linear(256, 256)
+    model = nn.Sequential(nn.Linear(256, 256), shared, nn.ReLU(), shared, nn.Linear(256, 256))
+    x = torch.randn(4, 256)
+    before = model(x)
+    P.convert(model, "int8_rowwise", filter_fn=lambda m, fqn: True)
+    assert [type(m).__name__ for m in model] == ["LowPrecisionLinear"] * 2 + ["ReLU"] + [
+        "LowPrecisionLinear"
+    ] * 2
+    assert model[1] is model[3] and model[1].weight is shared.weight
+    assert ((model(x) - before).norm() / before.norm()) < 0.02
+
+    model = nn.Sequential(nn.Linear(256, 256), shared, nn.ReLU(), shared)
+    P.convert(model, {"3": "int8_rowwise"})  # a plan may name either name
+    assert isinstance(model[1], P.LowPrecisionLinear) and model[1] is model[3]
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    with pytest.raises(ValueError, match="one shared module two recipes"):
+        P.convert(model, {"0": "int8_rowwise", "2": "fp8_rowwise"})
+
+
 def test_convert_swaps_registered_types(monkeypatch):
     class Proj(nn.Module):  # stands in for a tensor-parallel linear
         def __init__(self):

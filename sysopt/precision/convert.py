@@ -44,9 +44,16 @@ def register_swap(
 register_swap(nn.Linear, LowPrecisionLinear.from_linear)
 
 
-def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+def _replace_all(model: nn.Module, new_of: dict[int, nn.Module]) -> None:
+    """Replace every reference to a swapped module (by id) with its one replacement: a module registered
+    under several names (reused layers, tied projections) is listed once by named_modules() but must be
+    swapped under all of them, and by the same new module (one set of scaling state)."""
+    for parent in list(model.modules()):
+        if id(parent) in new_of:
+            continue  # swapped away itself: its children are no longer part of the model
+        for name, child in list(parent._modules.items()):  # named_children() would skip repeats
+            if child is not None and id(child) in new_of:
+                setattr(parent, name, new_of[id(child)])
 
 
 def default_filter(
@@ -117,6 +124,7 @@ def convert(
     filter_fn(module, fqn) -> bool: convert exactly the layers it accepts (replaces the default choice:
       not the first/last layer when keep_first_last, not when in or out features < min_features, which
       defaults to MIN_FEATURES for a fixed recipe and to 1 for 'auto', whose cost model judges size itself).
+    A module registered under several names (a reused layer) is swapped under all of them by one new module.
     Returns the model (or the new module when the model itself is a linear).
     """
     auto = isinstance(recipe, str) and recipe == "auto"
@@ -128,12 +136,13 @@ def convert(
             min_features=min_features,
         )  # fmt: skip
     if isinstance(recipe, Mapping):
-        layers = dict(model.named_modules())
+        layers = dict(model.named_modules(remove_duplicate=False))  # every name of a shared module
         unknown = sorted(fqn for fqn in recipe if type(layers.get(fqn)) not in _SWAPS)
         if unknown:
+            swappable = [f for f, m in model.named_modules() if type(m) in _SWAPS]
             raise ValueError(
                 f"convert(): the plan names {unknown}, which are not swappable linears of this model (those "
-                f"are {[f for f, m in layers.items() if type(m) in _SWAPS]}); was the plan made for another model?"
+                f"are {swappable}); was the plan made for another model?"
             )
         per_layer = {fqn: named_recipe(r) if isinstance(r, str) else r for fqn, r in recipe.items()}
         chosen = [(fqn, layers[fqn]) for fqn in layers if fqn in per_layer]
@@ -141,9 +150,19 @@ def convert(
         fixed = named_recipe(recipe) if isinstance(recipe, str) else recipe
         chosen = _choose(model, filter_fn, keep_first_last, min_features)
         per_layer = {fqn: fixed for fqn, _ in chosen}
+    new_of: dict[int, nn.Module] = {}
+    first_name: dict[int, str] = {}
     for fqn, module in chosen:
-        new = _SWAPS[type(module)].swap(module, per_layer[fqn])
+        if id(module) in new_of:
+            if per_layer[fqn] != per_layer[first_name[id(module)]]:
+                raise ValueError(
+                    f"convert(): the plan gives one shared module two recipes: {first_name[id(module)]!r} -> "
+                    f"{per_layer[first_name[id(module)]].name}, {fqn!r} -> {per_layer[fqn].name}; a module "
+                    "registered under several names is swapped under all of them, so give them the same recipe"
+                )
+            continue
+        new_of[id(module)], first_name[id(module)] = _SWAPS[type(module)].swap(module, per_layer[fqn]), fqn
         if not fqn:
-            return new
-        _replace(model, fqn, new)
+            return new_of[id(module)]
+    _replace_all(model, new_of)
     return model
