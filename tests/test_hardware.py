@@ -49,7 +49,7 @@ def handmade_profile() -> HardwareProfile:
         optimizer_params_per_s={"host": 2.0e8, "device": 5.0e9},
         created="2025-01-01T00:00:00+00:00",
     )
-    gpu = GPUInfo(0, "Fake H100", 80 << 30, 79 << 30, 5, 16, 18, 1980, None)
+    gpu = GPUInfo(0, "Fake H100", 80 << 30, 79 << 30, 5, 16, 18, 1980, None, (9, 0))
     cpu = CPUInfo("Fake Xeon", 8, 16, ("avx2", "avx512f"), 64 << 30)
     return HardwareProfile(cpu=cpu, gpus=(gpu,), calibration=cal, created="2025-01-01T00:00:00+00:00")
 
@@ -67,6 +67,9 @@ def test_profile_json_round_trip(tmp_path):
     assert set(d) == {"cpu", "gpus", "calibration", "created"}
     assert set(d["calibration"]["copy"]["h2d_pinned"]) == {"latency_s", "bytes_per_s"}
     assert [f.name for f in dataclasses.fields(GPUInfo)] == list(d["gpus"][0])
+    # profiles written before GPUs recorded their compute capability still load, without it
+    del d["gpus"][0]["compute_capability"]
+    assert HardwareProfile.from_json(json.dumps(d)).gpus[0].compute_capability is None
     # profiles written before the tensor-parallel fits existed still load, without them
     for key in ("tp_collectives", "tp_chunk_overhead_s"):
         del d["calibration"][key]
@@ -152,6 +155,7 @@ def _fake_nvml(init_error: bool = False) -> types.ModuleType:
             "width": 16,
             "links": 12,
             "sm": 1410,
+            "cc": (8, 0),
         },
         {
             "name": "Fake L4",
@@ -161,6 +165,7 @@ def _fake_nvml(init_error: bool = False) -> types.ModuleType:
             "width": None,
             "links": 0,
             "sm": None,
+            "cc": None,
         },
     ]
 
@@ -201,6 +206,7 @@ def _fake_nvml(init_error: bool = False) -> types.ModuleType:
     nvml.nvmlDeviceGetMaxPcieLinkWidth = query("width")
     nvml.nvmlDeviceGetNvLinkState = nvlink_state
     nvml.nvmlDeviceGetMaxClockInfo = lambda h, clock: query("sm")(h) if clock == 0 else 1593
+    nvml.nvmlDeviceGetCudaComputeCapability = query("cc")
     return nvml
 
 
@@ -208,9 +214,13 @@ def test_probe_reads_gpus_through_nvml(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml())
     gpus = probe().gpus
     assert gpus == (
-        GPUInfo(0, "Fake A100", 40 << 30, 39 << 30, 4, 16, 12, 1410, 1593),
-        GPUInfo(1, "Fake L4", 24 << 30, 20 << 30, None, None, 0, None, 1593),
+        GPUInfo(0, "Fake A100", 40 << 30, 39 << 30, 4, 16, 12, 1410, 1593, (8, 0)),
+        GPUInfo(1, "Fake L4", 24 << 30, 20 << 30, None, None, 0, None, 1593, None),
     )
+    old_nvml = _fake_nvml()
+    del old_nvml.nvmlDeviceGetCudaComputeCapability  # nvidia-ml-py without the query: capability unknown
+    monkeypatch.setitem(sys.modules, "pynvml", old_nvml)
+    assert [g.compute_capability for g in probe().gpus] == [None, None]
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(init_error=True))
     assert probe().gpus == ()
 

@@ -469,8 +469,8 @@ def _profile(isa=("avx2", "avx512f", "avx512_vnni"), gpus=(), rates=None):
     return HardwareProfile(cpu=cpu, gpus=tuple(gpus), calibration=calibration, created="now")
 
 
-def _gpu(name):
-    return GPUInfo(0, name, 80 << 30, 80 << 30, 5, 16, 0, 1980, 2619)
+def _gpu(name, compute_capability=None):
+    return GPUInfo(0, name, 80 << 30, 80 << 30, 5, 16, 0, 1980, 2619, compute_capability)
 
 
 def test_auto_recipe_per_hardware_and_shape():
@@ -490,6 +490,26 @@ def test_auto_recipe_per_hardware_and_shape():
         P.auto_recipe_for(_profile(rates={"fp32": 2e11, "bf16": 2e11, "int8": 2e11}), 4096, 4096, 4096)
         is None
     )
+
+
+FP8_GPUS = ["NVIDIA H100 80GB HBM3", "NVIDIA GH200 480GB", "NVIDIA L4", "NVIDIA L40S", "NVIDIA GeForce RTX 4090",
+            "NVIDIA RTX 6000 Ada Generation", "NVIDIA GeForce RTX 5090", "NVIDIA B200"]  # fmt: skip
+NO_FP8_GPUS = ["Quadro RTX 4000", "Quadro RTX 5000", "NVIDIA RTX A6000", "NVIDIA A100-SXM4-80GB", "Tesla T4",
+               "NVIDIA GeForce RTX 3090", "TITAN RTX"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FP8_GPUS + NO_FP8_GPUS)
+def test_auto_picks_fp8_only_for_gpus_with_fp8(name):
+    """fp8 from the compute capability when the profile has it (>= 8.9), else from the GPU's exact name:
+    Turing's Quadro RTX 4000/5000 are not the GeForce RTX 40/50 series."""
+    want = "fp8_rowwise" if name in FP8_GPUS else "int8_rowwise"
+    assert P.auto_recipe_for(_profile(gpus=[_gpu(name)]), 8192, 8192, 8192) == want
+    for cc, fmt in (((7, 5), "int8_rowwise"), ((8, 0), "int8_rowwise"), ((8, 9), "fp8_rowwise"),
+                    ((9, 0), "fp8_rowwise"), ((12, 0), "fp8_rowwise")):  # fmt: skip
+        assert P.auto_recipe_for(_profile(gpus=[_gpu(name, cc)]), 8192, 8192, 8192) == fmt, cc
+    # every GPU must have fp8
+    mixed = _profile(gpus=[_gpu("NVIDIA H100 80GB HBM3", (9, 0)), _gpu(name)])
+    assert P.auto_recipe_for(mixed, 8192, 8192, 8192) == want
 
 
 def test_convert_auto_uses_profile_and_tokens():

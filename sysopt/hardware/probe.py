@@ -83,6 +83,12 @@ def _nvlink_links(nvml, handle) -> int:
     return links
 
 
+def _compute_capability(nvml, handle) -> tuple[int, int] | None:
+    query = getattr(nvml, "nvmlDeviceGetCudaComputeCapability", None)  # absent from old nvidia-ml-py
+    cc = _nvml_value(query, handle) if query is not None else None
+    return (int(cc[0]), int(cc[1])) if cc is not None else None
+
+
 def probe_gpus() -> tuple[GPUInfo, ...]:
     """One GPUInfo per NVML device; () when nvidia-ml-py is missing or NVML cannot start."""
     try:
@@ -109,6 +115,7 @@ def probe_gpus() -> tuple[GPUInfo, ...]:
                     nvlink_links=_nvlink_links(nvml, h),
                     sm_clock_mhz=_nvml_value(nvml.nvmlDeviceGetMaxClockInfo, h, nvml.NVML_CLOCK_SM),
                     memory_clock_mhz=_nvml_value(nvml.nvmlDeviceGetMaxClockInfo, h, nvml.NVML_CLOCK_MEM),
+                    compute_capability=_compute_capability(nvml, h),
                 )
             )
         return tuple(gpus)

@@ -51,13 +51,15 @@ class GPUInfo:
     nvlink_links: int
     sm_clock_mhz: int | None
     memory_clock_mhz: int | None
+    compute_capability: tuple[int, int] | None = None  # CUDA (major, minor); None: not known (older profiles)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPUInfo:
-        return cls(**d)
+        cc = d.get("compute_capability")
+        return cls(**{**d, "compute_capability": None if cc is None else (int(cc[0]), int(cc[1]))})
 
 
 @dataclass(frozen=True)

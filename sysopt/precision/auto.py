@@ -8,12 +8,20 @@ by at least MIN_GAIN. Small GEMMs lose to the quantisation overhead and stay in 
 
 from __future__ import annotations
 
+import re
+
 from .recipe import RECIPES, Recipe
 
 MIN_GAIN = 0.10  # convert only when the modelled time drops by at least 10%
 
-_FP8_GPUS = ("H100", "H200", "H800", "H20", "GH200", "L4", "L40", "RTX 40", "4090", "4080", "B100", "B200",
-             "GB200", "RTX 50", "RTX PRO 6000", "ADA")  # fmt: skip
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x)
+# where a profile has no compute capability: names of fp8 GPUs, as whole words of the upper-cased name.
+# Hopper H100/H200/H800/H20/GH200; Ada L4/L20/L40(S), GeForce RTX 40x0 and workstation "RTX ... Ada";
+# Blackwell B100/B200/B300/GB200/GB300, GeForce RTX 50x0, "RTX PRO ...". Not Turing's Quadro RTX 4000/5000
+# (hence no bare "RTX 40"/"RTX 50") nor Ampere's RTX A4000..A6000.
+_FP8_GPU_NAME = re.compile(
+    r"\b(?:G?H(?:100|200|800|20)|L(?:4|20|40S?)|G?B(?:100|200|300)|RTX [45]0[5-9]0|RTX PRO|ADA|BLACKWELL)\b"
+)
 _INT8_CPU_ISA = ("avx512_vnni", "amx_int8", "avx_vnni")
 
 # used when the profile has no calibration (or the dtype did not run there): FLOP/s and bytes/s
@@ -34,11 +42,19 @@ def _on_gpu(profile) -> bool:
     return len(profile.gpus) > 0
 
 
+def gpu_has_fp8(gpu) -> bool:
+    """Whether a GPU (a sysopt.hardware GPUInfo) has fp8 tensor cores: from its compute capability when the
+    profile records it (>= 8.9), else from its name."""
+    cc = getattr(gpu, "compute_capability", None)
+    if cc is not None:
+        return tuple(cc) >= FP8_MIN_COMPUTE_CAPABILITY
+    return _FP8_GPU_NAME.search(gpu.name.upper()) is not None
+
+
 def candidate_recipe(profile) -> str | None:
-    """The low-precision recipe this hardware runs fast, or None."""
+    """The low-precision recipe this hardware runs fast, or None. fp8 only when every GPU has fp8."""
     if _on_gpu(profile):
-        names = [g.name.upper() for g in profile.gpus]
-        if any(key.upper() in name for name in names for key in _FP8_GPUS):
+        if profile.gpus and all(gpu_has_fp8(g) for g in profile.gpus):
             return "fp8_rowwise"
         return "int8_rowwise"
     if any(flag in profile.cpu.isa for flag in _INT8_CPU_ISA):
