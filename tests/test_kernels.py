@@ -195,6 +195,7 @@ GEMM_LAYOUTS = [  # (a granularity, a block, b granularity, b block)
     ("rowwise", None, "tensorwise", None),
     ("blockwise", (1, 128), "blockwise", (128, 128)),
     ("blockwise", (1, 32), "rowwise", None),
+    ("blockwise", (1, 96), "tensorwise", None),  # K step 32 inside a K block that is not a power of two
 ]
 GEMM_DTYPES = [
     (torch.int8, torch.int8),
@@ -247,6 +248,18 @@ def test_int8_gemm_accumulates_exactly_in_int32():
         out = impl.scaled_mm(a, one, b, one, out_dtype=torch.float32)
         assert out[0, 0].item() == float(torch.tensor(127 * 127 * k - 127, dtype=torch.float32))
         assert out[0, 1].item() == 127 * 127 * k
+
+
+def test_triton_gemm_k_step_is_at_least_32_for_8bit_operands():
+    """tl.dot of 8-bit operands needs K >= 32 per dot on NVIDIA GPUs: the K step is a power of two >= 32
+    dividing the blockwise K block size, and a K block that allows none is refused, naming the fix."""
+    assert [gemm_triton._k_step(kb) for kb in (None, 128, 64, 96, 32)] == [64, 64, 64, 32, 32]
+    for kb in (48, 16, 80):
+        with pytest.raises(ValueError, match=rf"multiple of 32 .*got {kb}; use e.g. block=\(1, 128\)"):
+            gemm_triton._k_step(kb)
+    a, a_scale = quantize_ref.quantize(_data((8, 96)), torch.int8, "blockwise", (1, 48))
+    with pytest.raises(ValueError, match="K >= 32 per dot"):
+        gemm_triton.scaled_mm(a, a_scale, a, a_scale, a_block=(1, 48), b_block=(1, 48))
 
 
 def test_scale_shape_errors_name_the_fix():

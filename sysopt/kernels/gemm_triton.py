@@ -2,8 +2,8 @@
 
 Same signature as gemm_ref.scaled_mm. Tensorwise and rowwise scales are applied in the dequantising epilogue
 (with the bias and the cast to the output dtype); blockwise scales multiply each K block's partial sum, so the
-kernel's K step divides the K block size. A bf16 output is rounded to nearest even in fp32 bits before the cast
-(the interpreter's own cast truncates). One config, no autotuning (the interpreter cannot time configs).
+kernel's K step divides the K block size (and is >= 32, the least K of an 8-bit tl.dot). A bf16 output is
+rounded to nearest even in fp32 bits before the cast (the interpreter's own cast truncates). One config, no autotuning (the interpreter cannot time configs).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import triton.language as tl
 from .scales import BLOCK, ROW, TENSOR, check_operands, k_block, scale_layout
 
 _BLOCK_M, _BLOCK_N, _MAX_BLOCK_K = 32, 32, 64
+_MIN_BLOCK_K = 32  # tl.dot of 8-bit operands (int8, fp8) on NVIDIA GPUs needs K >= 32 per dot
 _NO_UPCAST, _UPCAST_BF16, _UPCAST_FP32 = 0, 1, 2
 
 
@@ -88,15 +89,18 @@ def _scaled_mm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
 
 
 def _k_step(kb: int | None) -> int:
-    """The kernel's K step: it must divide the blockwise K block size."""
+    """The kernel's K step: a power of two >= _MIN_BLOCK_K (8-bit tl.dot) that divides the blockwise K block
+    size (each K step's partial sum is scaled by one block's scale)."""
     if kb is None:
         return _MAX_BLOCK_K
     step = _MAX_BLOCK_K
-    while step >= 16 and kb % step:
+    while step >= _MIN_BLOCK_K and kb % step:
         step //= 2
-    if step < 16:
+    if step < _MIN_BLOCK_K:
         raise ValueError(
-            f"the Triton scaled GEMM needs a blockwise K block size that is a multiple of 16, got {kb}"
+            f"the Triton scaled GEMM needs a blockwise K block size that is a multiple of {_MIN_BLOCK_K} "
+            f"(8-bit tl.dot needs K >= {_MIN_BLOCK_K} per dot on NVIDIA GPUs), got {kb}; use e.g. block=(1, 128) "
+            "or (128, 128)"
         )
     return step
 
