@@ -156,6 +156,36 @@ def test_nonfinite_input_gives_nonfinite_scale(impl):
     assert not torch.isfinite(x_amax)
 
 
+def _equal_with_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.float(), b.float()
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "granularity,block", [("tensorwise", None), ("rowwise", None), ("blockwise", (16, 32))]
+)
+def test_triton_quantize_matches_torch_on_nan(dtype, granularity, block):
+    """A NaN element quantises to NaN (fp8) or 0 (int8) as in the reference (tl.maximum / tl.minimum used
+    to turn it into -qmax), and its scaling group's scale is NaN as torch's amax makes it; the same for
+    delayed scaling with a finite amax, where only the NaN element is affected."""
+    x = _data((20, 300))
+    x[1, 3] = x[6, 250] = float("nan")
+    x[12, 40] = float("inf")
+    q_tri, s_tri = quantize_triton.quantize(x, dtype, granularity, block)
+    q_ref, s_ref = quantize_ref.quantize(x, dtype, granularity, block)
+    assert _equal_with_nan(s_tri, s_ref) and _equal_with_nan(q_tri, q_ref)
+    q_tri, s_tri, amax_tri = quantize_triton.quantize_with_amax(x, dtype, torch.tensor(3.0))
+    q_ref, s_ref, amax_ref = quantize_ref.quantize_with_amax(x, dtype, torch.tensor(3.0))
+    assert (
+        torch.equal(s_tri, s_ref) and _equal_with_nan(q_tri, q_ref) and amax_tri.isnan() and amax_ref.isnan()
+    )
+    nan_q = q_tri.float()[[1, 6], [3, 250]]
+    assert (nan_q == 0).all() if dtype == torch.int8 else nan_q.isnan().all()
+    assert q_tri.float()[12, 40] == QMAX[dtype]  # inf saturates
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_quantize_with_amax_saturates_and_reports_own_amax(impl):
     module = quantize_ref if impl == "torch" else quantize_triton

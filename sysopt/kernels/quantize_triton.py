@@ -39,8 +39,28 @@ def _abs_for_amax(x):
 
 
 @triton.jit
+def _nan_flag(x):
+    """1.0 where x is NaN, else 0.0: reduced beside the amax, since tl.max / tl.maximum drop NaN."""
+    return tl.where(x == x, 0.0, 1.0)
+
+
+@triton.jit
+def _amax_or_nan(amax, nan_flag):
+    """amax, or NaN where its group held a NaN: torch's amax propagates NaN, so quantize_ref's scale is NaN."""
+    return tl.where(nan_flag > 0.0, float("nan"), amax)
+
+
+@triton.jit
+def _tile_amax(x):
+    """max |x| over a 2-D tile, NaN when the tile holds one."""
+    amax = tl.max(tl.max(_abs_for_amax(x), axis=1), axis=0)
+    return _amax_or_nan(amax, tl.max(tl.max(_nan_flag(x), axis=1), axis=0))
+
+
+@triton.jit
 def _scale_from_amax(amax, QMAX: tl.constexpr, EPS: tl.constexpr, POW2: tl.constexpr):
-    scale = tl.math.div_rn(tl.maximum(amax, EPS), tl.full(amax.shape, QMAX, tl.float32))
+    amax = tl.where(amax == amax, tl.maximum(amax, EPS), amax)  # NaN stays NaN (tl.maximum drops it)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
     if POW2:
         bits = scale.to(tl.int32, bitcast=True)
         up = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
@@ -51,17 +71,30 @@ def _scale_from_amax(amax, QMAX: tl.constexpr, EPS: tl.constexpr, POW2: tl.const
 @triton.jit
 def _to_format(v, QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr,
                MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr):  # fmt: skip
-    """Clamp to +-QMAX and round to nearest even on the format's grid; result is exact in the format."""
+    """Clamp to +-QMAX and round to nearest even on the format's grid; result is exact in the format.
+    NaN gives NaN (fp8) or 0 (int8), as quantize_ref's cast does; tl.maximum / tl.minimum would drop it."""
+    is_nan = v != v
     v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
     if IS_INT:
-        return (v + SUB_MAGIC) - SUB_MAGIC
+        return tl.where(is_nan, 0.0, (v + SUB_MAGIC) - SUB_MAGIC)
     drop: tl.constexpr = 23 - MBITS
     bits = v.to(tl.int32, bitcast=True)
     rounded = (bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & (-(1 << drop))
     normal = rounded.to(tl.float32, bitcast=True)
     sub = tl.abs((v + SUB_MAGIC) - SUB_MAGIC)
     sub = tl.where(bits < 0, -sub, sub)  # the sign bit, so -0.0 stays -0.0
-    return tl.where(tl.abs(v) < MIN_NORMAL, sub, normal)
+    return tl.where(is_nan, float("nan"), tl.where(tl.abs(v) < MIN_NORMAL, sub, normal))
+
+
+@triton.jit
+def _store_q(ptrs, q, mask, IS_INT: tl.constexpr):
+    """Store q (exact in the format) in the format's dtype; fp8 NaN as the bits 0x7F (NaN in e4m3fn and e5m2),
+    which the interpreter's own fp32 -> e4m3 cast does not give."""
+    out = q.to(ptrs.dtype.element_ty)
+    if not IS_INT:
+        bits = tl.where(q == q, out.to(tl.uint8, bitcast=True), tl.full(q.shape, 0x7F, tl.uint8))
+        out = bits.to(ptrs.dtype.element_ty, bitcast=True)
+    tl.store(ptrs, out, mask=mask)
 
 
 @triton.jit
@@ -73,12 +106,14 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, sqk,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    nan = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = rmask[:, None] & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(_abs_for_amax(x), axis=1))
-    scale = _scale_from_amax(amax, QMAX, EPS, POW2)
+        nan = tl.maximum(nan, tl.max(_nan_flag(x), axis=1))
+    scale = _scale_from_amax(_amax_or_nan(amax, nan), QMAX, EPS, POW2)
     inv = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
     tl.store(s_ptr + rows, scale, mask=rmask)
     for k0 in range(0, K, BLOCK_K):
@@ -86,7 +121,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, sqk,
         mask = rmask[:, None] & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
         q = _to_format(x * inv[:, None], QMAX, IS_INT, MBITS, MIN_NORMAL, SUB_MAGIC)
-        tl.store(q_ptr + rows[:, None] * sqm + cols[None, :] * sqk, q.to(q_ptr.dtype.element_ty), mask=mask)
+        _store_q(q_ptr + rows[:, None] * sqm + cols[None, :] * sqk, q, mask, IS_INT)
 
 
 @triton.jit
@@ -100,12 +135,11 @@ def _quantize_blocks_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, sqk, ssm,
     rows, cols = pr * BR + ir, pc * BC + ic
     mask = ((ir < BR) & (rows < M))[:, None] & ((ic < BC) & (cols < K))[None, :]
     x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(_abs_for_amax(x), axis=1), axis=0)
-    scale = _scale_from_amax(amax, QMAX, EPS, POW2)
+    scale = _scale_from_amax(_tile_amax(x), QMAX, EPS, POW2)
     inv = tl.math.div_rn(1.0, scale)
     tl.store(s_ptr + pr * ssm + pc, scale)
     q = _to_format(x * inv, QMAX, IS_INT, MBITS, MIN_NORMAL, SUB_MAGIC)
-    tl.store(q_ptr + rows[:, None] * sqm + cols[None, :] * sqk, q.to(q_ptr.dtype.element_ty), mask=mask)
+    _store_q(q_ptr + rows[:, None] * sqm + cols[None, :] * sqk, q, mask, IS_INT)
 
 
 @triton.jit
@@ -121,7 +155,7 @@ def _amax_tiles_kernel(x_ptr, amax_ptr, gate_ptr, M, K, sxm, sxk, GATED: tl.cons
         gate = tl.load(gate_ptr)
         mask = tl.where((gate <= 0.0) | (gate != gate) | (gate == float("inf")), mask, False)
     x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
-    tl.store(amax_ptr + pm * tl.num_programs(1) + pk, tl.max(tl.max(_abs_for_amax(x), axis=1), axis=0))
+    tl.store(amax_ptr + pm * tl.num_programs(1) + pk, _tile_amax(x))
 
 
 @triton.jit
@@ -137,9 +171,9 @@ def _cast_tensorwise_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, M, K, sxm, sxk, sqm, 
     x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
     inv = tl.math.div_rn(1.0, tl.load(s_ptr))
     q = _to_format(x * inv, QMAX, IS_INT, MBITS, MIN_NORMAL, SUB_MAGIC)
-    tl.store(q_ptr + rows[:, None] * sqm + cols[None, :] * sqk, q.to(q_ptr.dtype.element_ty), mask=mask)
+    _store_q(q_ptr + rows[:, None] * sqm + cols[None, :] * sqk, q, mask, IS_INT)
     if WRITE_AMAX:
-        tl.store(amax_ptr + pm * tl.num_programs(1) + pk, tl.max(tl.max(_abs_for_amax(x), axis=1), axis=0))
+        tl.store(amax_ptr + pm * tl.num_programs(1) + pk, _tile_amax(x))
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
