@@ -72,6 +72,43 @@ def test_triton_quantize_pow2_bf16_and_3d_match_torch(dtype):
     assert torch.equal(s_tri, s_ref) and torch.equal(_bits(q_tri), _bits(q_ref))
 
 
+class _Launches:
+    """Stands in for a Triton kernel: records the grid of each launch and runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+def test_triton_quantize_launch_grids_fit_cuda_limits(monkeypatch):
+    """A long 1-D input (viewed as one row of 10M elements) needs 78125 column tiles: CUDA takes at most
+    65535 programs on grid axes 1 and 2, 2^31 - 1 on axis 0. Every launch must fit; results stay exact."""
+    launches = _Launches()
+    for kernel in ("_amax_tiles_kernel", "_cast_tensorwise_kernel", "_quantize_rows_kernel",
+                   "_quantize_blocks_kernel"):  # fmt: skip
+        monkeypatch.setattr(quantize_triton, kernel, launches)
+    x = torch.zeros(10_000_000)
+    quantize_triton.quantize(x, torch.int8, "tensorwise")
+    quantize_triton.quantize_with_amax(x, torch.int8, torch.tensor(1.0))
+    quantize_triton.quantize(x.view(1, -1), torch.int8, "blockwise", (1, 128))
+    assert len(launches.grids) == 5
+    for grid in launches.grids:
+        assert len(grid) <= 3 and grid[0] <= 2**31 - 1 and all(n <= 65535 for n in grid[1:]), grid
+    monkeypatch.undo()
+    x = _data((1, 3000)).reshape(-1)  # 1-D, several column tiles: the flattened grid covers them all
+    for granularity, block, shaped in (("tensorwise", None, x), ("blockwise", (1, 128), x.view(1, -1)),
+                                       ("blockwise", (3, 40), _data((7, 300)))):  # fmt: skip
+        q_tri, s_tri = quantize_triton.quantize(shaped, torch.float8_e4m3fn, granularity, block)
+        q_ref, s_ref = quantize_ref.quantize(shaped, torch.float8_e4m3fn, granularity, block)
+        assert torch.equal(s_tri, s_ref) and torch.equal(_bits(q_tri), _bits(q_ref))
+    q_tri, s_tri, a_tri = quantize_triton.quantize_with_amax(x, torch.int8, x.abs().max() / 2)
+    q_ref, s_ref, a_ref = quantize_ref.quantize_with_amax(x, torch.int8, x.abs().max() / 2)
+    assert torch.equal(q_tri, q_ref) and torch.equal(s_tri, s_ref) and torch.equal(a_tri, a_ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_torch_quantize_in_row_chunks_matches_triton(dtype, monkeypatch):
     """The torch reference casts large tensors in row chunks; force tiny chunks and compare with Triton."""

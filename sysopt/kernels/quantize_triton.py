@@ -129,8 +129,10 @@ def _quantize_blocks_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, sqk, ssm,
                             BR: tl.constexpr, BC: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr,
                             QMAX: tl.constexpr, EPS: tl.constexpr, POW2: tl.constexpr, IS_INT: tl.constexpr,
                             MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr):  # fmt: skip
-    """One program per (BR, BC) block, held in a power-of-two (TILE_R, TILE_C) tile."""
-    pr, pc = tl.program_id(0), tl.program_id(1)
+    """One program per (BR, BC) block, held in a power-of-two (TILE_R, TILE_C) tile; a 1-D grid over the
+    blocks, row-major (see _tile_grid)."""
+    block_cols = tl.cdiv(K, BC)
+    pr, pc = tl.program_id(0) // block_cols, tl.program_id(0) % block_cols
     ir, ic = tl.arange(0, TILE_R), tl.arange(0, TILE_C)
     rows, cols = pr * BR + ir, pc * BC + ic
     mask = ((ir < BR) & (rows < M))[:, None] & ((ic < BC) & (cols < K))[None, :]
@@ -147,7 +149,8 @@ def _amax_tiles_kernel(x_ptr, amax_ptr, gate_ptr, M, K, sxm, sxk, GATED: tl.cons
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Per-tile amax (tensorwise scaling reduces these partials). GATED: only where the amax at gate_ptr is
     not positive and finite (else every load is masked off, reads nothing, and the partials are 0)."""
-    pm, pk = tl.program_id(0), tl.program_id(1)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    pm, pk = tl.program_id(0) // tiles_k, tl.program_id(0) % tiles_k  # a 1-D grid (see _tile_grid)
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
@@ -155,7 +158,7 @@ def _amax_tiles_kernel(x_ptr, amax_ptr, gate_ptr, M, K, sxm, sxk, GATED: tl.cons
         gate = tl.load(gate_ptr)
         mask = tl.where((gate <= 0.0) | (gate != gate) | (gate == float("inf")), mask, False)
     x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
-    tl.store(amax_ptr + pm * tl.num_programs(1) + pk, _tile_amax(x))
+    tl.store(amax_ptr + tl.program_id(0), _tile_amax(x))
 
 
 @triton.jit
@@ -164,7 +167,8 @@ def _cast_tensorwise_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, M, K, sxm, sxk, sqm, 
                             MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Scale by a given tensorwise scale and cast; optionally also write the tile's amax (delayed scaling)."""
-    pm, pk = tl.program_id(0), tl.program_id(1)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    pm, pk = tl.program_id(0) // tiles_k, tl.program_id(0) % tiles_k  # a 1-D grid (see _tile_grid)
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
@@ -173,21 +177,23 @@ def _cast_tensorwise_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, M, K, sxm, sxk, sqm, 
     q = _to_format(x * inv, QMAX, IS_INT, MBITS, MIN_NORMAL, SUB_MAGIC)
     _store_q(q_ptr + rows[:, None] * sqm + cols[None, :] * sqk, q, mask, IS_INT)
     if WRITE_AMAX:
-        tl.store(amax_ptr + pm * tl.num_programs(1) + pk, _tile_amax(x))
+        tl.store(amax_ptr + tl.program_id(0), _tile_amax(x))
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, -1) if x.dim() < 2 else x.reshape(-1, x.shape[-1])
 
 
-def _tile_grid(m: int, k: int) -> tuple[int, int]:
-    return triton.cdiv(m, _TILE_M), triton.cdiv(k, _TILE_K)
+def _tile_grid(m: int, k: int) -> tuple[int]:
+    """One grid axis over all (row tile, column tile) pairs: axis 0 takes 2^31 - 1 programs, axes 1 and 2 only
+    65535 on CUDA, which a long 1-D input ((1, numel) here) would exceed in its column tiles."""
+    return (triton.cdiv(m, _TILE_M) * triton.cdiv(k, _TILE_K),)
 
 
 def _tensorwise_cast(x2, dtype, scale, write_amax):
     q = torch.empty(x2.shape, dtype=dtype, device=x2.device)
     grid = _tile_grid(*x2.shape)
-    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x2.device)
+    partial = torch.empty(grid[0], dtype=torch.float32, device=x2.device)
     fmt = _format_args(dtype)
     _cast_tensorwise_kernel[grid](x2, q, scale, partial, x2.shape[0], x2.shape[1], *x2.stride(), *q.stride(),
                                   WRITE_AMAX=write_amax, BLOCK_M=_TILE_M, BLOCK_K=_TILE_K, **fmt)  # fmt: skip
@@ -197,7 +203,7 @@ def _tensorwise_cast(x2, dtype, scale, write_amax):
 def _tensorwise_amax(x2: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     """max |x2|; with `gate` (an fp32 amax) only where the gate is not positive and finite, else 0."""
     grid = _tile_grid(*x2.shape)
-    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x2.device)
+    partial = torch.empty(grid[0], dtype=torch.float32, device=x2.device)
     gated = gate is not None
     _amax_tiles_kernel[grid](x2, partial, gate if gated else partial, x2.shape[0], x2.shape[1], *x2.stride(),
                              GATED=gated, BLOCK_M=_TILE_M, BLOCK_K=_TILE_K)  # fmt: skip
@@ -238,9 +244,9 @@ def quantize(
     q = torch.empty((m, k), dtype=dtype, device=x.device)
     scale = torch.empty(blocks_of(m, k, block), dtype=torch.float32, device=x.device)
     tiles = (1 << math.ceil(math.log2(block[0])), 1 << math.ceil(math.log2(block[1])))
-    _quantize_blocks_kernel[scale.shape](x, q, scale, m, k, *x.stride(), *q.stride(), scale.stride(0),
-                                         BR=block[0], BC=block[1], TILE_R=tiles[0], TILE_C=tiles[1],
-                                         EPS=EPS, POW2=power_of_two, **fmt)  # fmt: skip
+    _quantize_blocks_kernel[(scale.numel(),)](x, q, scale, m, k, *x.stride(), *q.stride(), scale.stride(0),
+                                              BR=block[0], BC=block[1], TILE_R=tiles[0], TILE_C=tiles[1],
+                                              EPS=EPS, POW2=power_of_two, **fmt)  # fmt: skip
     return q, scale
 
 
