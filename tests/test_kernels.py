@@ -329,6 +329,53 @@ def test_triton_gemm_k_step_is_at_least_32_for_8bit_operands():
         gemm_triton.scaled_mm(a, a_scale, a, a_scale, a_block=(1, 48), b_block=(1, 48))
 
 
+_OFFSETS_BEYOND_INT32 = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from sysopt.kernels import gemm_ref, gemm_triton, quantize_ref, quantize_triton
+M, K, STRIDE = 66, 64, 2**25  # the last row starts at element 65 * 2^25 > 2^31
+try:  # 4.4 GB of address space; only the rows' pages are ever touched
+    store = torch.empty(M * STRIDE, dtype=torch.bfloat16)
+except (RuntimeError, MemoryError) as e:
+    print("SKIP", e)
+    sys.exit(0)
+g = torch.Generator().manual_seed(0)
+x = store.as_strided((M, K), (STRIDE, 1))
+x.copy_(torch.randn(M, K, generator=g) * 3)
+for granularity, block in (("tensorwise", None), ("rowwise", None), ("blockwise", (2, 32))):
+    q, s = quantize_triton.quantize(x, torch.float8_e4m3fn, granularity, block)
+    q_ref, s_ref = quantize_ref.quantize(x.contiguous(), torch.float8_e4m3fn, granularity, block)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), granularity
+q, s, amax = quantize_triton.quantize_with_amax(x, torch.int8, torch.tensor(2.0))
+q_ref, s_ref, amax_ref = quantize_ref.quantize_with_amax(x.contiguous(), torch.int8, torch.tensor(2.0))
+assert torch.equal(q, q_ref) and torch.equal(amax, amax_ref.float())
+a = store.view(torch.int8).as_strided((M, K), (STRIDE, 1))  # int8 rows 2^25 bytes apart: same offsets
+a.copy_(torch.randint(-100, 100, (M, K), dtype=torch.int8, generator=g))
+b = torch.randint(-100, 100, (32, K), dtype=torch.int8, generator=g)
+one = torch.tensor(1.0)
+assert torch.equal(gemm_triton.scaled_mm(a, one, b, one), gemm_ref.scaled_mm(a.contiguous(), one, b, one))
+assert torch.equal(gemm_triton.scaled_mm(b, one, a, one), gemm_ref.scaled_mm(b, one, a.contiguous(), one))
+print("ok")
+"""
+
+
+def test_triton_kernels_address_operands_beyond_int32_offsets():
+    """Element offsets (row * stride) of 2^31 or more must not wrap in int32: quantise and multiply a strided
+    view whose last row starts past element 2^31. In a subprocess: a wrapped offset in the interpreter is
+    a wild pointer (a crash, not an exception). The view's storage is reserved, not touched (~no memory)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", _OFFSETS_BEYOND_INT32], env=env, capture_output=True, text=True, timeout=300
+    )
+    if result.stdout.startswith("SKIP"):
+        pytest.skip(f"cannot reserve the address space here: {result.stdout}")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (
+        result.returncode,
+        result.stderr[-2000:],
+    )
+
+
 def test_scale_shape_errors_name_the_fix():
     a, a_scale = quantize_ref.quantize(_data((8, 256)), torch.int8, "blockwise", (1, 128))
     b, b_scale = quantize_ref.quantize(_data((16, 256)), torch.int8, "rowwise")

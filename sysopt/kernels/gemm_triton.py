@@ -28,8 +28,9 @@ def _scaled_mm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
                       KB: tl.constexpr, IS_INT: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
                       OUT_BF16: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 indices, so element offsets (index * stride) do not wrap for operands spanning >= 2^31 elements
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = rm < M, rn < N
     blocked: tl.constexpr = (A_MODE == 2) or (B_MODE == 2)
     int_acc: tl.constexpr = IS_INT and not blocked
@@ -38,7 +39,7 @@ def _scaled_mm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+        rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         kmask = rk < K
         if IS_INT:
             a = tl.load(

@@ -5,7 +5,8 @@ Same math and signature as quantize_ref. Rounding to the target format is done i
 subnormals and int8), so the final cast only converts values that are already exact in the format. This keeps
 results identical to torch's `.to(float8)` on every backend, including the Triton interpreter whose own
 fp32->fp8 cast mis-rounds at exponent carries (7.935 -> 4.0). Loads are upcast to fp32 at once (the interpreter
-computes bf16 wrongly) and there is no autotuning (one config per kernel).
+computes bf16 wrongly) and there is no autotuning (one config per kernel). Element offsets (index * stride)
+are computed in int64: in int32 they wrap for tensors (or strided views) spanning 2^31 elements or more.
 """
 
 from __future__ import annotations
@@ -103,12 +104,12 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, sqk,
                           MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """One program per BLOCK_M rows: a pass over K for the row amax, a second to scale and cast."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64 offsets (module doc)
     rmask = rows < M
     amax = tl.zeros([BLOCK_M], dtype=tl.float32)
     nan = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask = rmask[:, None] & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(_abs_for_amax(x), axis=1))
@@ -117,7 +118,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, sqk,
     inv = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
     tl.store(s_ptr + rows, scale, mask=rmask)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask = rmask[:, None] & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxk, mask=mask, other=0.0).to(tl.float32)
         q = _to_format(x * inv[:, None], QMAX, IS_INT, MBITS, MIN_NORMAL, SUB_MAGIC)
@@ -132,7 +133,8 @@ def _quantize_blocks_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, sqm, sqk, ssm,
     """One program per (BR, BC) block, held in a power-of-two (TILE_R, TILE_C) tile; a 1-D grid over the
     blocks, row-major (see _tile_grid)."""
     block_cols = tl.cdiv(K, BC)
-    pr, pc = tl.program_id(0) // block_cols, tl.program_id(0) % block_cols
+    pid = tl.program_id(0).to(tl.int64)  # int64: so are the element offsets below (module doc)
+    pr, pc = pid // block_cols, pid % block_cols
     ir, ic = tl.arange(0, TILE_R), tl.arange(0, TILE_C)
     rows, cols = pr * BR + ir, pc * BC + ic
     mask = ((ir < BR) & (rows < M))[:, None] & ((ic < BC) & (cols < K))[None, :]
@@ -150,7 +152,8 @@ def _amax_tiles_kernel(x_ptr, amax_ptr, gate_ptr, M, K, sxm, sxk, GATED: tl.cons
     """Per-tile amax (tensorwise scaling reduces these partials). GATED: only where the amax at gate_ptr is
     not positive and finite (else every load is masked off, reads nothing, and the partials are 0)."""
     tiles_k = tl.cdiv(K, BLOCK_K)
-    pm, pk = tl.program_id(0) // tiles_k, tl.program_id(0) % tiles_k  # a 1-D grid (see _tile_grid)
+    pid = tl.program_id(0).to(tl.int64)  # int64: so are the element offsets below (module doc)
+    pm, pk = pid // tiles_k, pid % tiles_k  # a 1-D grid (see _tile_grid)
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
@@ -168,7 +171,8 @@ def _cast_tensorwise_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, M, K, sxm, sxk, sqm, 
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """Scale by a given tensorwise scale and cast; optionally also write the tile's amax (delayed scaling)."""
     tiles_k = tl.cdiv(K, BLOCK_K)
-    pm, pk = tl.program_id(0) // tiles_k, tl.program_id(0) % tiles_k  # a 1-D grid (see _tile_grid)
+    pid = tl.program_id(0).to(tl.int64)  # int64: so are the element offsets below (module doc)
+    pm, pk = pid // tiles_k, pid % tiles_k  # a 1-D grid (see _tile_grid)
     rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
