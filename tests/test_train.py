@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sysopt.data import DigitsTaskConfig
 from sysopt.train import (
     CheckpointError,
     JobConfig,
@@ -65,6 +66,30 @@ def test_data_parallel_losses_equal_single_process(tmp_path, microbatches):
     assert again["step"] == job.train.max_steps
     assert again["eval_loss"] == pytest.approx(dp2["eval_loss"], rel=1e-5)
     assert again["eval_accuracy"] == pytest.approx(dp2["eval_accuracy"], abs=1e-9)
+
+
+def tiny_job(**train) -> JobConfig:
+    """A few-step job on a small data set (a small eval split too): a run takes a fraction of a second."""
+    t = dict(max_steps=3, global_batch=16, log_every=1, eval_batch=100, timeout_s=120)
+    t.update(train)
+    data = DigitsTaskConfig(n_train=400, n_eval_per_task=10)
+    return JobConfig(data=data, optim=OptimConfig(warmup_steps=1), train=TrainConfig(**t))
+
+
+def test_gradient_clipping_off_still_measures_the_norm_and_steps(tmp_path):
+    """optim.grad_clip=0 turns clipping off: the steps must still be taken (the norm used to be NaN, so the
+    finiteness check skipped every step) and the unclipped norm logged."""
+    job = dataclasses.replace(tiny_job(), optim=OptimConfig(warmup_steps=1, grad_clip=0.0))
+    summary = run_training(job, tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert summary["skipped_steps"] == 0 and [r["skipped_steps"] for r in records] == [0, 0, 0]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records)
+    # the same gradients as a run whose clip threshold is never reached: nothing was scaled
+    never = dataclasses.replace(job, optim=OptimConfig(warmup_steps=1, grad_clip=1e9))
+    run_training(never, tmp_path / "never")
+    assert [r["loss"] for r in read_metrics(tmp_path / "never" / "metrics.jsonl")] == [
+        r["loss"] for r in records
+    ]
 
 
 def _run_then_crash(job: JobConfig, tmp_path, monkeypatch, at_step: int) -> dict:

@@ -38,7 +38,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the largest global gradient norm; 0 turns clipping off (the norm is still logged)
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         global_batch = sampler.global_batch(step)
         normalizer = global_batch.answer_token_count().clamp(min=1.0)
         loss_sum = runtime.forward_backward(global_batch.shard(dp_rank, dp_size), normalizer)
-        grad_norm = runtime.clip_grad_norm_(o.grad_clip) if o.grad_clip > 0 else torch.tensor(float("nan"))
+        # with clipping off (grad_clip=0) the norm is still measured: the finiteness check and the log need it
+        grad_norm = runtime.clip_grad_norm_(o.grad_clip)
         if _all_finite(runtime, grad_norm, groups):
             optimizer.step()
         else:  # an overflow in a low-precision GEMM or a diverging step: never train on it

@@ -300,10 +300,14 @@ class ParallelVLM:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the whole model's gradient across tp and pp ranks (tp-replicated
-        parameters counted once), like torch.nn.utils.clip_grad_norm_ on the unsharded model."""
+        parameters counted once), like torch.nn.utils.clip_grad_norm_ on the unsharded model. Returns
+        that norm; `max_norm` <= 0 (clipping off) only measures it, leaving the gradients as they are."""
         grads = [q.grad for q in self.params if q.grad is not None]
         if self.groups is None or (self.job.parallel.tp == 1 and self.job.parallel.pp == 1):
-            return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            total = torch.nn.utils.get_total_norm(grads)
+            if max_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, total)
+            return total
         tp_rank = self.groups.coords.tp
         squares = torch.zeros((), dtype=torch.float64)
         for q in self.params:
@@ -317,6 +321,8 @@ class ParallelVLM:
         if self.job.parallel.pp > 1:
             dist.all_reduce(squares, group=self.groups.pp_group)
         total = squares.sqrt().float()
+        if max_norm <= 0:
+            return total
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef)
