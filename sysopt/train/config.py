@@ -38,7 +38,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # the largest global gradient norm; 0 turns clipping off (the norm is still logged)
+    grad_clip: float = (
+        1.0  # the largest global gradient norm; 0 turns clipping off (the norm is still logged)
+    )
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,7 @@ def validate(job: JobConfig) -> None:
                 f"{key}={heads} is not divisible by parallel.tp={p.tp}; attention heads are split "
                 f"across tensor-parallel ranks: use a tp that divides {heads}"
             )
+    _validate_ranges(job)
     microbatches = job.schedule.resolved_microbatches(p.pp)
     per_step = p.dp * microbatches
     if t.global_batch % per_step:
@@ -285,6 +288,64 @@ def validate(job: JobConfig) -> None:
         )
     if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.lr={o.lr} must be > 0 and optim.min_lr_ratio={o.min_lr_ratio} in [0, 1]")
+
+
+def _validate_ranges(job: JobConfig) -> None:
+    """Single values outside their range: each would otherwise divide by zero, loop forever or train on
+    nothing inside the ranks."""
+    t, o, mb, off = job.train, job.optim, job.schedule.microbatches, job.offload
+    checks = (
+        (
+            "schedule.microbatches",
+            mb,
+            mb is None or (isinstance(mb, int) and mb >= 1),
+            "must be an integer >= 1 (microbatches per data-parallel rank and step) or null for the "
+            "default (1 when pp=1, else 2*pp); use e.g. schedule.microbatches=1",
+        ),
+        (
+            "train.global_batch",
+            t.global_batch,
+            t.global_batch >= 1,
+            "must be >= 1 rows per step; use e.g. 64",
+        ),
+        (
+            "train.log_every",
+            t.log_every,
+            t.log_every >= 1,
+            "must be >= 1 (a metrics line every N steps); use 1",
+        ),
+        ("train.eval_batch", t.eval_batch, t.eval_batch >= 1, "must be >= 1 held-out samples; use e.g. 500"),
+        (
+            "train.checkpoint_every",
+            t.checkpoint_every,
+            t.checkpoint_every >= 0,
+            "must be >= 0 (a checkpoint every N steps); use 0 for only the final checkpoint",
+        ),
+        ("train.timeout_s", t.timeout_s, t.timeout_s > 0, "must be > 0 seconds; use e.g. 1800"),
+        (
+            "optim.grad_clip",
+            o.grad_clip,
+            o.grad_clip >= 0,
+            "must be >= 0 (the largest global gradient norm); use 0 to turn clipping off",
+        ),
+        ("optim.eps", o.eps, o.eps >= 0, "must be >= 0; use e.g. 1e-8"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be >= 0; use 0 for no decay"),
+        (
+            "optim.betas",
+            list(o.betas),
+            len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+            "must be two numbers in [0, 1); use e.g. [0.9, 0.95]",
+        ),
+        (
+            "offload.fraction",
+            off.fraction,
+            0 <= off.fraction <= 1,
+            "must lie in [0, 1] (the share of optimizer subgroups kept on the device); use e.g. 0.5",
+        ),
+    )
+    for key, value, ok, constraint in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value} {constraint}")
 
 
 def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
