@@ -308,3 +308,40 @@ def test_eval_loss_is_the_token_weighted_answer_loss_over_the_held_out_split():
     tokens = sum(float(b.loss_mask.sum()) for b in batches)
     assert loss == pytest.approx(total / tokens, rel=1e-5)
     assert set(accuracy) == set(TASKS)
+
+
+def test_pipeline_boundaries_count_the_sequence_parallel_blocks():
+    """tp > 1 with sequence parallelism adds a scatter and a gather block: validation must count them (it
+    rejected the split that runs and accepted one that failed in the ranks), and a bad split of a fresh run
+    must not be blamed on a checkpoint."""
+    from sysopt.data import BatchSampler, DigitsDataset
+    from sysopt.models import VLM
+    from sysopt.models.parallel import block_count, tensor_parallelize
+    from sysopt.train import ConfigError, validate
+    from sysopt.train.parallel import ParallelVLM
+
+    def job(boundaries, tp=2, sequence_parallel=True):
+        parallel = ParallelConfig(tp=tp, pp=2, boundaries=boundaries, sequence_parallel=sequence_parallel)
+        return dataclasses.replace(small_job(), parallel=parallel, schedule=ScheduleConfig("1f1b", 4))
+
+    config = small_job().model
+    for sp in (True, False):
+        model = tensor_parallelize(VLM(config), None, sequence_parallel=sp)
+        assert len(model.blocks) == block_count(config, tp=2, sequence_parallel=sp)
+    n = block_count(config, tp=2)
+    assert n == len(VLM(config).blocks) + 2
+    validate(job((0, 4, n)))
+    with pytest.raises(ConfigError, match=rf"must cut the model's {n} blocks \(2 of them sequence-parallel"):
+        validate(job((0, 4, n - 2)))
+    validate(job((0, 4, n - 2), sequence_parallel=False))
+
+    plain = job((0, 4, 99), tp=1)  # not validated: what the ranks see
+    sample = BatchSampler(DigitsDataset(plain.data, "train"), 16).global_batch(0)
+    with pytest.raises(
+        ValueError, match=r"^parallel.boundaries=\[0, 4, 99\] do not cut the \d+ blocks"
+    ) as err:
+        ParallelVLM(plain, None, sample)
+    assert "checkpoint" not in str(err.value)
+    resumed = job(None, tp=1)
+    with pytest.raises(ValueError, match=r"the checkpoint's pipeline boundaries \[0, 4, 99\] do not cut"):
+        ParallelVLM(resumed, None, sample, boundaries=(0, 4, 99))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sysopt.data import DigitsTaskConfig
 from sysopt.dist import Topology
 from sysopt.models import VLMConfig
+from sysopt.models.parallel import block_count
 
 if TYPE_CHECKING:
     from sysopt.precision.recipe import Recipe
@@ -358,11 +359,16 @@ def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
             f"sequences padded for sequence parallelism are {padded} tokens but model.max_seq="
             f"{job.model.max_seq}; raise model.max_seq to {padded} or set parallel.sequence_parallel=false"
         )
-    n_blocks = job.model.vision_layers + job.model.layers + 3  # embed, merge and head are blocks too
+    # embed, merge and head are blocks too, and so are the sequence scatter/gather of tp > 1 with SP
+    n_blocks = block_count(job.model, tp=p.tp, sequence_parallel=p.sequence_parallel)
+    sp_blocks = n_blocks - block_count(job.model)
+    counted = f"{n_blocks} blocks" + (
+        f" ({sp_blocks} of them sequence-parallel scatter/gather)" if sp_blocks else ""
+    )
     if p.pp * p.vpp > n_blocks:
         raise ConfigError(
             f"parallel.pp*vpp = {p.pp}*{p.vpp} = {p.pp * p.vpp} pipeline chunks but the model has only "
-            f"{n_blocks} blocks; lower parallel.pp or parallel.vpp, or add model.layers"
+            f"{counted}; lower parallel.pp or parallel.vpp, or add model.layers"
         )
     if p.boundaries is not None:
         b, chunks = list(p.boundaries), p.pp * p.vpp
@@ -374,7 +380,7 @@ def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
             or any(not isinstance(x, int) or y <= x for x, y in zip(b, b[1:]))
         ):
             raise ConfigError(
-                f"parallel.boundaries={b} must cut the model's {n_blocks} blocks into pp*vpp={chunks} chunks: "
+                f"parallel.boundaries={b} must cut the model's {counted} into pp*vpp={chunks} chunks: "
                 f"{chunks + 1} increasing integers from 0 to {n_blocks}, e.g. {even}, or null to partition by cost"
             )
     if p.pp > 1:
