@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,6 +228,45 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert latest.name == "step_00000003"
     state = load_checkpoint(latest, ["model", "trainer"])
     assert torch.equal(state["model"]["w"], torch.ones(2)) and state["trainer"]["step"] == 3
+
+
+def test_resaving_a_step_never_leaves_latest_naming_nothing(tmp_path, monkeypatch):
+    """Saving a step that exists (a rerun into the same run directory) used to delete the directory `latest`
+    names and then rename the new one in: a crash in between lost the last good checkpoint. The old one is
+    now set aside and only deleted once the new one is in place; a crash at either point is repaired."""
+    import sysopt.train.checkpoint as ck
+
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 3, {"model": {"w": torch.ones(2)}})
+    real_replace, real_rmtree = ck.os.replace, ck.shutil.rmtree
+
+    def crash_renaming_the_new_one_in(src, dst):
+        if Path(src).name.startswith(".tmp_step_"):
+            raise KeyboardInterrupt("killed between the two renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", crash_renaming_the_new_one_in)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, 3, {"model": {"w": torch.zeros(2)}})
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    latest = latest_checkpoint(root)  # the old step 3, put back
+    assert latest.name == "step_00000003"
+    assert torch.equal(load_checkpoint(latest, ["model"])["model"]["w"], torch.ones(2))
+
+    def crash_deleting_the_old_one(path, *args, **kwargs):
+        if Path(path).name.startswith(ck.REPLACED):
+            raise KeyboardInterrupt("killed before the old copy was deleted")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", crash_deleting_the_old_one)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, 3, {"model": {"w": torch.full((2,), 2.0)}})
+    monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
+    assert torch.equal(
+        load_checkpoint(latest_checkpoint(root), ["model"])["model"]["w"], torch.full((2,), 2.0)
+    )
+    save_checkpoint(root, 4, {"model": {"w": torch.full((2,), 4.0)}})  # the next save clears the leftover
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
 
 
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
