@@ -269,6 +269,30 @@ def test_resaving_a_step_never_leaves_latest_naming_nothing(tmp_path, monkeypatc
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
 
 
+def test_a_fresh_run_sets_the_earlier_run_aside_and_never_resumes_it(tmp_path, monkeypatch):
+    """train.resume=false into a directory an earlier run wrote: its checkpoints used to stay as `latest`,
+    so when the new run crashed before its first save, the usual relaunch resumed the earlier run's weights
+    under the new job. The earlier run's outputs now move to replaced_runs/1/, whole."""
+    run_training(tiny_job(max_steps=2), tmp_path)
+    earlier = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "summary.json", "job.json")}
+    fresh = dataclasses.replace(
+        tiny_job(max_steps=3, resume=False), optim=OptimConfig(lr=1e-4, warmup_steps=1)
+    )
+    monkeypatch.setenv(FAULT_ENV, "1")
+    with pytest.warns(UserWarning, match=r"train.resume=false: moved the earlier run's checkpoints"):
+        with pytest.raises(RuntimeError, match="injected failure at step 1"):
+            run_training(fresh, tmp_path)
+    monkeypatch.delenv(FAULT_ENV)
+    relaunched = run_training(
+        dataclasses.replace(fresh, train=dataclasses.replace(fresh.train, resume=True)), tmp_path
+    )
+    assert relaunched["resumed_from_step"] == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    kept = tmp_path / "replaced_runs" / "1"
+    assert {name: (kept / name).read_text() for name in earlier} == earlier
+    assert latest_checkpoint(kept / "checkpoints").name == "step_00000002"
+
+
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
     job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
     (tmp_path / "job.json").write_text(job.to_json())

@@ -52,7 +52,9 @@ class TrainConfig:
     eval_batch: int = 500
     seed: int = 0
     checkpoint_every: int = 0  # 0: only the final checkpoint
-    resume: bool = True  # continue from <run dir>/checkpoints/latest when it exists
+    # continue from <run dir>/checkpoints/latest when it exists; false starts over, first moving an earlier
+    # run's outputs in the run dir to <run dir>/replaced_runs/<n>/
+    resume: bool = True
     timeout_s: float = 1800.0  # the whole launch; a hung rank fails the run after this
     nproc: int | None = None  # ranks to launch; None means parallel.tp * pp * dp
 

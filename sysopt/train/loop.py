@@ -53,6 +53,8 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
     validate(job)  # in this process, before any rank starts
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not job.train.resume:
+        _set_aside_previous_run(out_dir)
     (out_dir / "job.json").write_text(job.to_json())
     if job.world_size == 1:
         return train_rank(job.to_json(), str(out_dir))
@@ -64,6 +66,33 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
         log_dir=out_dir / "logs",
     )
     return results[0]
+
+
+REPLACED_RUNS = "replaced_runs"  # where train.resume=false moves an earlier run's outputs
+
+
+def _set_aside_previous_run(out_dir: Path) -> Path | None:
+    """train.resume=false into a directory an earlier run wrote: move that run's checkpoints, metrics,
+    summary, job.json and logs to <out_dir>/replaced_runs/<n>/ (nothing is deleted), so that this run starts
+    clean and a relaunch of it after a crash can never resume the earlier run's checkpoint."""
+    outputs = ("checkpoints", "metrics.jsonl", "summary.json")
+    if not any((out_dir / name).exists() for name in outputs):
+        return None
+    parent = out_dir / REPLACED_RUNS
+    taken = [int(p.name) for p in parent.glob("*") if p.name.isdigit()] if parent.is_dir() else []
+    dest = parent / str(max(taken, default=0) + 1)
+    dest.mkdir(parents=True)
+    moved = []
+    for name in (*outputs, "job.json", "logs"):
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, dest / name)
+            moved.append(name)
+    warnings.warn(
+        f"train.resume=false: moved the earlier run's {', '.join(moved)} from {out_dir} to {dest}; "
+        f"this run starts from step 0",
+        stacklevel=3,
+    )
+    return dest
 
 
 def _dp_coords(groups: ParallelGroups | None) -> tuple[int, int]:
