@@ -293,6 +293,23 @@ def test_a_fresh_run_sets_the_earlier_run_aside_and_never_resumes_it(tmp_path, m
     assert latest_checkpoint(kept / "checkpoints").name == "step_00000002"
 
 
+def test_resume_applies_the_jobs_weight_decay_betas_and_eps(tmp_path):
+    """The optimizer's load_state_dict restores the saved param groups: changed optim.weight_decay, betas and
+    eps used to be silently ignored after a resume (job.json claiming the new values)."""
+    run_training(tiny_job(max_steps=2), tmp_path)
+    changed = dataclasses.replace(
+        tiny_job(max_steps=3), optim=OptimConfig(warmup_steps=1, weight_decay=0.5, betas=(0.5, 0.6), eps=1e-6)
+    )
+    with pytest.warns(UserWarning, match=r"optim.weight_decay 0.01 -> 0.5, optim.betas \[0.9, 0.95\] -> "):
+        assert run_training(changed, tmp_path)["resumed_from_step"] == 2
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"), ["optimizer_tp0_pp0"])
+    groups = saved["optimizer_tp0_pp0"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in groups] == [
+        (0.5, (0.5, 0.6), 1e-6),
+        (0.0, (0.5, 0.6), 1e-6),  # the group without decay keeps none
+    ]
+
+
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
     job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
     (tmp_path / "job.json").write_text(job.to_json())

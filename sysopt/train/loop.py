@@ -168,6 +168,33 @@ def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.op
     )
 
 
+JOB_OPTIM_KEYS = ("weight_decay", "betas", "eps")  # what the job sets and a checkpoint must not override
+
+
+def _apply_job_optim_values(
+    optimizer: torch.optim.Optimizer, job_values: list[dict[str, Any]], found: Path, warn: bool
+) -> None:
+    """load_state_dict restores the saved param groups' hyperparameters; put back the job's weight decay,
+    betas and eps (the learning rate is set every step by the schedule), warning where they differ."""
+    changed: dict[str, str] = {}
+    for group, values in zip(optimizer.param_groups, job_values):
+        for key, value in values.items():
+            old = group[key]
+            if (tuple(old) if isinstance(old, list | tuple) else old) != value:
+                changed.setdefault(key, f"optim.{key} {_plain(old)} -> {_plain(value)}")
+            group[key] = value
+    if changed and warn:
+        warnings.warn(
+            f"resuming {found} with this job's optimizer settings, which differ from the checkpoint's: "
+            f"{', '.join(changed.values())}",
+            stacklevel=3,
+        )
+
+
+def _plain(value: Any) -> Any:
+    return [float(x) for x in value] if isinstance(value, list | tuple) else value
+
+
 def _shard_name(job: JobConfig, groups: ParallelGroups | None) -> str:
     """Checkpoint file stem of this rank's model shard (dp replicas share one)."""
     if groups is None:
@@ -201,6 +228,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     shard = _shard_name(job, groups)
     if found is not None:
         state = load_checkpoint(found, [f"model_{shard}", f"optimizer_{shard}"])
+        job_values = [{k: g[k] for k in JOB_OPTIM_KEYS} for g in optimizer.param_groups]
         try:
             runtime.modules.load_state_dict(state[f"model_{shard}"])
             optimizer.load_state_dict(state[f"optimizer_{shard}"])
@@ -209,6 +237,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
                 f"checkpoint {found} does not match this job's model or parallel layout ({exc}); resume "
                 f"with the same model and parallel settings, or use another hydra.run.dir"
             ) from exc
+        _apply_job_optim_values(optimizer, job_values, found, warn=is_main)
         start_step = int(trainer_state["step"])
         torch.set_rng_state(trainer_state["rng"])
     # the final loss worth comparing between runs is a mean over many batches, not the last one's loss;
