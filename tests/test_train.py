@@ -310,6 +310,24 @@ def test_resume_applies_the_jobs_weight_decay_betas_and_eps(tmp_path):
     ]
 
 
+def test_skipped_steps_count_on_through_a_resume(tmp_path, monkeypatch):
+    """skipped_steps was not in the checkpoint: a resumed run restarted the count and reported fewer skipped
+    steps than the same run uninterrupted."""
+    import sysopt.train.loop as loop
+
+    monkeypatch.setattr(loop, "_all_finite", lambda runtime, grad_norm, groups: False)  # skip every step
+    job = tiny_job(max_steps=4, checkpoint_every=2)
+    straight = _run_then_crash(job, tmp_path, monkeypatch, 3)
+    resumed = run_training(job, tmp_path / "crashed")
+    assert resumed["resumed_from_step"] == 2
+    assert straight["skipped_steps"] == resumed["skipped_steps"] == 4
+    counts = [
+        [r["skipped_steps"] for r in read_metrics(tmp_path / run / "metrics.jsonl")]
+        for run in ("straight", "crashed")
+    ]
+    assert counts == [[1, 2, 3, 4], [1, 2, 3, 4]]
+
+
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
     job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
     (tmp_path / "job.json").write_text(job.to_json())

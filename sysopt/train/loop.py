@@ -262,7 +262,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     step_times: list[float] = []
     tokens_per_step = 0
     loss_value = float("nan")
-    skipped_steps = 0
+    # steps skipped so far in the whole run: counted on from the checkpoint, as the loss window is
+    skipped_steps = int(trainer_state.get("skipped_steps", 0)) if trainer_state is not None else 0
     for step in range(start_step, job.train.max_steps):
         t0 = time.perf_counter()
         lr = warmup_cosine_lr(
@@ -312,7 +313,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         every = job.train.checkpoint_every
         if (every and (step + 1) % every == 0) or last:
-            _save(runtime, optimizer, step + 1, ckpt_root, shard, groups, recent_losses)
+            run_state = {"recent_losses": list(recent_losses), "skipped_steps": skipped_steps}
+            _save(runtime, optimizer, step + 1, ckpt_root, shard, groups, run_state)
     if progress is not None:
         progress.close()
 
@@ -371,7 +373,7 @@ def _save(
     root: Path,
     shard: str,
     groups: ParallelGroups | None,
-    recent_losses: list[float],
+    run_state: dict[str, Any],
 ) -> None:
     """Each (tp, pp) shard is written by its dp-rank-0 replica into one staging directory; after a
     barrier, world rank 0 renames it into place and moves `latest` (so a crash leaves the last one)."""
@@ -384,7 +386,7 @@ def _save(
             "step": step,
             "rng": torch.get_rng_state(),
             "boundaries": list(runtime.boundaries),
-            "recent_losses": list(recent_losses),
+            **run_state,  # what the summary reports over the whole run: the loss window, skipped steps
             "precision_plan": dict(runtime.precision_plan),
         }
     if groups is None or groups.rank == 0:  # clear what a crashed save may have left
