@@ -328,6 +328,26 @@ def test_skipped_steps_count_on_through_a_resume(tmp_path, monkeypatch):
     assert counts == [[1, 2, 3, 4], [1, 2, 3, 4]]
 
 
+def test_relaunching_a_finished_run_keeps_its_figures(tmp_path):
+    """A relaunch of a finished run (or of one that died after its final save, during eval) runs no step; it
+    used to overwrite summary.json with NaN final_loss, step_time_s and tokens_per_s."""
+    keys = ("final_loss", "final_loss_mean", "step_time_s", "tokens_per_s", "skipped_steps", "eval_loss")
+    done = run_training(tiny_job(), tmp_path)
+    (tmp_path / "summary.json").unlink()  # as if it died in eval: the figures must come from the checkpoint
+    again = run_training(tiny_job(), tmp_path)
+    assert again["resumed_from_step"] == 3
+    assert {k: again[k] for k in keys} == {k: done[k] for k in keys}
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert {k: written[k] for k in keys} == {k: done[k] for k in keys}
+    assert all(math.isfinite(written[k]) for k in keys)
+    # a checkpoint from before the timing was saved: the complete summary.json keeps its timing
+    trainer_file = latest_checkpoint(tmp_path / "checkpoints") / "trainer.pt"
+    state = torch.load(trainer_file, weights_only=True)
+    del state["timing"]
+    torch.save(state, trainer_file)
+    assert {k: run_training(tiny_job(), tmp_path)[k] for k in keys} == {k: done[k] for k in keys}
+
+
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
     job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
     (tmp_path / "job.json").write_text(job.to_json())

@@ -10,6 +10,8 @@ losses equal single-process training on the global batch up to float summation o
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import shutil
 import signal
@@ -313,15 +315,22 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         every = job.train.checkpoint_every
         if (every and (step + 1) % every == 0) or last:
-            run_state = {"recent_losses": list(recent_losses), "skipped_steps": skipped_steps}
+            run_state = {
+                "recent_losses": list(recent_losses),
+                "skipped_steps": skipped_steps,
+                "timing": _timing(step_times, tokens_per_step),
+            }
             _save(runtime, optimizer, step + 1, ckpt_root, shard, groups, run_state)
     if progress is not None:
         progress.close()
 
     accuracy, eval_loss = _distributed_eval(runtime, job, groups)
-    # steady-state timing: skip the first steps (allocator and thread-pool warm-up)
-    steady = step_times[min(len(step_times) // 10, 10) :] or step_times or [float("nan")]
-    median_step_s = sorted(steady)[len(steady) // 2]
+    timing = _timing(step_times, tokens_per_step)
+    if not step_times and trainer_state is not None:
+        # no step ran: a relaunch of a finished run, or of one that died after its final save (in eval). Report
+        # the figures of the launch that trained it: its last loss ends the window, its timing was saved
+        loss_value = recent_losses[-1] if recent_losses else loss_value
+        timing = trainer_state.get("timing") or _summary_timing(out / "summary.json") or timing
     summary = {
         "final_loss": loss_value,
         # mean training loss of the last 10% of steps (final_loss_mean_steps of them)
@@ -334,8 +343,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         "steps": job.train.max_steps,
         "resumed_from_step": start_step,
         "skipped_steps": skipped_steps,
-        "step_time_s": median_step_s,
-        "tokens_per_s": tokens_per_step / median_step_s,
+        "step_time_s": timing["step_time_s"],
+        "tokens_per_s": timing["tokens_per_s"],
         "params": runtime.model.param_count() if job.parallel.tp == 1 else None,
         "world_size": job.world_size,
         "pipeline_boundaries": list(runtime.boundaries),
@@ -347,6 +356,24 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     if is_main:
         write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _timing(step_times: list[float], tokens_per_step: int) -> dict[str, float]:
+    """Median step time and tokens/s of this launch's steps, at steady state: the first steps (allocator and
+    thread-pool warm-up) are left out; NaN when no step ran."""
+    steady = step_times[min(len(step_times) // 10, 10) :] or step_times or [float("nan")]
+    median_step_s = sorted(steady)[len(steady) // 2]
+    return {"step_time_s": median_step_s, "tokens_per_s": tokens_per_step / median_step_s}
+
+
+def _summary_timing(path: Path) -> dict[str, float] | None:
+    """The timing of an earlier summary.json (for checkpoints written before they carried it), if finite."""
+    try:
+        old = json.loads(path.read_text())
+        timing = {k: float(old[k]) for k in ("step_time_s", "tokens_per_s")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return timing if all(math.isfinite(v) for v in timing.values()) else None
 
 
 def _all_finite(runtime: ParallelVLM, grad_norm: torch.Tensor, groups: ParallelGroups | None) -> bool:
