@@ -348,6 +348,28 @@ def test_relaunching_a_finished_run_keeps_its_figures(tmp_path):
     assert {k: run_training(tiny_job(), tmp_path)[k] for k in keys} == {k: done[k] for k in keys}
 
 
+def test_resume_drops_a_torn_last_metrics_line_but_not_a_corrupt_one(tmp_path):
+    """A rank killed while appending to metrics.jsonl leaves half a line: the relaunch used to die on it
+    (JSONDecodeError). A torn last line is dropped; a bad line elsewhere is an error naming file and line."""
+    from sysopt.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss": 1.0}) for s in range(3)]
+    path.write_text("".join(line + "\n" for line in good) + '{"step": 3, "loss": 2.9')
+    assert read_metrics(path) == [json.loads(line) for line in good]
+    with pytest.warns(UserWarning, match="dropped a torn last line"):
+        MetricsLog(path, resume_step=2)
+    assert path.read_text() == good[0] + "\n" + good[1] + "\n"
+    path.write_text(good[0] + "\n" + '{"step": 1, "lo\n' + good[2] + "\n")
+    with pytest.raises(
+        ValueError, match=r"metrics.jsonl line 2 is not a JSON record .* repair or delete line 2"
+    ):
+        MetricsLog(path, resume_step=2)
+    path.write_text(good[0] + "\n" + '{"step": 1, "lo\n')  # a last line with its newline was not torn
+    with pytest.raises(ValueError, match="line 2 is not a JSON record"):
+        read_metrics(path)
+
+
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
     job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
     (tmp_path / "job.json").write_text(job.to_json())
