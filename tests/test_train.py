@@ -370,6 +370,26 @@ def test_resume_drops_a_torn_last_metrics_line_but_not_a_corrupt_one(tmp_path):
         read_metrics(path)
 
 
+def test_train_seed_seeds_the_trainers_own_randomness(tmp_path):
+    """train.seed was parsed and never used. It seeds torch's global RNG on every rank (the checkpoint holds
+    its state) and the stochastic rounding of bf16 optimizer state, so two seeds give two runs there."""
+    from sysopt.train.config import OffloadConfig
+
+    offload = OffloadConfig(strategy="host", state_dtype="bf16")
+    runs = {}
+    for seed in (0, 1):
+        job = dataclasses.replace(tiny_job(seed=seed), offload=offload)
+        run_training(job, tmp_path / str(seed))
+        runs[seed] = [r["loss"] for r in read_metrics(tmp_path / str(seed) / "metrics.jsonl")]
+        trainer = load_checkpoint(latest_checkpoint(tmp_path / str(seed) / "checkpoints"), ["trainer"])[
+            "trainer"
+        ]
+        with torch.random.fork_rng(devices=[]):
+            assert torch.equal(trainer["rng"], torch.manual_seed(seed).get_state())
+    assert runs[0][0] == runs[1][0]  # the same initial weights and data: model.seed and data.seed
+    assert runs[0][1:] != runs[1][1:]  # then the rounding differs
+
+
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
     job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
     (tmp_path / "job.json").write_text(job.to_json())

@@ -50,6 +50,8 @@ class TrainConfig:
     global_batch: int = 64
     log_every: int = 10
     eval_batch: int = 500
+    # the trainer's own randomness: torch's global RNG on every rank and the stochastic rounding of
+    # offload.state_dtype=bf16 (model.seed draws the initial weights, data.seed the data and its order)
     seed: int = 0
     checkpoint_every: int = 0  # 0: only the final checkpoint
     # continue from <run dir>/checkpoints/latest when it exists; false starts over, first moving an earlier

@@ -167,6 +167,7 @@ def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.op
         fraction=off.fraction,
         state_dtype=torch.bfloat16 if off.state_dtype == "bf16" else torch.float32,
         master_dtype=torch.bfloat16 if off.master_dtype == "bf16" else torch.float32,
+        seed=job.train.seed,  # the stochastic rounding of bf16 state (the same on every dp replica)
     )
 
 
@@ -207,6 +208,9 @@ def _shard_name(job: JobConfig, groups: ParallelGroups | None) -> str:
 def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     """One rank's training loop (also the whole run when world size is 1)."""
     job = JobConfig.from_json(job_json)
+    # the trainer's own randomness: torch's global generator (checkpointed, so a resume continues it) and
+    # the offloading optimizer's stochastic rounding; model.seed draws the weights, data.seed the data
+    torch.manual_seed(job.train.seed)
     groups = build_groups(job.parallel.topology) if dist.is_initialized() else None
     dp_rank, dp_size = _dp_coords(groups)
     is_main = groups is None or groups.rank == 0
