@@ -390,6 +390,24 @@ def test_train_seed_seeds_the_trainers_own_randomness(tmp_path):
     assert runs[0][1:] != runs[1][1:]  # then the rounding differs
 
 
+def test_process_groups_get_the_configured_timeout(tmp_path, monkeypatch):
+    """build_groups used its fixed 120 s default, so train.timeout_s never reached the tp/pp/dp groups: a
+    collective waiting on a rank in a long eval or save failed after 2 minutes whatever the config said."""
+    import sysopt.train.loop as loop
+
+    seen = {}
+
+    def record(topology, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt("recorded")
+
+    monkeypatch.setattr(loop.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(loop, "build_groups", record)
+    with pytest.raises(KeyboardInterrupt, match="recorded"):
+        loop.train_rank(tiny_job(timeout_s=987.0).to_json(), str(tmp_path))
+    assert seen == {"timeout_s": 987.0}
+
+
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
     job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
     (tmp_path / "job.json").write_text(job.to_json())

@@ -211,7 +211,10 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     # the trainer's own randomness: torch's global generator (checkpointed, so a resume continues it) and
     # the offloading optimizer's stochastic rounding; model.seed draws the weights, data.seed the data
     torch.manual_seed(job.train.seed)
-    groups = build_groups(job.parallel.topology) if dist.is_initialized() else None
+    # the groups' collectives wait as long as the launch does (a rank may be in a long eval or save)
+    groups = (
+        build_groups(job.parallel.topology, timeout_s=job.train.timeout_s) if dist.is_initialized() else None
+    )
     dp_rank, dp_size = _dp_coords(groups)
     is_main = groups is None or groups.rank == 0
     out = Path(out_dir)
