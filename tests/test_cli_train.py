@@ -50,6 +50,19 @@ def test_default_config_is_valid_and_data_parallel():
             r"parallel.boundaries=\[0, 7, 3\] must cut the model's \d+ blocks into pp\*vpp=1",
         ),
         (["schedule.receive_ahead=0"], r"schedule.receive_ahead=0 must be an integer >= 1 .* or null"),
+        # each of these used to pass validation, then divide by zero, hang or train on nothing in the ranks
+        (["schedule.microbatches=0"], r"schedule.microbatches=0 must be an integer >= 1 .* or null"),
+        (["schedule.microbatches=-2"], r"schedule.microbatches=-2 must be an integer >= 1 .* or null"),
+        (["train.log_every=0"], r"train.log_every=0 must be >= 1 .*; use 1"),
+        (["train.global_batch=0"], r"train.global_batch=0 must be >= 1 rows per step; use e.g. 64"),
+        (["train.eval_batch=0"], r"train.eval_batch=0 must be >= 1 held-out samples"),
+        (
+            ["train.checkpoint_every=-1"],
+            r"train.checkpoint_every=-1 must be >= 0 .*; use 0 for only the final",
+        ),
+        (["optim.grad_clip=-1"], r"optim.grad_clip=-1 must be >= 0 .*; use 0 to turn clipping off"),
+        (["offload=fraction", "offload.fraction=5"], r"offload.fraction=5 must lie in \[0, 1\]"),
+        (["optim.betas=[0.9,1.0]"], r"optim.betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
         (
             ["precision=fp8_rowwise", "+precision.recipe_overrides.grad_wieght=bf16"],
             r"^precision.recipe_overrides.grad_wieght is not a Recipe field \(known: .*grad_weight",

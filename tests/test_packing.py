@@ -164,3 +164,23 @@ def test_no_attention_across_packed_samples(dataset, model):
     leaky = dataclasses.replace(changed, segment_ids=None, position_ids=None)
     plain = dataclasses.replace(batch, segment_ids=None, position_ids=None)
     assert not torch.allclose(model(leaky)[0, rest], model(plain)[0, rest])
+
+
+def test_packed_batches_stay_full_across_epochs_of_different_row_counts():
+    """Each epoch is re-shuffled and re-packed into a different number of rows (here 79 to 81). Every batch
+    must still hold exactly batch_size rows (a short one used to fail dp sharding at an epoch's end, step
+    159 here), every packed row of every epoch must be trained on in order, and a step's batch must not
+    depend on which steps were drawn before (a resumed run asks for its first step directly)."""
+    ds = DigitsDataset(DigitsTaskConfig(n_train=307, pack_len=31), "train")
+    sampler = BatchSampler(ds, 2)
+    epochs = [sampler._rows(e) for e in range(12)]
+    assert len({len(rows) for rows in epochs}) > 1  # epochs pack into different row counts
+    steps = sum(len(rows) for rows in epochs) // 2
+    drawn = [sampler.rows(k) for k in range(steps)]
+    assert {len(rows) for rows in drawn} == {2}
+    assert [row for rows in drawn for row in rows] == [row for rows in epochs for row in rows][: 2 * steps]
+    assert sampler.global_batch(159).shard(1, 2).size == 1
+    for step in (159, 250, steps - 1):
+        fresh = BatchSampler(ds, 2)
+        assert fresh.rows(step) == drawn[step]
+        assert torch.equal(fresh.global_batch(step).tokens, sampler.global_batch(step).tokens)

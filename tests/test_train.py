@@ -3,10 +3,12 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from sysopt.data import DigitsTaskConfig
 from sysopt.train import (
     CheckpointError,
     JobConfig,
@@ -65,6 +67,30 @@ def test_data_parallel_losses_equal_single_process(tmp_path, microbatches):
     assert again["step"] == job.train.max_steps
     assert again["eval_loss"] == pytest.approx(dp2["eval_loss"], rel=1e-5)
     assert again["eval_accuracy"] == pytest.approx(dp2["eval_accuracy"], abs=1e-9)
+
+
+def tiny_job(**train) -> JobConfig:
+    """A few-step job on a small data set (a small eval split too): a run takes a fraction of a second."""
+    t = dict(max_steps=3, global_batch=16, log_every=1, eval_batch=100, timeout_s=120)
+    t.update(train)
+    data = DigitsTaskConfig(n_train=400, n_eval_per_task=10)
+    return JobConfig(data=data, optim=OptimConfig(warmup_steps=1), train=TrainConfig(**t))
+
+
+def test_gradient_clipping_off_still_measures_the_norm_and_steps(tmp_path):
+    """optim.grad_clip=0 turns clipping off: the steps must still be taken (the norm used to be NaN, so the
+    finiteness check skipped every step) and the unclipped norm logged."""
+    job = dataclasses.replace(tiny_job(), optim=OptimConfig(warmup_steps=1, grad_clip=0.0))
+    summary = run_training(job, tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert summary["skipped_steps"] == 0 and [r["skipped_steps"] for r in records] == [0, 0, 0]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records)
+    # the same gradients as a run whose clip threshold is never reached: nothing was scaled
+    never = dataclasses.replace(job, optim=OptimConfig(warmup_steps=1, grad_clip=1e9))
+    run_training(never, tmp_path / "never")
+    assert [r["loss"] for r in read_metrics(tmp_path / "never" / "metrics.jsonl")] == [
+        r["loss"] for r in records
+    ]
 
 
 def _run_then_crash(job: JobConfig, tmp_path, monkeypatch, at_step: int) -> dict:
@@ -204,6 +230,184 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(state["model"]["w"], torch.ones(2)) and state["trainer"]["step"] == 3
 
 
+def test_resaving_a_step_never_leaves_latest_naming_nothing(tmp_path, monkeypatch):
+    """Saving a step that exists (a rerun into the same run directory) used to delete the directory `latest`
+    names and then rename the new one in: a crash in between lost the last good checkpoint. The old one is
+    now set aside and only deleted once the new one is in place; a crash at either point is repaired."""
+    import sysopt.train.checkpoint as ck
+
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 3, {"model": {"w": torch.ones(2)}})
+    real_replace, real_rmtree = ck.os.replace, ck.shutil.rmtree
+
+    def crash_renaming_the_new_one_in(src, dst):
+        if Path(src).name.startswith(".tmp_step_"):
+            raise KeyboardInterrupt("killed between the two renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", crash_renaming_the_new_one_in)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, 3, {"model": {"w": torch.zeros(2)}})
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    latest = latest_checkpoint(root)  # the old step 3, put back
+    assert latest.name == "step_00000003"
+    assert torch.equal(load_checkpoint(latest, ["model"])["model"]["w"], torch.ones(2))
+
+    def crash_deleting_the_old_one(path, *args, **kwargs):
+        if Path(path).name.startswith(ck.REPLACED):
+            raise KeyboardInterrupt("killed before the old copy was deleted")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", crash_deleting_the_old_one)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, 3, {"model": {"w": torch.full((2,), 2.0)}})
+    monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
+    assert torch.equal(
+        load_checkpoint(latest_checkpoint(root), ["model"])["model"]["w"], torch.full((2,), 2.0)
+    )
+    save_checkpoint(root, 4, {"model": {"w": torch.full((2,), 4.0)}})  # the next save clears the leftover
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+
+
+def test_a_fresh_run_sets_the_earlier_run_aside_and_never_resumes_it(tmp_path, monkeypatch):
+    """train.resume=false into a directory an earlier run wrote: its checkpoints used to stay as `latest`,
+    so when the new run crashed before its first save, the usual relaunch resumed the earlier run's weights
+    under the new job. The earlier run's outputs now move to replaced_runs/1/, whole."""
+    run_training(tiny_job(max_steps=2), tmp_path)
+    earlier = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "summary.json", "job.json")}
+    fresh = dataclasses.replace(
+        tiny_job(max_steps=3, resume=False), optim=OptimConfig(lr=1e-4, warmup_steps=1)
+    )
+    monkeypatch.setenv(FAULT_ENV, "1")
+    with pytest.warns(UserWarning, match=r"train.resume=false: moved the earlier run's checkpoints"):
+        with pytest.raises(RuntimeError, match="injected failure at step 1"):
+            run_training(fresh, tmp_path)
+    monkeypatch.delenv(FAULT_ENV)
+    relaunched = run_training(
+        dataclasses.replace(fresh, train=dataclasses.replace(fresh.train, resume=True)), tmp_path
+    )
+    assert relaunched["resumed_from_step"] == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    kept = tmp_path / "replaced_runs" / "1"
+    assert {name: (kept / name).read_text() for name in earlier} == earlier
+    assert latest_checkpoint(kept / "checkpoints").name == "step_00000002"
+
+
+def test_resume_applies_the_jobs_weight_decay_betas_and_eps(tmp_path):
+    """The optimizer's load_state_dict restores the saved param groups: changed optim.weight_decay, betas and
+    eps used to be silently ignored after a resume (job.json claiming the new values)."""
+    run_training(tiny_job(max_steps=2), tmp_path)
+    changed = dataclasses.replace(
+        tiny_job(max_steps=3), optim=OptimConfig(warmup_steps=1, weight_decay=0.5, betas=(0.5, 0.6), eps=1e-6)
+    )
+    with pytest.warns(UserWarning, match=r"optim.weight_decay 0.01 -> 0.5, optim.betas \[0.9, 0.95\] -> "):
+        assert run_training(changed, tmp_path)["resumed_from_step"] == 2
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"), ["optimizer_tp0_pp0"])
+    groups = saved["optimizer_tp0_pp0"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in groups] == [
+        (0.5, (0.5, 0.6), 1e-6),
+        (0.0, (0.5, 0.6), 1e-6),  # the group without decay keeps none
+    ]
+
+
+def test_skipped_steps_count_on_through_a_resume(tmp_path, monkeypatch):
+    """skipped_steps was not in the checkpoint: a resumed run restarted the count and reported fewer skipped
+    steps than the same run uninterrupted."""
+    import sysopt.train.loop as loop
+
+    monkeypatch.setattr(loop, "_all_finite", lambda runtime, grad_norm, groups: False)  # skip every step
+    job = tiny_job(max_steps=4, checkpoint_every=2)
+    straight = _run_then_crash(job, tmp_path, monkeypatch, 3)
+    resumed = run_training(job, tmp_path / "crashed")
+    assert resumed["resumed_from_step"] == 2
+    assert straight["skipped_steps"] == resumed["skipped_steps"] == 4
+    counts = [
+        [r["skipped_steps"] for r in read_metrics(tmp_path / run / "metrics.jsonl")]
+        for run in ("straight", "crashed")
+    ]
+    assert counts == [[1, 2, 3, 4], [1, 2, 3, 4]]
+
+
+def test_relaunching_a_finished_run_keeps_its_figures(tmp_path):
+    """A relaunch of a finished run (or of one that died after its final save, during eval) runs no step; it
+    used to overwrite summary.json with NaN final_loss, step_time_s and tokens_per_s."""
+    keys = ("final_loss", "final_loss_mean", "step_time_s", "tokens_per_s", "skipped_steps", "eval_loss")
+    done = run_training(tiny_job(), tmp_path)
+    (tmp_path / "summary.json").unlink()  # as if it died in eval: the figures must come from the checkpoint
+    again = run_training(tiny_job(), tmp_path)
+    assert again["resumed_from_step"] == 3
+    assert {k: again[k] for k in keys} == {k: done[k] for k in keys}
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert {k: written[k] for k in keys} == {k: done[k] for k in keys}
+    assert all(math.isfinite(written[k]) for k in keys)
+    # a checkpoint from before the timing was saved: the complete summary.json keeps its timing
+    trainer_file = latest_checkpoint(tmp_path / "checkpoints") / "trainer.pt"
+    state = torch.load(trainer_file, weights_only=True)
+    del state["timing"]
+    torch.save(state, trainer_file)
+    assert {k: run_training(tiny_job(), tmp_path)[k] for k in keys} == {k: done[k] for k in keys}
+
+
+def test_resume_drops_a_torn_last_metrics_line_but_not_a_corrupt_one(tmp_path):
+    """A rank killed while appending to metrics.jsonl leaves half a line: the relaunch used to die on it
+    (JSONDecodeError). A torn last line is dropped; a bad line elsewhere is an error naming file and line."""
+    from sysopt.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss": 1.0}) for s in range(3)]
+    path.write_text("".join(line + "\n" for line in good) + '{"step": 3, "loss": 2.9')
+    assert read_metrics(path) == [json.loads(line) for line in good]
+    with pytest.warns(UserWarning, match="dropped a torn last line"):
+        MetricsLog(path, resume_step=2)
+    assert path.read_text() == good[0] + "\n" + good[1] + "\n"
+    path.write_text(good[0] + "\n" + '{"step": 1, "lo\n' + good[2] + "\n")
+    with pytest.raises(
+        ValueError, match=r"metrics.jsonl line 2 is not a JSON record .* repair or delete line 2"
+    ):
+        MetricsLog(path, resume_step=2)
+    path.write_text(good[0] + "\n" + '{"step": 1, "lo\n')  # a last line with its newline was not torn
+    with pytest.raises(ValueError, match="line 2 is not a JSON record"):
+        read_metrics(path)
+
+
+def test_train_seed_seeds_the_trainers_own_randomness(tmp_path):
+    """train.seed was parsed and never used. It seeds torch's global RNG on every rank (the checkpoint holds
+    its state) and the stochastic rounding of bf16 optimizer state, so two seeds give two runs there."""
+    from sysopt.train.config import OffloadConfig
+
+    offload = OffloadConfig(strategy="host", state_dtype="bf16")
+    runs = {}
+    for seed in (0, 1):
+        job = dataclasses.replace(tiny_job(seed=seed), offload=offload)
+        run_training(job, tmp_path / str(seed))
+        runs[seed] = [r["loss"] for r in read_metrics(tmp_path / str(seed) / "metrics.jsonl")]
+        trainer = load_checkpoint(latest_checkpoint(tmp_path / str(seed) / "checkpoints"), ["trainer"])[
+            "trainer"
+        ]
+        with torch.random.fork_rng(devices=[]):
+            assert torch.equal(trainer["rng"], torch.manual_seed(seed).get_state())
+    assert runs[0][0] == runs[1][0]  # the same initial weights and data: model.seed and data.seed
+    assert runs[0][1:] != runs[1][1:]  # then the rounding differs
+
+
+def test_process_groups_get_the_configured_timeout(tmp_path, monkeypatch):
+    """build_groups used its fixed 120 s default, so train.timeout_s never reached the tp/pp/dp groups: a
+    collective waiting on a rank in a long eval or save failed after 2 minutes whatever the config said."""
+    import sysopt.train.loop as loop
+
+    seen = {}
+
+    def record(topology, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt("recorded")
+
+    monkeypatch.setattr(loop.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(loop, "build_groups", record)
+    with pytest.raises(KeyboardInterrupt, match="recorded"):
+        loop.train_rank(tiny_job(timeout_s=987.0).to_json(), str(tmp_path))
+    assert seen == {"timeout_s": 987.0}
+
+
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
     job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
     (tmp_path / "job.json").write_text(job.to_json())
@@ -283,3 +487,40 @@ def test_eval_loss_is_the_token_weighted_answer_loss_over_the_held_out_split():
     tokens = sum(float(b.loss_mask.sum()) for b in batches)
     assert loss == pytest.approx(total / tokens, rel=1e-5)
     assert set(accuracy) == set(TASKS)
+
+
+def test_pipeline_boundaries_count_the_sequence_parallel_blocks():
+    """tp > 1 with sequence parallelism adds a scatter and a gather block: validation must count them (it
+    rejected the split that runs and accepted one that failed in the ranks), and a bad split of a fresh run
+    must not be blamed on a checkpoint."""
+    from sysopt.data import BatchSampler, DigitsDataset
+    from sysopt.models import VLM
+    from sysopt.models.parallel import block_count, tensor_parallelize
+    from sysopt.train import ConfigError, validate
+    from sysopt.train.parallel import ParallelVLM
+
+    def job(boundaries, tp=2, sequence_parallel=True):
+        parallel = ParallelConfig(tp=tp, pp=2, boundaries=boundaries, sequence_parallel=sequence_parallel)
+        return dataclasses.replace(small_job(), parallel=parallel, schedule=ScheduleConfig("1f1b", 4))
+
+    config = small_job().model
+    for sp in (True, False):
+        model = tensor_parallelize(VLM(config), None, sequence_parallel=sp)
+        assert len(model.blocks) == block_count(config, tp=2, sequence_parallel=sp)
+    n = block_count(config, tp=2)
+    assert n == len(VLM(config).blocks) + 2
+    validate(job((0, 4, n)))
+    with pytest.raises(ConfigError, match=rf"must cut the model's {n} blocks \(2 of them sequence-parallel"):
+        validate(job((0, 4, n - 2)))
+    validate(job((0, 4, n - 2), sequence_parallel=False))
+
+    plain = job((0, 4, 99), tp=1)  # not validated: what the ranks see
+    sample = BatchSampler(DigitsDataset(plain.data, "train"), 16).global_batch(0)
+    with pytest.raises(
+        ValueError, match=r"^parallel.boundaries=\[0, 4, 99\] do not cut the \d+ blocks"
+    ) as err:
+        ParallelVLM(plain, None, sample)
+    assert "checkpoint" not in str(err.value)
+    resumed = job(None, tp=1)
+    with pytest.raises(ValueError, match=r"the checkpoint's pipeline boundaries \[0, 4, 99\] do not cut"):
+        ParallelVLM(resumed, None, sample, boundaries=(0, 4, 99))

@@ -3,6 +3,7 @@ global batch for a step can be cut into contiguous data-parallel (or microbatch)
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -233,9 +234,13 @@ class BatchSampler:
     dropped); with shuffle=False batches follow the dataset order and `__iter__` yields the partial tail too.
     Data-parallel rank r of w trains on `global_batch(step).shard(r, w)`.
 
-    When the training set's config has pack_len > 0, `global_batch` packs: the epoch's sample order is cut
+    When the training set's config has pack_len > 0, `global_batch` packs: each epoch's sample order is cut
     into rows of pack_len tokens (`pack_rows`), and a batch is `batch_size` such rows, so the number of
-    samples per step varies while the shape does not. `__iter__` (evaluation) never packs."""
+    samples per step varies while the shape does not. Epochs pack into different numbers of rows, so the
+    rows of successive epochs form one stream and batch k is rows [k * batch_size, (k + 1) * batch_size) of
+    it: every batch is full and no row is dropped (a batch at an epoch's end also holds the next epoch's
+    first rows). Locating a step packs every epoch before it once (cached), so `global_batch(step)` stays a
+    pure function of (seed, step). `__iter__` (evaluation) never packs."""
 
     def __init__(
         self, dataset: DigitsDataset, batch_size: int, shuffle: bool = True, shuffle_images: bool = False
@@ -247,7 +252,8 @@ class BatchSampler:
         self.seed = dataset.config.seed
         self.pack_len = dataset.config.pack_len if dataset.split == "train" else 0
         self._cached_order: tuple[int, np.ndarray] = (-1, np.arange(0))
-        self._cached_rows: tuple[int, list[list[int]]] = (-1, [])
+        self._cached_rows: dict[int, list[list[int]]] = {}  # the last two epochs packed
+        self._epoch_starts = [0]  # packed: the stream index of each counted epoch's first row, and the end
         if self.pack_len and len(self._rows(0)) < batch_size:
             raise ValueError(
                 f"batch_size={batch_size} rows exceed the {len(self._rows(0))} packed rows of one epoch; "
@@ -256,6 +262,8 @@ class BatchSampler:
 
     @property
     def batches_per_epoch(self) -> int:
+        """Full batches in an epoch; packed, in epoch 0 (later epochs pack into slightly more or fewer
+        rows, and batches run on across epochs: see the class docstring)."""
         if self.pack_len:
             return len(self._rows(0)) // self.batch_size
         return len(self.dataset) // self.batch_size
@@ -280,18 +288,35 @@ class BatchSampler:
 
     def _rows(self, epoch: int) -> list[list[int]]:
         """The epoch's sample order packed into rows of pack_len tokens (dataset indices per row)."""
-        if self._cached_rows[0] != epoch:
+        if epoch not in self._cached_rows:
             order = self._order(epoch)
             packed = pack_rows(sample_lengths(self.dataset, order), self.pack_len)
-            self._cached_rows = (epoch, [[int(order[i]) for i in row] for row in packed])
-        return self._cached_rows[1]
+            if len(self._cached_rows) >= 2:  # a batch spans at most two epochs
+                del self._cached_rows[min(self._cached_rows)]
+            self._cached_rows[epoch] = [[int(order[i]) for i in row] for row in packed]
+        return self._cached_rows[epoch]
+
+    def _epoch_of_row(self, row: int) -> int:
+        """The epoch holding row `row` of the stream of packed rows (counting epochs up to it once)."""
+        starts = self._epoch_starts
+        while starts[-1] <= row:
+            starts.append(starts[-1] + len(self._rows(len(starts) - 1)))
+        return bisect.bisect_right(starts, row) - 1
 
     def rows(self, step: int) -> list[list[int]]:
-        """Dataset indices of each packed row of the batch of `step` (pack_len > 0 only)."""
+        """Dataset indices of each packed row of the batch of `step` (pack_len > 0 only): rows
+        [step * batch_size, (step + 1) * batch_size) of the stream of every epoch's packed rows."""
         if not self.pack_len:
             raise ValueError("rows() needs packing: set data.pack_len > 0 (e.g. 32)")
-        epoch, i = divmod(step, self.batches_per_epoch)
-        return self._rows(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        out: list[list[int]] = []
+        row, end = step * self.batch_size, (step + 1) * self.batch_size
+        while row < end:
+            epoch = self._epoch_of_row(row)
+            offset = row - self._epoch_starts[epoch]
+            taken = self._rows(epoch)[offset : offset + end - row]
+            out.extend(taken)
+            row += len(taken)
+        return out
 
     def indices(self, step: int) -> np.ndarray:
         """Dataset indices of the samples in the global batch of `step` (in row order when packed)."""

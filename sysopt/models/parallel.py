@@ -46,6 +46,14 @@ class SequenceGather(nn.Module):
         return gather_from_sequence_parallel_region(x, self.group)
 
 
+def block_count(config, *, tp: int = 1, sequence_parallel: bool = True) -> int:
+    """Blocks of the VLM of `config` as the pipeline cuts them: the vision embed, vision_layers ViT blocks,
+    the merge, layers decoder blocks and the head, plus the sequence scatter and gather blocks that
+    `tensor_parallelize` adds when tp > 1 with sequence parallelism."""
+    scatter_gather = 2 if tp > 1 and sequence_parallel else 0
+    return config.vision_layers + config.layers + 3 + scatter_gather
+
+
 def tensor_parallelize(
     model: VLM,
     group: dist.ProcessGroup | None,

@@ -1,7 +1,10 @@
 """Atomic, resumable checkpoints: a crash mid-save leaves the last good checkpoint intact.
 
 Each checkpoint is one directory `step_<N>/` written under a temporary name and renamed into place;
-`latest` is a small text file replaced atomically after the rename. Everything loads with
+`latest` is a small text file replaced atomically after the rename. Saving a step that already exists
+renames the old directory aside (`.replaced_step_<N>/`) before the new one goes in and deletes it after,
+so at every instant one complete directory is there or set aside; a crash in between is repaired by the
+next load or save. Files, `latest` and the directory entries are fsynced. Everything loads with
 torch.load(weights_only=True).
 """
 
@@ -21,10 +24,54 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or does not match the job."""
 
 
+REPLACED = ".replaced_"  # prefix of a step directory set aside while a new one with its name goes in
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (renames into or out of it) durable, where the OS allows."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _restore_replaced(root: Path, name: str) -> None:
+    """Put `name` back from its set-aside copy when a crash came between setting it aside and renaming its
+    successor in (several ranks may race here: the first rename wins, the others find nothing to do)."""
+    aside = root / f"{REPLACED}{name}"
+    if not (root / name).is_dir() and aside.is_dir():
+        try:
+            os.replace(aside, root / name)
+        except OSError:
+            pass
+        _fsync_dir(root)
+
+
+def _settle_replaced(root: Path) -> None:
+    """Repair what a crashed commit left: a set-aside directory goes back when its step is missing, and is
+    deleted when the step is there (the crash came after the new one was renamed in)."""
+    for aside in root.glob(f"{REPLACED}step_*"):
+        name = aside.name[len(REPLACED) :]
+        if (root / name).is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            _restore_replaced(root, name)
 
 
 def stage_checkpoint(root: str | os.PathLike, step: int, files: dict[str, Any]) -> Path:
@@ -43,12 +90,19 @@ def stage_checkpoint(root: str | os.PathLike, step: int, files: dict[str, Any]) 
 
 
 def commit_checkpoint(root: str | os.PathLike, step: int) -> Path:
-    """Rename the staged directory of `step` into place, then point `latest` at it."""
+    """Rename the staged directory of `step` into place, then point `latest` at it. An existing directory
+    of that step is renamed aside first and deleted last, so a crash never leaves `latest` naming nothing."""
     root = Path(root)
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
-    shutil.rmtree(final, ignore_errors=True)
+    aside = root / f"{REPLACED}{final.name}"
+    _settle_replaced(root)
+    _fsync_dir(tmp)
+    if final.exists():
+        os.replace(final, aside)
     os.replace(tmp, final)
+    _fsync_dir(root)
     _atomic_write_text(root / LATEST, final.name)
+    shutil.rmtree(aside, ignore_errors=True)
     return final
 
 
@@ -66,6 +120,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     if not pointer.exists():
         return None
     path = Path(root) / pointer.read_text().strip()
+    _restore_replaced(Path(root), path.name)
     if not path.is_dir():
         raise CheckpointError(
             f"{pointer} names {path.name}, which does not exist; delete {pointer} to start over"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sysopt.data import DigitsTaskConfig
 from sysopt.dist import Topology
 from sysopt.models import VLMConfig
+from sysopt.models.parallel import block_count
 
 if TYPE_CHECKING:
     from sysopt.precision.recipe import Recipe
@@ -38,7 +39,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = (
+        1.0  # the largest global gradient norm; 0 turns clipping off (the norm is still logged)
+    )
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,13 @@ class TrainConfig:
     global_batch: int = 64
     log_every: int = 10
     eval_batch: int = 500
+    # the trainer's own randomness: torch's global RNG on every rank and the stochastic rounding of
+    # offload.state_dtype=bf16 (model.seed draws the initial weights, data.seed the data and its order)
     seed: int = 0
     checkpoint_every: int = 0  # 0: only the final checkpoint
-    resume: bool = True  # continue from <run dir>/checkpoints/latest when it exists
+    # continue from <run dir>/checkpoints/latest when it exists; false starts over, first moving an earlier
+    # run's outputs in the run dir to <run dir>/replaced_runs/<n>/
+    resume: bool = True
     timeout_s: float = 1800.0  # the whole launch; a hung rank fails the run after this
     nproc: int | None = None  # ranks to launch; None means parallel.tp * pp * dp
 
@@ -257,6 +264,7 @@ def validate(job: JobConfig) -> None:
                 f"{key}={heads} is not divisible by parallel.tp={p.tp}; attention heads are split "
                 f"across tensor-parallel ranks: use a tp that divides {heads}"
             )
+    _validate_ranges(job)
     microbatches = job.schedule.resolved_microbatches(p.pp)
     per_step = p.dp * microbatches
     if t.global_batch % per_step:
@@ -287,6 +295,64 @@ def validate(job: JobConfig) -> None:
         raise ConfigError(f"optim.lr={o.lr} must be > 0 and optim.min_lr_ratio={o.min_lr_ratio} in [0, 1]")
 
 
+def _validate_ranges(job: JobConfig) -> None:
+    """Single values outside their range: each would otherwise divide by zero, loop forever or train on
+    nothing inside the ranks."""
+    t, o, mb, off = job.train, job.optim, job.schedule.microbatches, job.offload
+    checks = (
+        (
+            "schedule.microbatches",
+            mb,
+            mb is None or (isinstance(mb, int) and mb >= 1),
+            "must be an integer >= 1 (microbatches per data-parallel rank and step) or null for the "
+            "default (1 when pp=1, else 2*pp); use e.g. schedule.microbatches=1",
+        ),
+        (
+            "train.global_batch",
+            t.global_batch,
+            t.global_batch >= 1,
+            "must be >= 1 rows per step; use e.g. 64",
+        ),
+        (
+            "train.log_every",
+            t.log_every,
+            t.log_every >= 1,
+            "must be >= 1 (a metrics line every N steps); use 1",
+        ),
+        ("train.eval_batch", t.eval_batch, t.eval_batch >= 1, "must be >= 1 held-out samples; use e.g. 500"),
+        (
+            "train.checkpoint_every",
+            t.checkpoint_every,
+            t.checkpoint_every >= 0,
+            "must be >= 0 (a checkpoint every N steps); use 0 for only the final checkpoint",
+        ),
+        ("train.timeout_s", t.timeout_s, t.timeout_s > 0, "must be > 0 seconds; use e.g. 1800"),
+        (
+            "optim.grad_clip",
+            o.grad_clip,
+            o.grad_clip >= 0,
+            "must be >= 0 (the largest global gradient norm); use 0 to turn clipping off",
+        ),
+        ("optim.eps", o.eps, o.eps >= 0, "must be >= 0; use e.g. 1e-8"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be >= 0; use 0 for no decay"),
+        (
+            "optim.betas",
+            list(o.betas),
+            len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+            "must be two numbers in [0, 1); use e.g. [0.9, 0.95]",
+        ),
+        (
+            "offload.fraction",
+            off.fraction,
+            0 <= off.fraction <= 1,
+            "must lie in [0, 1] (the share of optimizer subgroups kept on the device); use e.g. 0.5",
+        ),
+    )
+    for key, value, ok, constraint in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value} {constraint}")
+
+
 def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
     """Schedule, tensor-parallel, precision and offload settings."""
     p, sched = job.parallel, job.schedule
@@ -297,11 +363,16 @@ def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
             f"sequences padded for sequence parallelism are {padded} tokens but model.max_seq="
             f"{job.model.max_seq}; raise model.max_seq to {padded} or set parallel.sequence_parallel=false"
         )
-    n_blocks = job.model.vision_layers + job.model.layers + 3  # embed, merge and head are blocks too
+    # embed, merge and head are blocks too, and so are the sequence scatter/gather of tp > 1 with SP
+    n_blocks = block_count(job.model, tp=p.tp, sequence_parallel=p.sequence_parallel)
+    sp_blocks = n_blocks - block_count(job.model)
+    counted = f"{n_blocks} blocks" + (
+        f" ({sp_blocks} of them sequence-parallel scatter/gather)" if sp_blocks else ""
+    )
     if p.pp * p.vpp > n_blocks:
         raise ConfigError(
             f"parallel.pp*vpp = {p.pp}*{p.vpp} = {p.pp * p.vpp} pipeline chunks but the model has only "
-            f"{n_blocks} blocks; lower parallel.pp or parallel.vpp, or add model.layers"
+            f"{counted}; lower parallel.pp or parallel.vpp, or add model.layers"
         )
     if p.boundaries is not None:
         b, chunks = list(p.boundaries), p.pp * p.vpp
@@ -313,7 +384,7 @@ def _validate_parallel_training(job: JobConfig, microbatches: int) -> None:
             or any(not isinstance(x, int) or y <= x for x, y in zip(b, b[1:]))
         ):
             raise ConfigError(
-                f"parallel.boundaries={b} must cut the model's {n_blocks} blocks into pp*vpp={chunks} chunks: "
+                f"parallel.boundaries={b} must cut the model's {counted} into pp*vpp={chunks} chunks: "
                 f"{chunks + 1} increasing integers from 0 to {n_blocks}, e.g. {even}, or null to partition by cost"
             )
     if p.pp > 1:

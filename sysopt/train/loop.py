@@ -10,6 +10,8 @@ losses equal single-process training on the global batch up to float summation o
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import shutil
 import signal
@@ -53,6 +55,8 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
     validate(job)  # in this process, before any rank starts
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not job.train.resume:
+        _set_aside_previous_run(out_dir)
     (out_dir / "job.json").write_text(job.to_json())
     if job.world_size == 1:
         return train_rank(job.to_json(), str(out_dir))
@@ -64,6 +68,33 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
         log_dir=out_dir / "logs",
     )
     return results[0]
+
+
+REPLACED_RUNS = "replaced_runs"  # where train.resume=false moves an earlier run's outputs
+
+
+def _set_aside_previous_run(out_dir: Path) -> Path | None:
+    """train.resume=false into a directory an earlier run wrote: move that run's checkpoints, metrics,
+    summary, job.json and logs to <out_dir>/replaced_runs/<n>/ (nothing is deleted), so that this run starts
+    clean and a relaunch of it after a crash can never resume the earlier run's checkpoint."""
+    outputs = ("checkpoints", "metrics.jsonl", "summary.json")
+    if not any((out_dir / name).exists() for name in outputs):
+        return None
+    parent = out_dir / REPLACED_RUNS
+    taken = [int(p.name) for p in parent.glob("*") if p.name.isdigit()] if parent.is_dir() else []
+    dest = parent / str(max(taken, default=0) + 1)
+    dest.mkdir(parents=True)
+    moved = []
+    for name in (*outputs, "job.json", "logs"):
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, dest / name)
+            moved.append(name)
+    warnings.warn(
+        f"train.resume=false: moved the earlier run's {', '.join(moved)} from {out_dir} to {dest}; "
+        f"this run starts from step 0",
+        stacklevel=3,
+    )
+    return dest
 
 
 def _dp_coords(groups: ParallelGroups | None) -> tuple[int, int]:
@@ -136,7 +167,35 @@ def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.op
         fraction=off.fraction,
         state_dtype=torch.bfloat16 if off.state_dtype == "bf16" else torch.float32,
         master_dtype=torch.bfloat16 if off.master_dtype == "bf16" else torch.float32,
+        seed=job.train.seed,  # the stochastic rounding of bf16 state (the same on every dp replica)
     )
+
+
+JOB_OPTIM_KEYS = ("weight_decay", "betas", "eps")  # what the job sets and a checkpoint must not override
+
+
+def _apply_job_optim_values(
+    optimizer: torch.optim.Optimizer, job_values: list[dict[str, Any]], found: Path, warn: bool
+) -> None:
+    """load_state_dict restores the saved param groups' hyperparameters; put back the job's weight decay,
+    betas and eps (the learning rate is set every step by the schedule), warning where they differ."""
+    changed: dict[str, str] = {}
+    for group, values in zip(optimizer.param_groups, job_values):
+        for key, value in values.items():
+            old = group[key]
+            if (tuple(old) if isinstance(old, list | tuple) else old) != value:
+                changed.setdefault(key, f"optim.{key} {_plain(old)} -> {_plain(value)}")
+            group[key] = value
+    if changed and warn:
+        warnings.warn(
+            f"resuming {found} with this job's optimizer settings, which differ from the checkpoint's: "
+            f"{', '.join(changed.values())}",
+            stacklevel=3,
+        )
+
+
+def _plain(value: Any) -> Any:
+    return [float(x) for x in value] if isinstance(value, list | tuple) else value
 
 
 def _shard_name(job: JobConfig, groups: ParallelGroups | None) -> str:
@@ -149,7 +208,13 @@ def _shard_name(job: JobConfig, groups: ParallelGroups | None) -> str:
 def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     """One rank's training loop (also the whole run when world size is 1)."""
     job = JobConfig.from_json(job_json)
-    groups = build_groups(job.parallel.topology) if dist.is_initialized() else None
+    # the trainer's own randomness: torch's global generator (checkpointed, so a resume continues it) and
+    # the offloading optimizer's stochastic rounding; model.seed draws the weights, data.seed the data
+    torch.manual_seed(job.train.seed)
+    # the groups' collectives wait as long as the launch does (a rank may be in a long eval or save)
+    groups = (
+        build_groups(job.parallel.topology, timeout_s=job.train.timeout_s) if dist.is_initialized() else None
+    )
     dp_rank, dp_size = _dp_coords(groups)
     is_main = groups is None or groups.rank == 0
     out = Path(out_dir)
@@ -172,6 +237,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     shard = _shard_name(job, groups)
     if found is not None:
         state = load_checkpoint(found, [f"model_{shard}", f"optimizer_{shard}"])
+        job_values = [{k: g[k] for k in JOB_OPTIM_KEYS} for g in optimizer.param_groups]
         try:
             runtime.modules.load_state_dict(state[f"model_{shard}"])
             optimizer.load_state_dict(state[f"optimizer_{shard}"])
@@ -180,6 +246,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
                 f"checkpoint {found} does not match this job's model or parallel layout ({exc}); resume "
                 f"with the same model and parallel settings, or use another hydra.run.dir"
             ) from exc
+        _apply_job_optim_values(optimizer, job_values, found, warn=is_main)
         start_step = int(trainer_state["step"])
         torch.set_rng_state(trainer_state["rng"])
     # the final loss worth comparing between runs is a mean over many batches, not the last one's loss;
@@ -204,7 +271,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     step_times: list[float] = []
     tokens_per_step = 0
     loss_value = float("nan")
-    skipped_steps = 0
+    # steps skipped so far in the whole run: counted on from the checkpoint, as the loss window is
+    skipped_steps = int(trainer_state.get("skipped_steps", 0)) if trainer_state is not None else 0
     for step in range(start_step, job.train.max_steps):
         t0 = time.perf_counter()
         lr = warmup_cosine_lr(
@@ -223,7 +291,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         global_batch = sampler.global_batch(step)
         normalizer = global_batch.answer_token_count().clamp(min=1.0)
         loss_sum = runtime.forward_backward(global_batch.shard(dp_rank, dp_size), normalizer)
-        grad_norm = runtime.clip_grad_norm_(o.grad_clip) if o.grad_clip > 0 else torch.tensor(float("nan"))
+        # with clipping off (grad_clip=0) the norm is still measured: the finiteness check and the log need it
+        grad_norm = runtime.clip_grad_norm_(o.grad_clip)
         if _all_finite(runtime, grad_norm, groups):
             optimizer.step()
         else:  # an overflow in a low-precision GEMM or a diverging step: never train on it
@@ -253,14 +322,22 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         every = job.train.checkpoint_every
         if (every and (step + 1) % every == 0) or last:
-            _save(runtime, optimizer, step + 1, ckpt_root, shard, groups, recent_losses)
+            run_state = {
+                "recent_losses": list(recent_losses),
+                "skipped_steps": skipped_steps,
+                "timing": _timing(step_times, tokens_per_step),
+            }
+            _save(runtime, optimizer, step + 1, ckpt_root, shard, groups, run_state)
     if progress is not None:
         progress.close()
 
     accuracy, eval_loss = _distributed_eval(runtime, job, groups)
-    # steady-state timing: skip the first steps (allocator and thread-pool warm-up)
-    steady = step_times[min(len(step_times) // 10, 10) :] or step_times or [float("nan")]
-    median_step_s = sorted(steady)[len(steady) // 2]
+    timing = _timing(step_times, tokens_per_step)
+    if not step_times and trainer_state is not None:
+        # no step ran: a relaunch of a finished run, or of one that died after its final save (in eval). Report
+        # the figures of the launch that trained it: its last loss ends the window, its timing was saved
+        loss_value = recent_losses[-1] if recent_losses else loss_value
+        timing = trainer_state.get("timing") or _summary_timing(out / "summary.json") or timing
     summary = {
         "final_loss": loss_value,
         # mean training loss of the last 10% of steps (final_loss_mean_steps of them)
@@ -273,8 +350,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         "steps": job.train.max_steps,
         "resumed_from_step": start_step,
         "skipped_steps": skipped_steps,
-        "step_time_s": median_step_s,
-        "tokens_per_s": tokens_per_step / median_step_s,
+        "step_time_s": timing["step_time_s"],
+        "tokens_per_s": timing["tokens_per_s"],
         "params": runtime.model.param_count() if job.parallel.tp == 1 else None,
         "world_size": job.world_size,
         "pipeline_boundaries": list(runtime.boundaries),
@@ -286,6 +363,24 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     if is_main:
         write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _timing(step_times: list[float], tokens_per_step: int) -> dict[str, float]:
+    """Median step time and tokens/s of this launch's steps, at steady state: the first steps (allocator and
+    thread-pool warm-up) are left out; NaN when no step ran."""
+    steady = step_times[min(len(step_times) // 10, 10) :] or step_times or [float("nan")]
+    median_step_s = sorted(steady)[len(steady) // 2]
+    return {"step_time_s": median_step_s, "tokens_per_s": tokens_per_step / median_step_s}
+
+
+def _summary_timing(path: Path) -> dict[str, float] | None:
+    """The timing of an earlier summary.json (for checkpoints written before they carried it), if finite."""
+    try:
+        old = json.loads(path.read_text())
+        timing = {k: float(old[k]) for k in ("step_time_s", "tokens_per_s")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return timing if all(math.isfinite(v) for v in timing.values()) else None
 
 
 def _all_finite(runtime: ParallelVLM, grad_norm: torch.Tensor, groups: ParallelGroups | None) -> bool:
@@ -312,7 +407,7 @@ def _save(
     root: Path,
     shard: str,
     groups: ParallelGroups | None,
-    recent_losses: list[float],
+    run_state: dict[str, Any],
 ) -> None:
     """Each (tp, pp) shard is written by its dp-rank-0 replica into one staging directory; after a
     barrier, world rank 0 renames it into place and moves `latest` (so a crash leaves the last one)."""
@@ -325,7 +420,7 @@ def _save(
             "step": step,
             "rng": torch.get_rng_state(),
             "boundaries": list(runtime.boundaries),
-            "recent_losses": list(recent_losses),
+            **run_state,  # what the summary reports over the whole run: the loss window, skipped steps
             "precision_plan": dict(runtime.precision_plan),
         }
     if groups is None or groups.rank == 0:  # clear what a crashed save may have left

@@ -226,7 +226,7 @@ def time_schedules(job_json: str, schedules: list[str], boundaries: list[int], s
     from sysopt.train.parallel import ParallelVLM
 
     job = JobConfig.from_json(job_json)
-    groups = build_groups(job.parallel.topology)
+    groups = build_groups(job.parallel.topology, timeout_s=job.train.timeout_s)
     sampler = BatchSampler(DigitsDataset(job.data, "train"), job.train.global_batch)
     runtimes = {}
     for name in schedules:

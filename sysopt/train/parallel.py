@@ -123,6 +123,8 @@ class ParallelVLM:
                 f"parallel.boundaries={list(p.boundaries)} but the checkpoint was cut at {list(boundaries)}; "
                 f"set parallel.boundaries={list(boundaries)} (or null) to resume it"
             )
+        # where a given split came from, for the error when it does not fit this model's blocks
+        self._boundaries_from = "checkpoint" if boundaries is not None else "config"
         boundaries = p.boundaries if boundaries is None else boundaries
         self.microbatches = job.schedule.resolved_microbatches(p.pp)
         model = VLM(job.model)
@@ -221,10 +223,18 @@ class ParallelVLM:
                 microbatches=self.microbatches,
             )
             boundaries = found.boundaries
-        if len(boundaries) != p.pp * p.vpp + 1 or boundaries[-1] != len(self.model.blocks):
+        n_blocks, chunks = len(self.model.blocks), p.pp * p.vpp
+        if len(boundaries) != chunks + 1 or boundaries[0] != 0 or boundaries[-1] != n_blocks:
+            if self._boundaries_from == "checkpoint":
+                raise ValueError(
+                    f"the checkpoint's pipeline boundaries {list(boundaries)} do not cut this job's {n_blocks} "
+                    f"blocks into pp*vpp={chunks} chunks: it was written with another model or parallel "
+                    f"layout; resume with that run's settings, or use another run directory"
+                )
             raise ValueError(
-                f"pipeline boundaries {list(boundaries)} do not cut {len(self.model.blocks)} blocks into "
-                f"pp*vpp={p.pp * p.vpp} chunks; the checkpoint was written with another parallel layout"
+                f"parallel.boundaries={list(boundaries)} do not cut the {n_blocks} blocks of this model and "
+                f"tp layout into pp*vpp={chunks} chunks: give {chunks + 1} increasing integers from 0 to "
+                f"{n_blocks}, or null to partition by cost"
             )
         payload = [tuple(boundaries)]
         dist.broadcast_object_list(payload, src=0)
@@ -300,10 +310,14 @@ class ParallelVLM:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the whole model's gradient across tp and pp ranks (tp-replicated
-        parameters counted once), like torch.nn.utils.clip_grad_norm_ on the unsharded model."""
+        parameters counted once), like torch.nn.utils.clip_grad_norm_ on the unsharded model. Returns
+        that norm; `max_norm` <= 0 (clipping off) only measures it, leaving the gradients as they are."""
         grads = [q.grad for q in self.params if q.grad is not None]
         if self.groups is None or (self.job.parallel.tp == 1 and self.job.parallel.pp == 1):
-            return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            total = torch.nn.utils.get_total_norm(grads)
+            if max_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, total)
+            return total
         tp_rank = self.groups.coords.tp
         squares = torch.zeros((), dtype=torch.float64)
         for q in self.params:
@@ -317,6 +331,8 @@ class ParallelVLM:
         if self.job.parallel.pp > 1:
             dist.all_reduce(squares, group=self.groups.pp_group)
         total = squares.sqrt().float()
+        if max_norm <= 0:
+            return total
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef)
