@@ -214,8 +214,13 @@ def _version(dist_name: str) -> str | None:
         return None
 
 
+_OUTPUTS = (":!bench/results", ":!bench/README.md")  # pathspecs of what the benchmarks write
+
+
 def git_commit(repo: Path | None = None) -> str | None:
-    """HEAD of the checkout holding sysopt (with '-dirty' when it has local changes), or None."""
+    """HEAD of the checkout holding sysopt (with '-dirty' when it has local changes), or None. The
+    benchmarks' own outputs (bench/results/, bench/README.md's table) do not count: a suite writing its
+    plots before it is stamped would otherwise mark every run dirty."""
     import sysopt
 
     repo = repo or Path(sysopt.__file__).resolve().parents[1]
@@ -224,7 +229,16 @@ def git_commit(repo: Path | None = None) -> str | None:
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "--no-optional-locks",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                *_OUTPUTS,
+            ],
             cwd=repo,
             capture_output=True,
             text=True,

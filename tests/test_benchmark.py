@@ -300,3 +300,27 @@ def test_planner_suite_turns_the_plan_records_into_goals(tmp_path, monkeypatch):
     assert (tmp_path / "planner" / "measured_spread.json").is_file() and (
         tmp_path / "planner_scatter.png"
     ).is_file()
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_benchmark_outputs(tmp_path):
+    import subprocess
+
+    from sysopt.benchmark import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "README.md").write_text("table\n")
+    (tmp_path / "bench" / "results" / "s.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    clean = git_commit(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "bench" / "results" / "s.json").write_text('{"new": 1}\n')
+    (tmp_path / "bench" / "README.md").write_text("new table\n")
+    assert git_commit(tmp_path) == clean  # a suite's own outputs
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "-dirty"
