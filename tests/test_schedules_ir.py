@@ -210,6 +210,14 @@ def test_forward_of_stage_s_must_follow_stage_s_minus_1_on_the_same_rank():
     _raises(_edit(s, 1, lambda a: a.insert(0, a.pop(first_chunk1))), "deadlock", "2F0, waiting for 1F0")
 
 
+def test_a_send_posted_after_a_compute_that_awaits_its_reply_is_a_deadlock():
+    # rank 0: 0F0 0RECV_B0 0B0 0SEND_F0 -- 0B0 needs 1B0, which needs the F0 data rank 0 has not sent yet
+    lowered = add_comms(build("1f1b", 2, 1, 1))
+    send = Action(0, Kind.SEND_F, 0)
+    late = _edit(lowered, 0, lambda a: a.append(a.pop(a.index(send))))
+    _raises(late, "deadlock", "1F0, waiting for the SEND and RECV of 0F0's output")
+
+
 def test_sends_must_match_receives():
     lowered = add_comms(build("1f1b", 2, 1, 2))
     recv = Action(1, Kind.RECV_F, 1)

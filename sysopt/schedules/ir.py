@@ -401,7 +401,8 @@ def _check_progress(schedule: Schedule) -> None:
 def execution_order(schedule: Schedule) -> tuple[tuple[int, Action], ...]:
     """(rank, action) pairs in an order where every action comes after its rank predecessor and its
     producer: run every rank in order, untimed; a compute waits for its producer (and, when the schedule
-    carries comms, for its own RECV); SEND and RECV post without waiting. Raises ScheduleError on
+    carries comms, for the producer's SEND on the peer and its own RECV); SEND and RECV post without
+    waiting. Raises ScheduleError on
     deadlock. Cached as ``Schedule.execution_order``."""
     pos = {r: 0 for r in schedule.actions}
     done: set[Action] = set()
@@ -423,7 +424,7 @@ def execution_order(schedule: Schedule) -> tuple[tuple[int, Action], ...]:
             for r in stuck:
                 a = schedule.actions[r][pos[r]]
                 dep = producer(schedule, a)
-                need = f"its RECV after {dep}" if dep in done else str(dep)
+                need = f"the SEND and RECV of {dep}'s output" if dep in done else str(dep)
                 waits.append(f"rank {r} at step {pos[r]} runs {a}, waiting for {need}")
             first = stuck[0]
             others = [(r, pos[r]) for r in stuck[1:]]
@@ -441,6 +442,6 @@ def _ready(schedule: Schedule, a: Action, done: set[Action], lowered: bool) -> b
     if dep not in done:
         return False
     if lowered and is_cross_rank(schedule, a.stage, dep.stage):
-        recv_kind = Kind.RECV_F if a.kind is F else Kind.RECV_B
-        return Action(a.stage, recv_kind, a.microbatch) in done
+        pair = comm_pair(schedule, dep)  # the data arrives once the peer posted its SEND and we our RECV
+        return pair is not None and pair[0] in done and pair[1] in done
     return True
