@@ -32,9 +32,9 @@ class _Chunk(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
-def _microbatches():
+def _microbatches(seq: int = SEQ):
     g = torch.Generator().manual_seed(9)
-    return [(torch.randn(SEQ, MBS, HIDDEN, generator=g), torch.randn(SEQ, MBS, HIDDEN, generator=g)) for _ in range(M)]  # fmt: skip
+    return [(torch.randn(seq, MBS, HIDDEN, generator=g), torch.randn(seq, MBS, HIDDEN, generator=g)) for _ in range(M)]  # fmt: skip
 
 
 def _forward_step(with_tokens: bool):
@@ -75,18 +75,37 @@ def _run():
         use_cpu_initialization=True, batch_p2p_comm=False, batch_p2p_sync=False,
     )  # fmt: skip
     rank = dist.get_rank()
-    data = _microbatches()
 
-    def run(fb_func, stages, *, with_tokens=False, deferrable=False, forward_only=False):
-        chunks = [_Chunk(s, config, ModelType.encoder_or_decoder) for s in stages]
+    def _chunks(stages):
+        return [_Chunk(s, config, ModelType.encoder_or_decoder) for s in stages]
+
+    def run(
+        fb_func,
+        stages,
+        *,
+        with_tokens=False,
+        deferrable=False,
+        forward_only=False,
+        seq=SEQ,
+        scale=None,
+        chunks=None,
+    ):
+        chunks = chunks or _chunks(stages)
+        for chunk in chunks:
+            chunk.zero_grad(set_to_none=True)
         if deferrable:
             for chunk in chunks:
                 make_deferrable(chunk)
+        data = _microbatches(seq)
+        config.grad_scale_func = (
+            None if scale is None else (lambda loss: loss * scale)
+        )  # an optimizer's loss scale
         with megatron_cpu_shims():
             out = fb_func(
                 forward_step_func=_forward_step(with_tokens), data_iterator=[iter(data) for _ in chunks],
-                model=chunks, num_microbatches=M, seq_length=SEQ, micro_batch_size=MBS, forward_only=forward_only,
+                model=chunks, num_microbatches=M, seq_length=seq, micro_batch_size=MBS, forward_only=forward_only,
             )  # fmt: skip
+        config.grad_scale_func = None
         grads = {
             c.stage: [None if p.grad is None else p.grad.tolist() for p in c.parameters()] for c in chunks
         }
@@ -102,7 +121,14 @@ def _run():
         "zb_h1_deferred": run(make_forward_backward_func("zb_h1"), loop, deferrable=True),
         "zb_h1_tokens": run(make_forward_backward_func("zb_h1"), loop, with_tokens=True),
         "interleaved_eval": run(make_forward_backward_func("interleaved_1f1b"), loop, forward_only=True),
+        "megatron_scaled": run(megatron, loop, scale=8.0),
+        "interleaved_scaled": run(make_forward_backward_func("interleaved_1f1b"), loop, scale=8.0),
+        "megatron_seq6": run(megatron, loop, seq=6),
     }
+    # one adapter function called again with another sequence length (its executors are cached per shape)
+    again, same_chunks = make_forward_backward_func("interleaved_1f1b"), _chunks(loop)
+    run(again, loop, chunks=same_chunks)
+    results["interleaved_seq6"] = run(again, loop, seq=6, chunks=same_chunks)
     ps.destroy_model_parallel()
     return results
 
@@ -116,6 +142,8 @@ def test_sysopt_schedules_match_megatron_core_interleaved():
         ("megatron", "zb_h1_deferred"),
         ("megatron_tokens", "zb_h1_tokens"),
         ("megatron_eval", "interleaved_eval"),
+        ("megatron_scaled", "interleaved_scaled"),
+        ("megatron_seq6", "interleaved_seq6"),
     ]
     for rank, results in enumerate(per_rank):
         for theirs, ours in pairs:

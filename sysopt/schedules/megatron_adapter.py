@@ -131,7 +131,8 @@ def make_forward_backward_func(
         if adjust_tensor_shapes_fn is not None:
             _, send_shapes = adjust_tensor_shapes_fn([shape], [shape])
             shape = tuple(send_shapes[0])
-        key = (num_microbatches, tuple(id(c) for c in chunks), id(pp_group))
+        # the boundary shape is part of the key: another seq_length needs receive buffers of its own size
+        key = (num_microbatches, tuple(id(c) for c in chunks), id(pp_group), tuple(boundary_shape or shape))
         if key not in executors:
             executors[key] = _executor(
                 schedule_name,
@@ -197,10 +198,16 @@ def _executor(name, options, config, chunks, num_microbatches, group, shape) -> 
         stage: _ChunkStage(chunk, None, index, stage == schedule.num_stages - 1)
         for index, (stage, chunk) in enumerate(zip(stages, chunks))
     }
+
+    def loss_fn(loss: torch.Tensor, _target) -> torch.Tensor:
+        # forward_step_calc_loss already scaled it megatron's way; backward_step then applies the optimizer's
+        # loss scaling (config.grad_scale_func, read at each call: the optimizer may set it later)
+        return loss if config.grad_scale_func is None else config.grad_scale_func(loss)
+
     return ScheduleExecutor(
         schedule,
         modules,
-        lambda loss, _target: loss,  # forward_step_calc_loss already scaled it megatron's way
+        loss_fn,
         boundary_shape=shape,
         dtype=config.pipeline_dtype or torch.float32,
         device=_device(chunks[0]),
