@@ -59,6 +59,22 @@ def test_capture_defers_weight_grads_until_flush():
     torch.testing.assert_close(deferrable.bias.grad, plain.bias.grad)
 
 
+def test_capture_reaches_a_backward_run_on_another_thread():
+    """The autograd engine runs a CUDA backward on its own device thread: the capture must reach it."""
+    import threading
+
+    _, deferrable = _pair()
+    x = torch.randn(4, WIDTH, requires_grad=True)
+    loss = deferrable(x).sum()
+    store = WeightGradStore()
+    with store.capture("k"):
+        worker = threading.Thread(target=loss.backward)  # stands in for the engine's device thread
+        worker.start()
+        worker.join()
+    assert x.grad is not None and deferrable.weight.grad is None
+    assert store.flush("k") == 1 and deferrable.weight.grad is not None
+
+
 def test_grad_wrt_input_or_weight_computes_only_that():
     plain, deferrable = _pair()
     x = torch.randn(4, WIDTH, requires_grad=True)

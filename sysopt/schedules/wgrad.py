@@ -15,7 +15,11 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 import torch
 from torch import nn
 
-_state = threading.local()  # .capture: (store, key) while a store captures on this thread
+# (store, key) while a store captures. Process-wide, not thread-local: the autograd engine runs a CUDA
+# backward on its own per-device worker thread, which would not see the caller's thread-locals (deferral
+# would then silently do nothing on GPU). One executor captures at a time; the lock keeps two from mixing.
+_capture: tuple[WeightGradStore, Hashable] | None = None
+_capture_lock = threading.RLock()
 
 
 class WeightGradStore:
@@ -26,13 +30,15 @@ class WeightGradStore:
 
     @contextlib.contextmanager
     def capture(self, key: Hashable) -> Iterator[None]:
-        """Backward passes run inside this block defer their weight gradients under ``key``."""
-        previous = getattr(_state, "capture", None)
-        _state.capture = (self, key)
-        try:
-            yield
-        finally:
-            _state.capture = previous
+        """Backward passes run inside this block (on any thread, the autograd engine's included) defer
+        their weight gradients under ``key``."""
+        global _capture
+        with _capture_lock:
+            previous, _capture = _capture, (self, key)
+            try:
+                yield
+            finally:
+                _capture = previous
 
     def put(self, key: Hashable, work: Callable[[], None]) -> None:
         self._pending.setdefault(key, []).append(work)
@@ -57,7 +63,7 @@ class WeightGradStore:
 def defer(work: Callable[[], None]) -> bool:
     """Stash ``work`` in the capturing store and return True; return False when nothing captures
     (the caller then computes its weight gradient now)."""
-    capture = getattr(_state, "capture", None)
+    capture = _capture
     if capture is None:
         return False
     store, key = capture
