@@ -42,8 +42,17 @@ def suite_section(result: SuiteResult, json_name: str) -> str:
         lines.append(
             f"| {_cell(g.name)} | {g.value:.4g} | {_cell(g.target)} | {'yes' if g.met else '**no**'} |"
         )
-    met = sum(g.met for g in result.goals)
-    lines += ["", f"{met} of {len(result.goals)} goals met.", ""]
+    counted = [
+        g for g in result.goals if "informative" not in g.name
+    ]  # checks and noise floors are not goals
+    met = sum(g.met for g in counted)
+    extra = len(result.goals) - len(counted)
+    lines += [
+        "",
+        f"{met} of {len(counted)} goals met"
+        + (f" ({extra} informative rows not counted)." if extra else "."),
+        "",
+    ]
     return "\n".join(lines)
 
 
