@@ -13,6 +13,7 @@ from sysopt.data import DigitsTaskConfig
 from sysopt.hardware import CPUInfo, GPUInfo, HardwareProfile, LinkFit
 from sysopt.hardware.profile import Calibration, MatmulPoint
 from sysopt.models import VLM, VLMConfig
+from sysopt.models.parallel import block_count
 from sysopt.planner import (
     CostModel,
     Machine,
@@ -166,6 +167,139 @@ def test_param_count_matches_the_model():
         assert param_count(config) == VLM(config).param_count()
 
 
+def _tensor_parallel_blocks(config_json: str, sequences: int, tokens: int, images: int):
+    """On each rank of a tp group: the trainer's blocks (tensor_parallelize) as (kind, parameters held on
+    this rank, elements of the output this rank sends on)."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from sysopt.models import LMHead, TransformerBlock, VisionEmbed
+    from sysopt.models.parallel import SequenceGather, SequenceScatter, block_output_shape, tensor_parallelize
+    from sysopt.models.vlm import ImageTextMerge
+    from sysopt.tensor_parallel import TensorParallelBlock
+
+    kinds = {
+        VisionEmbed: "embed",
+        TransformerBlock: "vit",  # a dense transformer block: only the vision tower keeps them
+        ImageTextMerge: "merge",
+        SequenceScatter: "scatter",
+        TensorParallelBlock: "decoder",
+        SequenceGather: "gather",
+        LMHead: "head",
+    }
+    model = tensor_parallelize(VLM(VLMConfig.from_json(config_json)), dist.group.WORLD)
+    batch = SimpleNamespace(tokens=torch.zeros(sequences, tokens), images=torch.zeros(images, 8, 8))
+    tp = dist.get_world_size()
+    return [
+        (
+            kinds[type(block)],
+            sum(p.numel() for p in block.parameters()),
+            math.prod(block_output_shape(model, i, batch, tp)),
+        )
+        for i, block in enumerate(model.blocks)
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_tensor_parallel_layers_are_the_trainers_blocks():
+    """At tp=2 the trainer shards only the decoder blocks (ViT, merge and head stay replicated) and adds
+    the sequence scatter/gather blocks: the planner's layers match it block by block (kind, parameters held
+    per rank, elements sent on), and its memory holds the parameters a rank really holds."""
+    from sysopt.dist import launch
+    from sysopt.planner.workload import BatchShape
+
+    shape = BatchShape(4, DATA.seq_len, 9)  # 11-token rows: sequence parallelism pads them to 12
+    blocks = launch(_tensor_parallel_blocks, 2, (MODEL.to_json(), 4, 12, 9), backend="gloo", timeout_s=90)
+    assert blocks[0] == blocks[1]
+    planned = layers(MODEL, shape, tp=2)
+    assert len(planned) == len(blocks[0]) == block_count(MODEL, tp=2)
+    for layer, (kind, params, sent) in zip(planned, blocks[0]):
+        assert (layer.kind, layer.params_per_rank(2)) == (kind, params), layer.name
+        assert layer.output_elements // (2 if layer.output_sharded else 1) == sent, layer.name
+        if kind in ("vit", "merge", "head"):  # replicated: nothing split, no tensor-parallel collective
+            assert layer.split_params == 0 and not layer.tp_ops and not layer.sharded
+    held = sum(params for _, params, _ in blocks[0])
+    assert held > param_count(MODEL) // 2  # the replicated tower and head dominate this small model
+    p = cost_model(devices=2).predict(PlanConfig(tp=2, microbatches=1, micro_batch_size=16))
+    assert p.memory.params_bytes == p.memory.grads_bytes == 4 * held
+
+
+def test_replicated_blocks_cost_the_same_at_any_tp():
+    """The ViT blocks and the head run whole on every tp rank: their GEMMs are not divided by tp, they
+    add no collective, and the head keeps its full logits; only the decoder blocks shard."""
+    model = cost_model(devices=2)
+    tp1 = {layer.name: layer for layer in model.layers(8)}
+    tp2 = {layer.name: layer for layer in model.layers(8, 2)}
+    costs1 = dict(zip(tp1, model.layer_costs(8, 1, "none", 1, None)))
+    costs2 = dict(zip(tp2, model.layer_costs(8, 2, "none", 1, None)))
+    for name in ("embed", "vit0", "vit1", "merge"):
+        assert costs2[name] == costs1[name]
+        assert model.gemm_s(tp2[name], 2, None) == model.gemm_s(tp1[name], 1, None)
+    assert costs2["head"].tp_forward_s == costs2["head"].tp_backward_s == 0
+    assert tp2["head"].output_elements == 8 * (DATA.seq_len + 1) * MODEL.vocab_size
+    tokens_bytes = 8 * (DATA.seq_len + 1) * MODEL.dim * 4  # the sequence all-gathers move [tokens, dim]
+    gather = collective_time_s(model.profile, "all_gather", tokens_bytes, 2)
+    assert (
+        costs2["sp_gather"].tp_forward_s == pytest.approx(gather) and costs2["sp_gather"].tp_backward_s == 0
+    )
+    assert (
+        costs2["sp_scatter"].tp_backward_s == pytest.approx(gather) and costs2["sp_scatter"].tp_forward_s == 0
+    )
+    # the dp all-reduce moves every parameter a rank holds, replicated ones included
+    held = sum(layer.params_per_rank(2) for layer in tp2.values())
+    assert held > param_count(MODEL) / 2
+    p = cost_model(devices=4).predict(PlanConfig(tp=2, dp=2, micro_batch_size=8))
+    assert p.memory.params_bytes == 4 * held
+
+
+def test_tp_pipelines_cut_the_trainers_blocks():
+    """With tp > 1 and pp > 1 the planner splits the trainer's block list (sequence scatter/gather
+    included), so the trainer runs the split it prints; and it allows as many chunks as the trainer does."""
+    from sysopt.planner.measure import base_job_for
+    from sysopt.planner.space import num_blocks
+
+    base = base_job_for(MODEL, DATA, 16, 2)
+    model = cost_model(devices=4)
+    c = PlanConfig(tp=2, pp=2, schedule="1f1b", microbatches=4, micro_batch_size=4)
+    p = model.predict(c)
+    assert p.boundaries[-1] == block_count(MODEL, tp=2) == 9
+    overrides = c.to_overrides(64, p.boundaries)
+    assert f"parallel.boundaries=[{','.join(map(str, p.boundaries))}]" in overrides
+    assert job_for(c, base, 64, p.boundaries).parallel.boundaries == p.boundaries  # the trainer accepts it
+    # a split the trainer ran (as a measured record reports it) is predicted on the same blocks
+    assert model.predict(c, (0, 4, 9)).boundaries == (0, 4, 9)
+    # 8 chunks over 9 blocks: the trainer runs it, so the planner must not reject it
+    wide = PlanConfig(tp=2, pp=4, vpp=2, schedule="interleaved_1f1b", microbatches=8, micro_batch_size=2)
+    assert violations(wide, MODEL, 8, 16) == []
+    job_for(wide, base, 64)
+    assert any("9 blocks" in r for r in violations(dataclasses.replace(wide, vpp=3), MODEL, 8, 16))
+    shape = Workload.from_data(MODEL, DATA, 16).microbatch(4)
+    for tp in (1, 2, 4):  # the planner's rule is the trainer's
+        assert num_blocks(MODEL, tp) == block_count(MODEL, tp=tp) == len(layers(MODEL, shape, tp))
+
+
+def test_layer_times_of_a_fit_that_folded_the_sequence_blocks_still_apply():
+    """A fit made before the planner counted the scatter/gather blocks timed them inside the merge and the
+    head (two entries short at tp=2): those series get zeros for the two blocks."""
+    from sysopt.planner import PlannerCalibration
+
+    folded = _layer_times(sizes=(4, 8), tp=2)  # one entry per dense block
+    model = CostModel(
+        Workload.from_data(MODEL, DATA, 16),
+        Machine.from_profile(cpu_profile(), 2),
+        PlannerCalibration(layer_times=folded),
+    )
+    costs = model.layer_costs(4, 2, "none", 1, None)
+    names = [layer.name for layer in model.layers(4, 2)]
+    f = folded.lookup(None, 2, "none", 1, 4)[0]
+    assert len(costs) == len(f) + 2 and all(c.measured for c in costs)
+    assert [c.forward_s for c in costs] == [*f[:4], 0.0, *f[4:6], 0.0, *f[6:]]
+    assert names[4] == "sp_scatter" and names[7] == "sp_gather"
+
+
 def matmul_total_s(profile: HardwareProfile, layers, tp: int = 1) -> float:
     """Forward + both backward GEMMs of every linear and 3x the attention GEMMs, straight from the profile."""
     total = 0.0
@@ -213,17 +347,20 @@ def test_pipeline_bubble_and_step_match_the_simulator():
 
 def test_doubling_tp_halves_gemm_time_and_adds_the_collectives():
     model = cost_model(devices=2)
-    decoder = next(layer for layer in model.layers(8) if layer.kind == "decoder")
+    # at tp=2 sequence parallelism pads the 11-token rows to 12, as the trainer does
+    decoder = next(layer for layer in model.layers(8, 2) if layer.kind == "decoder")
     assert model.gemm_s(decoder, 2, None) == pytest.approx(model.gemm_s(decoder, 1, None) / 2, rel=1e-9)
     tp1 = model.layer_costs(8, 1, "none", 1, None)
     tp2 = model.layer_costs(8, 2, "none", 1, None)
-    i = [layer.name for layer in model.layers(8)].index(decoder.name)
-    assert tp2[i].weight_s == pytest.approx(tp1[i].weight_s / 2, rel=1e-9)  # modelled: GEMMs + memory traffic
-    tokens, dim, hidden = 8 * DATA.seq_len, MODEL.dim, MODEL.mlp_ratio * MODEL.dim
+    i1 = [layer.name for layer in model.layers(8)].index(decoder.name)
+    i = [layer.name for layer in model.layers(8, 2)].index(decoder.name)
+    dense_s = model.gemm_s(decoder, 1, None) + model.elementwise_s(decoder, 1)
+    assert tp2[i].weight_s == pytest.approx(dense_s / 2, rel=1e-9)  # modelled: GEMMs + memory traffic
+    tokens, dim, hidden = 8 * (DATA.seq_len + 1), MODEL.dim, MODEL.mlp_ratio * MODEL.dim
     # sequence parallel: all-gather the [tokens, dim] input of qkv and fc, reduce-scatter proj outputs
     expected = 2 * collective_time_s(model.profile, "all_gather", tokens * dim * 4, 2)
     expected += 2 * collective_time_s(model.profile, "reduce_scatter", tokens * dim * 4, 2)
-    assert tp1[i].tp_forward_s == 0 and tp2[i].tp_forward_s == pytest.approx(expected, rel=1e-9)
+    assert tp1[i1].tp_forward_s == 0 and tp2[i].tp_forward_s == pytest.approx(expected, rel=1e-9)
     assert hidden > dim  # (the fc all-gather moves the input, not the hidden activations)
     # on a bandwidth-bound link (no latency) chunking hides part of the collectives behind the GEMMs
     slow = cpu_profile(rates={"fp32": 1e10})
@@ -690,9 +827,10 @@ def test_measure_layer_times_times_the_trainers_blocks(tmp_path):
     cases = cases_of(configs)
     assert cases == [(None, 1, "none", 1, 2), (None, 2, "none", 1, 4)]
     times = measure_layer_times(job, cases, repeats=1, rounds=2, progress=False)
-    n = len(VLM(MODEL).blocks)
     assert [(e.tp, e.micro_batch_size) for e in times.entries] == [(1, 2), (2, 4)]
-    for e in times.entries:
+    for e in times.entries:  # one figure per trainer block: at tp=2 the sequence scatter and gather too
+        n = block_count(MODEL, tp=e.tp)
+        assert n == len(VLM(MODEL).blocks) + (2 if e.tp > 1 else 0)
         assert all(len(series) == n for series in e.times())
         assert min(e.forward_s) > 0 and min(e.backward_s) > 0 and min(e.weight_s) > 0
         assert e.input_s[0] < min(e.input_s[1:])  # the embedding block has no input gradient: nothing run

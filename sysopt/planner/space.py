@@ -97,9 +97,10 @@ def schedule_error(name: str, pp: int, vpp: int, microbatches: int) -> str | Non
     return None
 
 
-def num_blocks(model: VLMConfig) -> int:
-    """Entries of VLM.blocks: embed, ViT blocks, merge, decoder blocks, head."""
-    return model.vision_layers + model.layers + 3
+def num_blocks(model: VLMConfig, tp: int = 1) -> int:
+    """Blocks the trainer's pipeline cuts at `tp`: embed, ViT blocks, merge, decoder blocks, head, plus the
+    sequence-parallel scatter and gather blocks at tp > 1 (sysopt.models.parallel.block_count's rule)."""
+    return model.vision_layers + model.layers + 3 + (2 if tp > 1 else 0)
 
 
 def violations(config: PlanConfig, model: VLMConfig, devices: int, global_batch: int) -> list[str]:
@@ -123,11 +124,12 @@ def violations(config: PlanConfig, model: VLMConfig, devices: int, global_batch:
     for key, heads in (("heads", model.heads), ("vision_heads", model.vision_heads)):
         if heads % c.tp:
             out.append(f"model.{key}={heads} is not divisible by tp={c.tp}; use a tp dividing {heads}")
-    blocks = num_blocks(model)
+    blocks = num_blocks(model, c.tp)
     if c.pp * c.vpp > blocks:
+        sp = " (2 of them sequence-parallel scatter/gather)" if c.tp > 1 else ""
         out.append(
-            f"pp*vpp = {c.pp}*{c.vpp} = {c.pp * c.vpp} chunks exceed the model's {blocks} blocks; "
-            f"lower pp or vpp"
+            f"pp*vpp = {c.pp}*{c.vpp} = {c.pp * c.vpp} chunks exceed the model's {blocks} blocks{sp} at "
+            f"tp={c.tp}; lower pp or vpp"
         )
     if c.vpp > 1 and c.pp == 1:
         out.append(f"vpp={c.vpp} needs pp >= 2 (model chunks are spread over pipeline ranks); use vpp=1")
