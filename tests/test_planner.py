@@ -145,6 +145,36 @@ def test_every_rule_rejects_its_case(config, devices, fragment):
     assert config not in set(enumerate_configs(MODEL, devices, 16))
 
 
+def test_rows_padded_for_sequence_parallelism_must_fit_max_seq():
+    """The trainer pads rows to a multiple of tp for sequence parallelism and refuses rows longer than
+    model.max_seq: the planner applies the same rule (enumeration, violations, predict)."""
+    from sysopt.planner.measure import base_job_for
+    from sysopt.train import ConfigError
+
+    row = DATA.row_len  # 11 tokens: tp=2 pads to 12
+    tight = dataclasses.replace(MODEL, max_seq=row)
+    c = PlanConfig(tp=2, microbatches=1, micro_batch_size=16)
+    workload = Workload.from_data(tight, DATA, 16)
+    with pytest.raises(ValueError, match="raise model.max_seq to 12"):
+        CostModel(workload, Machine.from_profile(cpu_profile(), 2)).predict(c)
+    reasons = violations(c, tight, 2, 16, row_len=row)
+    assert any(
+        "padded to 12" in r and "model.max_seq=11" in r and "raise model.max_seq to 12" in r for r in reasons
+    )
+    with pytest.raises(ConfigError, match="padded for sequence parallelism are 12 tokens"):
+        job_for(c, base_job_for(tight, DATA, 16, 2))
+    assert {x.tp for x in enumerate_configs(tight, 2, 16, row_len=row)} == {1}
+    roomy = dataclasses.replace(MODEL, max_seq=row + 1)  # room for the padding: both accept tp=2
+    assert violations(c, roomy, 2, 16, row_len=row) == []
+    job_for(c, base_job_for(roomy, DATA, 16, 2))
+    assert any(
+        "exceed model.max_seq=10" in r
+        for r in violations(
+            PlanConfig(dp=2, micro_batch_size=8), dataclasses.replace(MODEL, max_seq=10), 2, 16, row_len=row
+        )
+    )
+
+
 def test_a_valid_config_has_no_violations_and_overrides_name_every_knob():
     c = PlanConfig(2, 2, 1, 1, "1f1b", 4, 4, "chunked", 3, "host", "int8_rowwise")
     assert violations(c, MODEL, 4, 16) == []

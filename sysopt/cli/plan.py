@@ -242,7 +242,7 @@ def fit_here(args, workload, machine, base_job, space: list, rounds: int | None 
 
     references = []
     for reference in reference_configs(machine.devices, args.global_batch):
-        problems = violations(reference, workload.model, machine.devices, args.global_batch)
+        problems = violations(reference, workload.model, machine.devices, args.global_batch, workload.seq_len)
         if problems:
             print(f"sysopt-plan: --fit skips {reference.label()}: {problems[0]}", file=sys.stderr)
             continue
@@ -391,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     keep = where_filter(args.where)
     space = [
         c
-        for c in enumerate_configs(model_cfg, machine.devices, args.global_batch, options, chooser)
+        for c in enumerate_configs(
+            model_cfg, machine.devices, args.global_batch, options, chooser, row_len=data_cfg.row_len
+        )
         if keep(c)
     ]
     fit_inputs = None

@@ -15,7 +15,7 @@ from sysopt.offload.placement import HOST, PhaseTimes, make_plan, predict_iterat
 from sysopt.offload.subgroups import DEFAULT_SUBGROUP_BYTES
 from sysopt.planner.context import Machine, PlannerCalibration, Workload
 from sysopt.planner.device import dp_exposed_s, offload_subgroups, peak_activation_bytes
-from sysopt.planner.space import PlanConfig
+from sysopt.planner.space import PlanConfig, row_length_error
 from sysopt.planner.workload import EXTRA_OPS_PER_LOW_PRECISION_LINEAR, Layer, Linear, layers
 from sysopt.precision.auto import step_time_s as linear_step_time_s
 from sysopt.precision.convert import MIN_FEATURES
@@ -394,8 +394,11 @@ class CostModel:
 
     # ---- whole step ---------------------------------------------------------------------------
     def predict(self, config: PlanConfig, boundaries: tuple[int, ...] | None = None) -> Prediction:
-        """Step time and peak memory per device of `config` (raises ValueError if it cannot be modelled),
-        on the planner's own pipeline split or on `boundaries`."""
+        """Step time and peak memory per device of `config` (raises ValueError if it cannot be modelled or
+        the trainer cannot run its rows), on the planner's own pipeline split or on `boundaries`."""
+        problem = row_length_error(self.workload.model, self.workload.seq_len, config.tp)
+        if problem:
+            raise ValueError(problem)
         pipe = self.pipeline(config, boundaries)
         ranks = []
         for rank in sorted(pipe.simulation.timeline):
