@@ -189,6 +189,30 @@ def test_a_valid_config_has_no_violations_and_overrides_name_every_knob():
 # ---- cost model --------------------------------------------------------------------------------
 
 
+def test_packed_rows_are_pack_len_tokens_holding_several_samples():
+    """With data.pack_len a trainer row is pack_len tokens holding several samples and their images: the
+    workload's microbatches have that shape, so activations and ViT work grow with the packing."""
+    from sysopt.data import BatchSampler, DigitsDataset
+
+    packed = dataclasses.replace(DATA, pack_len=32, n_train=2000, n_eval_per_task=5)
+    workload = Workload.from_data(MODEL, packed, 16)
+    shape = workload.microbatch(16)
+    assert shape.seq_len == 32 and workload.samples_per_row > 3
+    sampler = BatchSampler(DigitsDataset(packed, "train"), 16)
+    trained = [sampler.global_batch(step) for step in range(4)]
+    assert {tuple(b.tokens.shape) for b in trained} == {(16, 32)}
+    images = sum(b.images.shape[0] for b in trained) / len(trained)
+    assert shape.images == pytest.approx(images, rel=0.1)
+    assert Workload.from_data(MODEL, DATA, 16).microbatch(16).seq_len == DATA.seq_len  # unpacked: one sample
+    machine = Machine.from_profile(cpu_profile(), 1)
+    c = PlanConfig(microbatches=4, micro_batch_size=4)
+    unpacked = CostModel(Workload.from_data(MODEL, DATA, 16), machine).predict(c)
+    assert (
+        CostModel(workload, machine).predict(c).memory.activations_bytes
+        > 2 * unpacked.memory.activations_bytes
+    )
+
+
 def test_param_count_matches_the_model():
     for config in (
         MODEL,

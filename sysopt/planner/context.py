@@ -22,16 +22,26 @@ NOMINAL_CPU_MEMORY_BYTES_PER_S = 2.0e10  # when a CPU profile lacks a memcpy fit
 
 @dataclass(frozen=True)
 class Workload:
-    """The model and the global batch of `global_batch` sequences of `seq_len` tokens."""
+    """The model and the global batch of `global_batch` training rows ("sequences") of `seq_len` tokens
+    showing `images_per_sequence` images each on average. A row holds one sample, or with packing
+    (data.pack_len) `samples_per_row` samples on average."""
 
     model: VLMConfig
     global_batch: int
     seq_len: int
     images_per_sequence: float
+    samples_per_row: float = 1.0
 
     @classmethod
     def from_data(cls, model: VLMConfig, data, global_batch: int) -> Workload:
-        """From a DigitsTaskConfig (sysopt.data) and the global batch."""
+        """From a DigitsTaskConfig (sysopt.data) and the global batch: rows of data.seq_len tokens, one
+        sample each; with data.pack_len > 0, rows of pack_len tokens holding the samples (and their images)
+        sysopt.data's packing puts there (sysopt.data.batching.expected_packing)."""
+        if data.pack_len:
+            from sysopt.data.batching import expected_packing
+
+            samples, images = expected_packing(data)
+            return cls(model, global_batch, data.pack_len, images, samples)
         return cls(model, global_batch, data.seq_len, images_per_sequence(data))
 
     def microbatch(self, sequences: int) -> BatchShape:
