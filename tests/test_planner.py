@@ -541,6 +541,35 @@ def test_joint_fit_recovers_known_overheads_from_several_runs():
         fit_calibration(workload, machine, [])
 
 
+def test_the_cached_fit_serves_only_the_model_and_data_it_was_fitted_to(tmp_path, monkeypatch, capsys):
+    """sysopt-plan's cached fit holds measured block times of one model: another model or data config
+    (same profile) must not be predicted with them."""
+    import argparse
+
+    from sysopt.cli.plan import resolve_calibration
+    from sysopt.planner import fit_calibration
+
+    profile = cpu_profile()
+    machine = Machine.from_profile(profile, 1)
+    workload = Workload.from_data(MODEL, DATA, 16)
+    fitted = fit_calibration(workload, machine, [(PlanConfig(micro_batch_size=16), 0.5)])
+    assert fitted.workload_key == workload.key() and fitted.profile_created == profile.created
+    path = fitted.save(tmp_path / "planner.json")
+    monkeypatch.setattr("sysopt.planner.default_calibration_path", lambda: path)
+    args = argparse.Namespace(calibration=None, no_calibration=False, op_overhead_s=None, profile=None)
+    assert resolve_calibration(args, profile, machine, workload) == fitted
+    wider = Workload.from_data(dataclasses.replace(MODEL, dim=256), DATA, 16)
+    packed = Workload.from_data(MODEL, dataclasses.replace(DATA, pack_len=32), 16)
+    for other in (wider, packed, None):
+        assert resolve_calibration(args, profile, machine, other).source == "uncalibrated"
+        assert "fitted to another model/data config" in capsys.readouterr().err
+    # what does not change the blocks' work keeps the key (the number of training samples, the batch)
+    assert Workload.from_data(MODEL, dataclasses.replace(DATA, n_train=10), 64).key() == workload.key()
+    # a fit saved before fits were keyed (no workload_key) is not trusted either
+    dataclasses.replace(fitted, workload_key="").save(path)
+    assert resolve_calibration(args, profile, machine, workload).source == "uncalibrated"
+
+
 def test_spread_spans_the_knobs_before_filling_by_rank():
     from sysopt.cli.plan import spread
 

@@ -170,19 +170,36 @@ def print_ranking(ranking, top: int) -> None:
     print(f"({len(ranking.ranked)} fit, {len(ranking.rejected)} rejected)")
 
 
-def resolve_calibration(args, profile, machine):
+def resolve_calibration(args, profile, machine, workload=None):
     """The planner calibration: --calibration, else this host's cached fit when it was made against this
-    profile; a GPU profile without one assumes a nominal per-op overhead; --op-overhead-s overrides."""
+    profile and for this model and data (`workload`: its block times are this model's); a GPU profile
+    without one assumes a nominal per-op overhead; --op-overhead-s overrides."""
     from sysopt.planner import PlannerCalibration, default_calibration_path
 
     calibration = PlannerCalibration()
     path = args.calibration or (default_calibration_path() if args.profile is None else None)
     if not args.no_calibration and path is not None and path.is_file():
         found = PlannerCalibration.load(path)
-        if args.calibration is not None or found.profile_created == profile.created:
+        same_workload = workload is not None and found.workload_key == workload.key()
+        if args.calibration is not None:
             calibration = found
-        else:
+            if not same_workload:
+                print(
+                    f"sysopt-plan: note: {path} was fitted to another model/data config than this one; its "
+                    "block times are that model's (run --fit to fit this one)",
+                    file=sys.stderr,
+                )
+        elif found.profile_created != profile.created:
             print(f"sysopt-plan: ignoring {path}: fitted to another profile; run --fit", file=sys.stderr)
+        elif not same_workload:
+            print(
+                f"sysopt-plan: ignoring {path}: fitted to another model/data config (workload "
+                f"{found.workload_key or 'unknown'}, this one {workload.key() if workload else 'unknown'}); "
+                "run --fit",
+                file=sys.stderr,
+            )
+        else:
+            calibration = found
     if args.op_overhead_s is not None:
         source = f"op_overhead_s={args.op_overhead_s} (given)"
         return dataclasses.replace(calibration, op_overhead_s=args.op_overhead_s, source=source)
@@ -401,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds = 1 if args.measure else None
         calibration, fit_inputs = fit_here(args, workload, machine, base_job, space, rounds)
     else:
-        calibration = resolve_calibration(args, profile, machine)
+        calibration = resolve_calibration(args, profile, machine, workload)
     cost_model = CostModel(workload, machine, calibration, min_features=args.min_features)
     ranking = rank(cost_model, space)
     kind = "GPU" if machine.on_gpu else "CPU core"

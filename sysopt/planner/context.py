@@ -4,6 +4,7 @@ the planner's own calibration (per-layer overhead fitted to one measured run), e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -46,6 +47,17 @@ class Workload:
 
     def microbatch(self, sequences: int) -> BatchShape:
         return BatchShape(sequences, self.seq_len, max(1, round(sequences * self.images_per_sequence)))
+
+    def key(self) -> str:
+        """A fingerprint of what sets the blocks' costs: the model config and the rows (tokens, images and
+        samples per row). A planner fit (its measured block times) holds for one key."""
+        rows = {
+            "seq_len": self.seq_len,
+            "images_per_sequence": round(self.images_per_sequence, 6),
+            "samples_per_row": round(self.samples_per_row, 6),
+        }
+        text = json.dumps({"model": asdict(self.model), **rows}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "model": asdict(self.model)}
@@ -131,6 +143,7 @@ class PlannerCalibration:
     host_tensor_overhead_s: float = 0.0
     source: str = "uncalibrated"
     profile_created: str = ""  # the HardwareProfile (its `created`) the fit was made against
+    workload_key: str = ""  # the Workload (its key(): model and rows) the fit was made for; "" = unknown
     # measured per-block forward/backward seconds: where they cover a case, the model uses them instead
     # of GEMM rates and op counts (gemm_scale and op_overhead_s then apply only to uncovered cases)
     layer_times: LayerTimes | None = None
