@@ -114,6 +114,36 @@ def load_workload(args) -> tuple[Any, Any]:
         raise SystemExit(f"sysopt-plan: bad model/data config: {exc}") from exc
 
 
+def _override_value(value: Any) -> str:
+    """A YAML value as a Hydra command-line value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
+
+
+def workload_overrides(args) -> list[str]:
+    """The model and data sysopt-plan planned for, as sysopt-train overrides: the --model config (a config
+    group name unless it is train.yaml's default; a YAML file as model.KEY=VALUE lines) and the model.* /
+    data.* overrides given here."""
+    from sysopt.cli.train import config_dir
+
+    out = []
+    if args.model.endswith((".yaml", ".yml")):
+        out += [f"model.{k}={_override_value(v)}" for k, v in _yaml(Path(args.model)).items()]
+    else:
+        from omegaconf import OmegaConf
+
+        defaults = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "train.yaml"), resolve=False)
+        groups = {k: v for d in defaults.get("defaults", []) if isinstance(d, dict) for k, v in d.items()}
+        if groups.get("model") != args.model:
+            out.append(f"model={args.model}")
+    return out + list(args.overrides)
+
+
 def load_profile(args):
     from sysopt.hardware import HardwareProfile, load_or_calibrate
 
@@ -427,7 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         f"global batch {args.global_batch}, calibration: {calibration.source}"
     )
     print_ranking(ranking, args.top)
-    text = explain(ranking, args.min_features) if ranking.ranked else "no configuration fits"
+    text = (
+        explain(ranking, args.min_features, workload_overrides(args))
+        if ranking.ranked
+        else "no configuration fits"
+    )
     print(text)
     records = []
     if args.measure and fit_inputs is not None:
