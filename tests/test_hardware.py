@@ -309,14 +309,28 @@ def test_quick_calibration_matmul_time_scales_with_size(calibrated):
 # ---- cache ------------------------------------------------------------------------------------
 
 
+def measured_as_asked(threads=None, world_size=2, device=None, **_) -> HardwareProfile:
+    """handmade_profile() as calibrate(threads=, world_size=, device=) would measure it here."""
+    import torch
+
+    p = handmade_profile()
+    cal = dataclasses.replace(
+        p.calibration,
+        device=str(device or calibration_module.default_device()),
+        threads=threads or torch.get_num_threads(),
+        collective_world_size=world_size,
+    )
+    return dataclasses.replace(p, calibration=cal)
+
+
+def counting_calibrate(calls: list):
+    """A stand-in for calibration.calibrate that records its arguments and measures as asked."""
+    return lambda **kw: calls.append(kw) or measured_as_asked(**kw)
+
+
 def test_cache_is_used_on_second_call(tmp_path, monkeypatch):
     calls = []
-
-    def fake_calibrate(**kwargs):
-        calls.append(kwargs)
-        return handmade_profile()
-
-    monkeypatch.setattr(calibration_module, "calibrate", fake_calibrate)
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
     path = tmp_path / "profile.json"
     first = load_or_calibrate(path, quick=True)
     second = load_or_calibrate(path, quick=True)
@@ -333,7 +347,7 @@ def test_cache_is_used_on_second_call(tmp_path, monkeypatch):
 def test_a_calibration_whose_collectives_failed_is_not_cached(tmp_path, monkeypatch):
     """A failed collective launch (e.g. ranks spawned from a script without a __main__ guard) must not
     be cached: the cache would serve a profile without collective fits until the code changed."""
-    good = handmade_profile()
+    good = measured_as_asked()
     failed = dataclasses.replace(
         good, calibration=dataclasses.replace(good.calibration, collective_world_size=1)
     )
@@ -350,7 +364,7 @@ def test_a_calibration_whose_collectives_failed_is_not_cached(tmp_path, monkeypa
 def test_default_cache_paths_separate_quick_from_full(tmp_path, monkeypatch):
     monkeypatch.setenv("SYSOPT_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(calibration_module, "calibrate", lambda **kw: calls.append(kw) or handmade_profile())
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
     assert cache_module.default_cache_path().parent == tmp_path
     load_or_calibrate(quick=True)
     assert cache_module.default_cache_path(quick=True).is_file()
@@ -363,9 +377,10 @@ def test_default_cache_paths_separate_quick_from_full(tmp_path, monkeypatch):
 
 def test_cache_measured_by_other_code_is_calibrated_again(tmp_path, monkeypatch):
     """A cached calibration records which code measured it; once that code (or torch) changes,
-    load_or_calibrate measures again, says why, and caches the new figures."""
+    load_or_calibrate measures again, says why, and caches the new figures; read-only lookups
+    (load_cached: the trainer, TP overlap 'auto') ignore it too."""
     calls = []
-    monkeypatch.setattr(calibration_module, "calibrate", lambda **kw: calls.append(kw) or handmade_profile())
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
     path = tmp_path / "profile.json"
     load_or_calibrate(path, quick=True)
     assert json.loads(path.read_text())["calibration"]["code"] == cache_module.calibrating_code()
@@ -374,7 +389,8 @@ def test_cache_measured_by_other_code_is_calibrated_again(tmp_path, monkeypatch)
     saved = json.loads(path.read_text())
     saved["calibration"]["code"] = "0" * 16  # as if written before the collectives changed
     path.write_text(json.dumps(saved))
-    assert cache_module.load_cached(path) is not None  # read-only lookups still see it
+    with pytest.warns(UserWarning, match="measured by other code"):
+        assert cache_module.load_cached(path) is None  # the same check as load_or_calibrate
     with pytest.warns(UserWarning, match="measured by other code"):
         load_or_calibrate(path, quick=True)
     assert len(calls) == 2
@@ -389,6 +405,42 @@ def test_cache_measured_by_other_code_is_calibrated_again(tmp_path, monkeypatch)
     assert len(calls) == 3
 
 
+def test_a_cached_profile_serves_only_the_request_it_was_measured_for(tmp_path, monkeypatch):
+    """Threads, collective world size and device are part of what a calibration measured: an all-thread
+    profile (sysopt-probe --calibrate) never answers a one-thread request (sysopt-plan), nor a 2-rank
+    collective fit a 4-rank request, nor a CPU profile a request for cuda:1; each request gets its own
+    cache file, measured once."""
+    import torch
+
+    monkeypatch.setenv("SYSOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # as if every core were free
+    calls = []
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
+    requests = [{}, {"threads": 1}, {"world_size": 4}, {"device": "cuda:1"}]
+    for kwargs in requests * 2:  # the second round is served from the cache
+        cal = load_or_calibrate(**kwargs).calibration
+        assert cal.threads == kwargs.get("threads", 8)
+        assert cal.collective_world_size == kwargs.get("world_size", 2)
+        assert cal.device == kwargs.get("device", "cpu")
+    assert [
+        {k: v for k, v in c.items() if k in ("threads", "world_size", "device")} for c in calls
+    ] == requests
+    assert load_or_calibrate(threads=8).calibration.threads == 8 and len(calls) == 4  # threads=None was 8
+    # read-only lookups filter the same way, and prefer what this process runs with
+    assert cache_module.load_cached(threads=1).calibration.threads == 1
+    assert cache_module.load_cached(world_size=4).calibration.collective_world_size == 4
+    assert cache_module.load_cached(device="cuda:1").calibration.device == "cuda:1"
+    assert cache_module.load_cached(threads=3) is None
+    best = cache_module.load_cached().calibration
+    assert (best.threads, best.device, best.collective_world_size) == (8, "cpu", 2)
+    # a profile at an explicit path measured with other arguments is measured again and replaced
+    path = tmp_path / "mine.json"
+    load_or_calibrate(path, threads=1)
+    with pytest.warns(UserWarning, match="measured with device=cpu threads=1 world_size=2, asked for"):
+        assert load_or_calibrate(path, threads=2).calibration.threads == 2
+    assert HardwareProfile.load(path).calibration.threads == 2 and len(calls) == 6
+
+
 # ---- sysopt-probe -----------------------------------------------------------------------------
 
 
@@ -401,11 +453,11 @@ def test_probe_cli_json_and_cached_calibration(tmp_path, monkeypatch, capsys):
     assert printed.calibration is None and printed.cpu == probe().cpu
 
     calls = []
-    monkeypatch.setattr(calibration_module, "calibrate", lambda **kw: calls.append(kw) or handmade_profile())
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
     cache = tmp_path / "p.json"
     for argv in (["--calibrate", "--json"], ["--calibrate", "--json"], ["--refresh", "--json"]):
         assert probe_cli.main([*argv, "--quick", "--cache", str(cache)]) == 0
-        assert HardwareProfile.from_json(capsys.readouterr().out) == handmade_profile()
+        assert HardwareProfile.from_json(capsys.readouterr().out) == measured_as_asked()
     assert len(calls) == 2  # the second run used the cache; --refresh recalibrated
 
 

@@ -50,7 +50,8 @@ def render(profile: HardwareProfile, console: Console) -> None:
     if cal is None:
         console.print("calibration: not run (use --calibrate)")
         return
-    mm = Table(title=f"matmul on {cal.device}", title_justify="left")
+    threads = f", {cal.threads} thread{'s' if cal.threads != 1 else ''}" if cal.threads else ""
+    mm = Table(title=f"matmul on {cal.device}{threads}", title_justify="left")
     mm.add_column("dtype")
     mm.add_column("best GFLOP/s", justify="right")
     for dtype, rate in cal.matmul_flops_per_s.items():
