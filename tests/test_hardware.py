@@ -117,7 +117,8 @@ def test_probe_without_gpu_or_nvml(monkeypatch):
     assert profile.calibration is None
     cpu = profile.cpu
     assert 1 <= cpu.cores <= cpu.threads
-    assert cpu.threads == os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert cpu.threads <= usable  # the CPUs this process may run on (a cgroup quota may cap them more)
     assert cpu.model
     sysconf_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert cpu.host_memory_bytes == pytest.approx(sysconf_bytes, rel=0.01)
@@ -128,7 +129,8 @@ def test_probe_without_gpu_or_nvml(monkeypatch):
         assert set(cpu.isa) == {f for f in ISA_FLAGS if f in flags}
 
 
-def test_parse_cpuinfo_counts_physical_cores():
+def _cpuinfo_2x4x2() -> str:
+    """/proc/cpuinfo of 2 sockets x 4 cores x 2 hyper-threads; logical CPUs 2k and 2k+1 share a core."""
     blocks = []
     for socket in range(2):
         for core in range(4):
@@ -137,9 +139,37 @@ def test_parse_cpuinfo_counts_physical_cores():
                     f"processor\t: {len(blocks)}\nmodel name\t: Test CPU\nphysical id\t: {socket}\n"
                     f"core id\t\t: {core}\nflags\t\t: fpu avx2 avx512f amx_tile\n"
                 )
-    model, cores, flags = parse_cpuinfo("\n".join(blocks))
+    return "\n".join(blocks)
+
+
+def test_parse_cpuinfo_counts_physical_cores():
+    model, cores, flags = parse_cpuinfo(_cpuinfo_2x4x2())
     assert (model, cores) == ("Test CPU", 2 * 4)
     assert {"avx2", "avx512f", "amx_tile"} <= flags and "avx512_vnni" not in flags
+    assert parse_cpuinfo(_cpuinfo_2x4x2(), allowed={0, 1, 2, 9})[1] == 3  # cores under those CPUs
+
+
+def test_probe_cpu_counts_only_the_cpus_this_process_may_use(monkeypatch):
+    """Under taskset / a cpuset (the affinity mask) or a cgroup CPU quota, probe_cpu reports the CPUs the
+    process may use, so a plan does not put one rank on each core of the whole machine."""
+    import importlib
+
+    probe_module = importlib.import_module(
+        "sysopt.hardware.probe"
+    )  # the module (the package exports probe())
+
+    files = {"/proc/cpuinfo": _cpuinfo_2x4x2(), "/sys/fs/cgroup/cpu.max": "max 100000\n"}
+    monkeypatch.setattr(probe_module, "_read", lambda path: files.get(path, ""))
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # taskset -c 0
+    assert (probe_module.probe_cpu().cores, probe_module.probe_cpu().threads) == (1, 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert (probe_module.probe_cpu().cores, probe_module.probe_cpu().threads) == (2, 4)
+    files["/sys/fs/cgroup/cpu.max"] = "150000 100000\n"  # a quota of 1.5 CPUs: 2 may run at once
+    assert (probe_module.probe_cpu().cores, probe_module.probe_cpu().threads) == (2, 2)
+    files["/sys/fs/cgroup/cpu.max"] = "max 100000\n"
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS / Windows: the whole machine
+    assert (probe_module.probe_cpu().cores, probe_module.probe_cpu().threads) == (8, 16)
 
 
 def _fake_nvml(init_error: bool = False) -> types.ModuleType:

@@ -4,6 +4,7 @@ through NVML (nvidia-ml-py). No GPU and no NVML is the normal case, not an error
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 from pathlib import Path
@@ -22,25 +23,53 @@ def _read(path: str) -> str:
         return ""
 
 
-def parse_cpuinfo(text: str) -> tuple[str, int, set[str]]:
-    """(model name, physical cores, flags) from /proc/cpuinfo text; cores 0 when not stated."""
+def parse_cpuinfo(text: str, allowed: set[int] | None = None) -> tuple[str, int, set[str]]:
+    """(model name, physical cores, flags) from /proc/cpuinfo text; cores 0 when not stated. With
+    `allowed` (logical CPU numbers, e.g. the affinity mask) only the cores of those CPUs count."""
     model, flags, cores = "", set(), set()
-    physical_id = core_id = None
+    processor = physical_id = core_id = None
     for line in text.splitlines() + [""]:
         key, _, value = (part.strip() for part in line.partition(":"))
         if key == "model name" and not model:
             model = value
         elif key == "flags" and not flags:
             flags = set(value.split())
+        elif key == "processor" and value.isdigit():
+            processor = int(value)
         elif key == "physical id":
             physical_id = value
         elif key == "core id":
             core_id = value
         elif not key:  # blank line ends one logical CPU's block
-            if core_id is not None:
+            if core_id is not None and (allowed is None or processor is None or processor in allowed):
                 cores.add((physical_id, core_id))
-            physical_id = core_id = None
+            processor = physical_id = core_id = None
     return model, len(cores), flags
+
+
+def usable_cpus() -> set[int] | None:
+    """The logical CPUs this process may run on (its affinity mask: taskset, numactl, a container's
+    cpuset), or None where the OS does not say (no os.sched_getaffinity: macOS, Windows)."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    if getaffinity is None:
+        return None
+    try:
+        return set(getaffinity(0))
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit() -> int | None:
+    """CPUs a cgroup v2 CPU quota allows this process (cpu.max "quota period", rounded up), or None when
+    there is no quota (or no cgroup v2)."""
+    fields = _read("/sys/fs/cgroup/cpu.max").split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
 
 
 def host_memory_bytes() -> int:
@@ -54,11 +83,17 @@ def host_memory_bytes() -> int:
 
 
 def probe_cpu() -> CPUInfo:
-    model, cores, flags = parse_cpuinfo(_read("/proc/cpuinfo"))
-    threads = os.cpu_count() or 1
+    """The CPU as this process may use it: logical CPUs of its affinity mask (all of os.cpu_count() where
+    the OS has no affinity call), capped by a cgroup CPU quota, and the physical cores under them."""
+    allowed = usable_cpus()
+    model, cores, flags = parse_cpuinfo(_read("/proc/cpuinfo"), allowed)
+    threads = len(allowed) if allowed else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        threads = min(threads, limit)
     return CPUInfo(
         model=model or platform.processor() or platform.machine() or "unknown",
-        cores=cores or threads,
+        cores=min(cores or threads, threads),
         threads=threads,
         isa=tuple(f for f in ISA_FLAGS if f in flags),
         host_memory_bytes=host_memory_bytes(),
