@@ -172,7 +172,11 @@ def test_probe_cpu_counts_only_the_cpus_this_process_may_use(monkeypatch):
     assert (probe_module.probe_cpu().cores, probe_module.probe_cpu().threads) == (8, 16)
 
 
-def _fake_nvml(init_error: bool = False) -> types.ModuleType:
+def _fake_nvml(init_error: bool = False, uuids: bool = False, mig_slices=None) -> types.ModuleType:
+    """A pynvml stand-in with two cards (an A100 and an L4). `uuids`: it answers nvmlDeviceGetUUID
+    (GPU-aaaa..., GPU-bbbb...); `mig_slices`: MIG enabled on the A100 with slices of these sizes (bytes),
+    UUIDs MIG-1111..., MIG-2222..."""
+
     class NVMLError(Exception):
         pass
 
@@ -237,11 +241,37 @@ def _fake_nvml(init_error: bool = False) -> types.ModuleType:
     nvml.nvmlDeviceGetNvLinkState = nvlink_state
     nvml.nvmlDeviceGetMaxClockInfo = lambda h, clock: query("sm")(h) if clock == 0 else 1593
     nvml.nvmlDeviceGetCudaComputeCapability = query("cc")
+    if uuids or mig_slices:
+        names = {0: "GPU-aaaa-0000", 1: "GPU-bbbb-1111"}
+        names.update(
+            {("mig", i): f"MIG-{i + 1}{i + 1}{i + 1}{i + 1}-x" for i in range(len(mig_slices or ()))}
+        )
+        nvml.nvmlDeviceGetUUID = lambda h: names[h].encode()
+    if mig_slices:
+        base_memory, base_name = nvml.nvmlDeviceGetMemoryInfo, nvml.nvmlDeviceGetName
+
+        def memory(h):
+            if isinstance(h, tuple):
+                return types.SimpleNamespace(total=mig_slices[h[1]], free=mig_slices[h[1]] - (1 << 20))
+            return base_memory(h)
+
+        def handle_of_slice(h, i):
+            if h != 0 or i >= len(mig_slices):
+                raise NVMLError("not found")
+            return ("mig", i)
+
+        nvml.NVML_DEVICE_MIG_ENABLE = 1
+        nvml.nvmlDeviceGetMigMode = lambda h: [1, 1] if h == 0 else [0, 0]
+        nvml.nvmlDeviceGetMaxMigDeviceCount = lambda h: 7 if h == 0 else 0
+        nvml.nvmlDeviceGetMigDeviceHandleByIndex = handle_of_slice
+        nvml.nvmlDeviceGetMemoryInfo = memory
+        nvml.nvmlDeviceGetName = lambda h: f"Fake A100 MIG {h[1]}g" if isinstance(h, tuple) else base_name(h)
     return nvml
 
 
 def test_probe_reads_gpus_through_nvml(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpus = probe().gpus
     assert gpus == (
         GPUInfo(0, "Fake A100", 40 << 30, 39 << 30, 4, 16, 12, 1410, 1593, (8, 0)),
@@ -253,6 +283,47 @@ def test_probe_reads_gpus_through_nvml(monkeypatch):
     assert [g.compute_capability for g in probe().gpus] == [None, None]
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(init_error=True))
     assert probe().gpus == ()
+
+
+def test_probe_respects_cuda_visible_devices(monkeypatch):
+    """NVML lists every card; a process sees those CUDA_VISIBLE_DEVICES names (index or UUID prefix), in
+    that order, numbered from 0 as torch numbers them; the list ends at the first entry matching nothing."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(uuids=True))
+    cases = {
+        "1": ["Fake L4"],
+        "GPU-bbbb": ["Fake L4"],
+        "1,0": ["Fake L4", "Fake A100"],
+        "0,nope,1": ["Fake A100"],
+        "": [],
+        "-1": [],
+    }
+    for value, names in cases.items():
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+        gpus = probe().gpus
+        assert [g.name for g in gpus] == names, value
+        assert [g.index for g in gpus] == list(range(len(names)))  # cuda:0, cuda:1, ... in this process
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb")
+    assert probe().gpus[0].uuid == "GPU-bbbb-1111" and probe().gpus[0].memory_total_bytes == 24 << 30
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [g.uuid for g in probe().gpus] == ["GPU-aaaa-0000", "GPU-bbbb-1111"]
+
+
+def test_probe_reports_a_mig_slice_not_the_whole_card(monkeypatch):
+    """With MIG on, CUDA opens a slice: its memory (not the card's 40 GiB) is what a plan may use."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(mig_slices=(10 << 30, 20 << 30)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    first, l4 = probe().gpus
+    assert (first.mig, first.memory_total_bytes, first.uuid) == (True, 10 << 30, "MIG-1111-x")
+    assert first.name == "Fake A100 MIG 0g" and first.pcie_gen == 4  # links and clocks: the card's
+    assert not l4.mig and l4.memory_total_bytes == 24 << 30
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-2222")
+    (second,) = probe().gpus
+    assert (second.index, second.mig, second.memory_total_bytes) == (0, True, 20 << 30)
+    profile = dataclasses.replace(handmade_profile(), gpus=(second,))
+    from sysopt.planner import Machine
+
+    assert Machine.from_profile(profile).memory_bytes == 20 << 30
+    assert GPUInfo.from_dict(json.loads(json.dumps(second.to_dict()))) == second
 
 
 # ---- alpha-beta fit ---------------------------------------------------------------------------

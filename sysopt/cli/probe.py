@@ -43,7 +43,8 @@ def render(profile: HardwareProfile, console: Console) -> None:
             pcie = f"gen{g.pcie_gen} x{g.pcie_width}" if g.pcie_gen else "?"
             clocks = f"{g.sm_clock_mhz or '?'} / {g.memory_clock_mhz or '?'} MHz"
             mem = f"{g.memory_free_bytes / GIB:.1f} / {g.memory_total_bytes / GIB:.1f} GiB"
-            gpus.add_row(str(g.index), g.name, mem, pcie, str(g.nvlink_links), clocks)
+            name = f"{g.name} (MIG slice)" if g.mig and "MIG" not in g.name else g.name
+            gpus.add_row(str(g.index), name, mem, pcie, str(g.nvlink_links), clocks)
         console.print(gpus)
 
     cal = profile.calibration

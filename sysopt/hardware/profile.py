@@ -52,6 +52,8 @@ class GPUInfo:
     sm_clock_mhz: int | None
     memory_clock_mhz: int | None
     compute_capability: tuple[int, int] | None = None  # CUDA (major, minor); None: not known (older profiles)
+    uuid: str | None = None  # NVML's UUID (GPU-... or, for a MIG slice, MIG-...); None: not known
+    mig: bool = False  # a MIG slice of a card (memory is the slice's, where NVML reports it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
