@@ -117,7 +117,8 @@ def test_probe_without_gpu_or_nvml(monkeypatch):
     assert profile.calibration is None
     cpu = profile.cpu
     assert 1 <= cpu.cores <= cpu.threads
-    assert cpu.threads == os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert cpu.threads <= usable  # the CPUs this process may run on (a cgroup quota may cap them more)
     assert cpu.model
     sysconf_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert cpu.host_memory_bytes == pytest.approx(sysconf_bytes, rel=0.01)
@@ -128,7 +129,8 @@ def test_probe_without_gpu_or_nvml(monkeypatch):
         assert set(cpu.isa) == {f for f in ISA_FLAGS if f in flags}
 
 
-def test_parse_cpuinfo_counts_physical_cores():
+def _cpuinfo_2x4x2() -> str:
+    """/proc/cpuinfo of 2 sockets x 4 cores x 2 hyper-threads; logical CPUs 2k and 2k+1 share a core."""
     blocks = []
     for socket in range(2):
         for core in range(4):
@@ -137,12 +139,44 @@ def test_parse_cpuinfo_counts_physical_cores():
                     f"processor\t: {len(blocks)}\nmodel name\t: Test CPU\nphysical id\t: {socket}\n"
                     f"core id\t\t: {core}\nflags\t\t: fpu avx2 avx512f amx_tile\n"
                 )
-    model, cores, flags = parse_cpuinfo("\n".join(blocks))
+    return "\n".join(blocks)
+
+
+def test_parse_cpuinfo_counts_physical_cores():
+    model, cores, flags = parse_cpuinfo(_cpuinfo_2x4x2())
     assert (model, cores) == ("Test CPU", 2 * 4)
     assert {"avx2", "avx512f", "amx_tile"} <= flags and "avx512_vnni" not in flags
+    assert parse_cpuinfo(_cpuinfo_2x4x2(), allowed={0, 1, 2, 9})[1] == 3  # cores under those CPUs
 
 
-def _fake_nvml(init_error: bool = False) -> types.ModuleType:
+def test_probe_cpu_counts_only_the_cpus_this_process_may_use(monkeypatch):
+    """Under taskset / a cpuset (the affinity mask) or a cgroup CPU quota, probe_cpu reports the CPUs the
+    process may use, so a plan does not put one rank on each core of the whole machine."""
+    import importlib
+
+    probe_module = importlib.import_module(
+        "sysopt.hardware.probe"
+    )  # the module (the package exports probe())
+
+    files = {"/proc/cpuinfo": _cpuinfo_2x4x2(), "/sys/fs/cgroup/cpu.max": "max 100000\n"}
+    monkeypatch.setattr(probe_module, "_read", lambda path: files.get(path, ""))
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # taskset -c 0
+    assert (probe_module.probe_cpu().cores, probe_module.probe_cpu().threads) == (1, 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert (probe_module.probe_cpu().cores, probe_module.probe_cpu().threads) == (2, 4)
+    files["/sys/fs/cgroup/cpu.max"] = "150000 100000\n"  # a quota of 1.5 CPUs: 2 may run at once
+    assert (probe_module.probe_cpu().cores, probe_module.probe_cpu().threads) == (2, 2)
+    files["/sys/fs/cgroup/cpu.max"] = "max 100000\n"
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS / Windows: the whole machine
+    assert (probe_module.probe_cpu().cores, probe_module.probe_cpu().threads) == (8, 16)
+
+
+def _fake_nvml(init_error: bool = False, uuids: bool = False, mig_slices=None) -> types.ModuleType:
+    """A pynvml stand-in with two cards (an A100 and an L4). `uuids`: it answers nvmlDeviceGetUUID
+    (GPU-aaaa..., GPU-bbbb...); `mig_slices`: MIG enabled on the A100 with slices of these sizes (bytes),
+    UUIDs MIG-1111..., MIG-2222..."""
+
     class NVMLError(Exception):
         pass
 
@@ -207,11 +241,37 @@ def _fake_nvml(init_error: bool = False) -> types.ModuleType:
     nvml.nvmlDeviceGetNvLinkState = nvlink_state
     nvml.nvmlDeviceGetMaxClockInfo = lambda h, clock: query("sm")(h) if clock == 0 else 1593
     nvml.nvmlDeviceGetCudaComputeCapability = query("cc")
+    if uuids or mig_slices:
+        names = {0: "GPU-aaaa-0000", 1: "GPU-bbbb-1111"}
+        names.update(
+            {("mig", i): f"MIG-{i + 1}{i + 1}{i + 1}{i + 1}-x" for i in range(len(mig_slices or ()))}
+        )
+        nvml.nvmlDeviceGetUUID = lambda h: names[h].encode()
+    if mig_slices:
+        base_memory, base_name = nvml.nvmlDeviceGetMemoryInfo, nvml.nvmlDeviceGetName
+
+        def memory(h):
+            if isinstance(h, tuple):
+                return types.SimpleNamespace(total=mig_slices[h[1]], free=mig_slices[h[1]] - (1 << 20))
+            return base_memory(h)
+
+        def handle_of_slice(h, i):
+            if h != 0 or i >= len(mig_slices):
+                raise NVMLError("not found")
+            return ("mig", i)
+
+        nvml.NVML_DEVICE_MIG_ENABLE = 1
+        nvml.nvmlDeviceGetMigMode = lambda h: [1, 1] if h == 0 else [0, 0]
+        nvml.nvmlDeviceGetMaxMigDeviceCount = lambda h: 7 if h == 0 else 0
+        nvml.nvmlDeviceGetMigDeviceHandleByIndex = handle_of_slice
+        nvml.nvmlDeviceGetMemoryInfo = memory
+        nvml.nvmlDeviceGetName = lambda h: f"Fake A100 MIG {h[1]}g" if isinstance(h, tuple) else base_name(h)
     return nvml
 
 
 def test_probe_reads_gpus_through_nvml(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml())
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpus = probe().gpus
     assert gpus == (
         GPUInfo(0, "Fake A100", 40 << 30, 39 << 30, 4, 16, 12, 1410, 1593, (8, 0)),
@@ -223,6 +283,47 @@ def test_probe_reads_gpus_through_nvml(monkeypatch):
     assert [g.compute_capability for g in probe().gpus] == [None, None]
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(init_error=True))
     assert probe().gpus == ()
+
+
+def test_probe_respects_cuda_visible_devices(monkeypatch):
+    """NVML lists every card; a process sees those CUDA_VISIBLE_DEVICES names (index or UUID prefix), in
+    that order, numbered from 0 as torch numbers them; the list ends at the first entry matching nothing."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(uuids=True))
+    cases = {
+        "1": ["Fake L4"],
+        "GPU-bbbb": ["Fake L4"],
+        "1,0": ["Fake L4", "Fake A100"],
+        "0,nope,1": ["Fake A100"],
+        "": [],
+        "-1": [],
+    }
+    for value, names in cases.items():
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+        gpus = probe().gpus
+        assert [g.name for g in gpus] == names, value
+        assert [g.index for g in gpus] == list(range(len(names)))  # cuda:0, cuda:1, ... in this process
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb")
+    assert probe().gpus[0].uuid == "GPU-bbbb-1111" and probe().gpus[0].memory_total_bytes == 24 << 30
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [g.uuid for g in probe().gpus] == ["GPU-aaaa-0000", "GPU-bbbb-1111"]
+
+
+def test_probe_reports_a_mig_slice_not_the_whole_card(monkeypatch):
+    """With MIG on, CUDA opens a slice: its memory (not the card's 40 GiB) is what a plan may use."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(mig_slices=(10 << 30, 20 << 30)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    first, l4 = probe().gpus
+    assert (first.mig, first.memory_total_bytes, first.uuid) == (True, 10 << 30, "MIG-1111-x")
+    assert first.name == "Fake A100 MIG 0g" and first.pcie_gen == 4  # links and clocks: the card's
+    assert not l4.mig and l4.memory_total_bytes == 24 << 30
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-2222")
+    (second,) = probe().gpus
+    assert (second.index, second.mig, second.memory_total_bytes) == (0, True, 20 << 30)
+    profile = dataclasses.replace(handmade_profile(), gpus=(second,))
+    from sysopt.planner import Machine
+
+    assert Machine.from_profile(profile).memory_bytes == 20 << 30
+    assert GPUInfo.from_dict(json.loads(json.dumps(second.to_dict()))) == second
 
 
 # ---- alpha-beta fit ---------------------------------------------------------------------------
@@ -309,14 +410,28 @@ def test_quick_calibration_matmul_time_scales_with_size(calibrated):
 # ---- cache ------------------------------------------------------------------------------------
 
 
+def measured_as_asked(threads=None, world_size=2, device=None, **_) -> HardwareProfile:
+    """handmade_profile() as calibrate(threads=, world_size=, device=) would measure it here."""
+    import torch
+
+    p = handmade_profile()
+    cal = dataclasses.replace(
+        p.calibration,
+        device=str(device or calibration_module.default_device()),
+        threads=threads or torch.get_num_threads(),
+        collective_world_size=world_size,
+    )
+    return dataclasses.replace(p, calibration=cal)
+
+
+def counting_calibrate(calls: list):
+    """A stand-in for calibration.calibrate that records its arguments and measures as asked."""
+    return lambda **kw: calls.append(kw) or measured_as_asked(**kw)
+
+
 def test_cache_is_used_on_second_call(tmp_path, monkeypatch):
     calls = []
-
-    def fake_calibrate(**kwargs):
-        calls.append(kwargs)
-        return handmade_profile()
-
-    monkeypatch.setattr(calibration_module, "calibrate", fake_calibrate)
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
     path = tmp_path / "profile.json"
     first = load_or_calibrate(path, quick=True)
     second = load_or_calibrate(path, quick=True)
@@ -333,7 +448,7 @@ def test_cache_is_used_on_second_call(tmp_path, monkeypatch):
 def test_a_calibration_whose_collectives_failed_is_not_cached(tmp_path, monkeypatch):
     """A failed collective launch (e.g. ranks spawned from a script without a __main__ guard) must not
     be cached: the cache would serve a profile without collective fits until the code changed."""
-    good = handmade_profile()
+    good = measured_as_asked()
     failed = dataclasses.replace(
         good, calibration=dataclasses.replace(good.calibration, collective_world_size=1)
     )
@@ -350,7 +465,7 @@ def test_a_calibration_whose_collectives_failed_is_not_cached(tmp_path, monkeypa
 def test_default_cache_paths_separate_quick_from_full(tmp_path, monkeypatch):
     monkeypatch.setenv("SYSOPT_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(calibration_module, "calibrate", lambda **kw: calls.append(kw) or handmade_profile())
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
     assert cache_module.default_cache_path().parent == tmp_path
     load_or_calibrate(quick=True)
     assert cache_module.default_cache_path(quick=True).is_file()
@@ -363,9 +478,10 @@ def test_default_cache_paths_separate_quick_from_full(tmp_path, monkeypatch):
 
 def test_cache_measured_by_other_code_is_calibrated_again(tmp_path, monkeypatch):
     """A cached calibration records which code measured it; once that code (or torch) changes,
-    load_or_calibrate measures again, says why, and caches the new figures."""
+    load_or_calibrate measures again, says why, and caches the new figures; read-only lookups
+    (load_cached: the trainer, TP overlap 'auto') ignore it too."""
     calls = []
-    monkeypatch.setattr(calibration_module, "calibrate", lambda **kw: calls.append(kw) or handmade_profile())
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
     path = tmp_path / "profile.json"
     load_or_calibrate(path, quick=True)
     assert json.loads(path.read_text())["calibration"]["code"] == cache_module.calibrating_code()
@@ -374,7 +490,8 @@ def test_cache_measured_by_other_code_is_calibrated_again(tmp_path, monkeypatch)
     saved = json.loads(path.read_text())
     saved["calibration"]["code"] = "0" * 16  # as if written before the collectives changed
     path.write_text(json.dumps(saved))
-    assert cache_module.load_cached(path) is not None  # read-only lookups still see it
+    with pytest.warns(UserWarning, match="measured by other code"):
+        assert cache_module.load_cached(path) is None  # the same check as load_or_calibrate
     with pytest.warns(UserWarning, match="measured by other code"):
         load_or_calibrate(path, quick=True)
     assert len(calls) == 2
@@ -389,6 +506,42 @@ def test_cache_measured_by_other_code_is_calibrated_again(tmp_path, monkeypatch)
     assert len(calls) == 3
 
 
+def test_a_cached_profile_serves_only_the_request_it_was_measured_for(tmp_path, monkeypatch):
+    """Threads, collective world size and device are part of what a calibration measured: an all-thread
+    profile (sysopt-probe --calibrate) never answers a one-thread request (sysopt-plan), nor a 2-rank
+    collective fit a 4-rank request, nor a CPU profile a request for cuda:1; each request gets its own
+    cache file, measured once."""
+    import torch
+
+    monkeypatch.setenv("SYSOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # as if every core were free
+    calls = []
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
+    requests = [{}, {"threads": 1}, {"world_size": 4}, {"device": "cuda:1"}]
+    for kwargs in requests * 2:  # the second round is served from the cache
+        cal = load_or_calibrate(**kwargs).calibration
+        assert cal.threads == kwargs.get("threads", 8)
+        assert cal.collective_world_size == kwargs.get("world_size", 2)
+        assert cal.device == kwargs.get("device", "cpu")
+    assert [
+        {k: v for k, v in c.items() if k in ("threads", "world_size", "device")} for c in calls
+    ] == requests
+    assert load_or_calibrate(threads=8).calibration.threads == 8 and len(calls) == 4  # threads=None was 8
+    # read-only lookups filter the same way, and prefer what this process runs with
+    assert cache_module.load_cached(threads=1).calibration.threads == 1
+    assert cache_module.load_cached(world_size=4).calibration.collective_world_size == 4
+    assert cache_module.load_cached(device="cuda:1").calibration.device == "cuda:1"
+    assert cache_module.load_cached(threads=3) is None
+    best = cache_module.load_cached().calibration
+    assert (best.threads, best.device, best.collective_world_size) == (8, "cpu", 2)
+    # a profile at an explicit path measured with other arguments is measured again and replaced
+    path = tmp_path / "mine.json"
+    load_or_calibrate(path, threads=1)
+    with pytest.warns(UserWarning, match="measured with device=cpu threads=1 world_size=2, asked for"):
+        assert load_or_calibrate(path, threads=2).calibration.threads == 2
+    assert HardwareProfile.load(path).calibration.threads == 2 and len(calls) == 6
+
+
 # ---- sysopt-probe -----------------------------------------------------------------------------
 
 
@@ -401,11 +554,11 @@ def test_probe_cli_json_and_cached_calibration(tmp_path, monkeypatch, capsys):
     assert printed.calibration is None and printed.cpu == probe().cpu
 
     calls = []
-    monkeypatch.setattr(calibration_module, "calibrate", lambda **kw: calls.append(kw) or handmade_profile())
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
     cache = tmp_path / "p.json"
     for argv in (["--calibrate", "--json"], ["--calibrate", "--json"], ["--refresh", "--json"]):
         assert probe_cli.main([*argv, "--quick", "--cache", str(cache)]) == 0
-        assert HardwareProfile.from_json(capsys.readouterr().out) == handmade_profile()
+        assert HardwareProfile.from_json(capsys.readouterr().out) == measured_as_asked()
     assert len(calls) == 2  # the second run used the cache; --refresh recalibrated
 
 

@@ -184,3 +184,21 @@ def test_packed_batches_stay_full_across_epochs_of_different_row_counts():
         fresh = BatchSampler(ds, 2)
         assert fresh.rows(step) == drawn[step]
         assert torch.equal(fresh.global_batch(step).tokens, sampler.global_batch(step).tokens)
+
+
+def test_expected_packing_matches_the_samplers_rows(dataset):
+    """What a cost model is told about packed rows (samples and images per row, from the sample mix alone)
+    is what the sampler's first-fit packing produces on the data set."""
+    from sysopt.data.batching import expected_packing
+    from sysopt.data.digits import sample_mix
+
+    mix = sample_mix(CONFIG)
+    assert sum(p for p, _, _ in mix) == pytest.approx(1.0)
+    lengths = sample_lengths(dataset, np.arange(len(dataset)))
+    assert sum(p * n for p, n, _ in mix) == pytest.approx(lengths.mean(), rel=0.02)
+    assert {n for _, n, _ in mix} == set(lengths.tolist())
+    samples, images = expected_packing(CONFIG)
+    rows = BatchSampler(dataset, 16)._rows(0)[:-8]  # the epoch's rows, those still open at its end left out
+    assert samples == pytest.approx(np.mean([len(row) for row in rows]), rel=0.03)
+    assert images == pytest.approx(np.mean([dataset.n_images[row].sum() for row in rows]), rel=0.03)
+    assert samples > 3  # 32-token rows hold several ~7-token samples

@@ -13,6 +13,7 @@ from sysopt.data import DigitsTaskConfig
 from sysopt.hardware import CPUInfo, GPUInfo, HardwareProfile, LinkFit
 from sysopt.hardware.profile import Calibration, MatmulPoint
 from sysopt.models import VLM, VLMConfig
+from sysopt.models.parallel import block_count
 from sysopt.planner import (
     CostModel,
     Machine,
@@ -144,6 +145,36 @@ def test_every_rule_rejects_its_case(config, devices, fragment):
     assert config not in set(enumerate_configs(MODEL, devices, 16))
 
 
+def test_rows_padded_for_sequence_parallelism_must_fit_max_seq():
+    """The trainer pads rows to a multiple of tp for sequence parallelism and refuses rows longer than
+    model.max_seq: the planner applies the same rule (enumeration, violations, predict)."""
+    from sysopt.planner.measure import base_job_for
+    from sysopt.train import ConfigError
+
+    row = DATA.row_len  # 11 tokens: tp=2 pads to 12
+    tight = dataclasses.replace(MODEL, max_seq=row)
+    c = PlanConfig(tp=2, microbatches=1, micro_batch_size=16)
+    workload = Workload.from_data(tight, DATA, 16)
+    with pytest.raises(ValueError, match="raise model.max_seq to 12"):
+        CostModel(workload, Machine.from_profile(cpu_profile(), 2)).predict(c)
+    reasons = violations(c, tight, 2, 16, row_len=row)
+    assert any(
+        "padded to 12" in r and "model.max_seq=11" in r and "raise model.max_seq to 12" in r for r in reasons
+    )
+    with pytest.raises(ConfigError, match="padded for sequence parallelism are 12 tokens"):
+        job_for(c, base_job_for(tight, DATA, 16, 2))
+    assert {x.tp for x in enumerate_configs(tight, 2, 16, row_len=row)} == {1}
+    roomy = dataclasses.replace(MODEL, max_seq=row + 1)  # room for the padding: both accept tp=2
+    assert violations(c, roomy, 2, 16, row_len=row) == []
+    job_for(c, base_job_for(roomy, DATA, 16, 2))
+    assert any(
+        "exceed model.max_seq=10" in r
+        for r in violations(
+            PlanConfig(dp=2, micro_batch_size=8), dataclasses.replace(MODEL, max_seq=10), 2, 16, row_len=row
+        )
+    )
+
+
 def test_a_valid_config_has_no_violations_and_overrides_name_every_knob():
     c = PlanConfig(2, 2, 1, 1, "1f1b", 4, 4, "chunked", 3, "host", "int8_rowwise")
     assert violations(c, MODEL, 4, 16) == []
@@ -158,12 +189,169 @@ def test_a_valid_config_has_no_violations_and_overrides_name_every_knob():
 # ---- cost model --------------------------------------------------------------------------------
 
 
+def test_packed_rows_are_pack_len_tokens_holding_several_samples():
+    """With data.pack_len a trainer row is pack_len tokens holding several samples and their images: the
+    workload's microbatches have that shape, so activations and ViT work grow with the packing."""
+    from sysopt.data import BatchSampler, DigitsDataset
+
+    packed = dataclasses.replace(DATA, pack_len=32, n_train=2000, n_eval_per_task=5)
+    workload = Workload.from_data(MODEL, packed, 16)
+    shape = workload.microbatch(16)
+    assert shape.seq_len == 32 and workload.samples_per_row > 3
+    sampler = BatchSampler(DigitsDataset(packed, "train"), 16)
+    trained = [sampler.global_batch(step) for step in range(4)]
+    assert {tuple(b.tokens.shape) for b in trained} == {(16, 32)}
+    images = sum(b.images.shape[0] for b in trained) / len(trained)
+    assert shape.images == pytest.approx(images, rel=0.1)
+    assert Workload.from_data(MODEL, DATA, 16).microbatch(16).seq_len == DATA.seq_len  # unpacked: one sample
+    machine = Machine.from_profile(cpu_profile(), 1)
+    c = PlanConfig(microbatches=4, micro_batch_size=4)
+    unpacked = CostModel(Workload.from_data(MODEL, DATA, 16), machine).predict(c)
+    assert (
+        CostModel(workload, machine).predict(c).memory.activations_bytes
+        > 2 * unpacked.memory.activations_bytes
+    )
+
+
 def test_param_count_matches_the_model():
     for config in (
         MODEL,
         VLMConfig(dim=96, heads=6, layers=3, vision_layers=1, tokens_per_image=4, mlp_ratio=2),
     ):
         assert param_count(config) == VLM(config).param_count()
+
+
+def _tensor_parallel_blocks(config_json: str, sequences: int, tokens: int, images: int):
+    """On each rank of a tp group: the trainer's blocks (tensor_parallelize) as (kind, parameters held on
+    this rank, elements of the output this rank sends on)."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from sysopt.models import LMHead, TransformerBlock, VisionEmbed
+    from sysopt.models.parallel import SequenceGather, SequenceScatter, block_output_shape, tensor_parallelize
+    from sysopt.models.vlm import ImageTextMerge
+    from sysopt.tensor_parallel import TensorParallelBlock
+
+    kinds = {
+        VisionEmbed: "embed",
+        TransformerBlock: "vit",  # a dense transformer block: only the vision tower keeps them
+        ImageTextMerge: "merge",
+        SequenceScatter: "scatter",
+        TensorParallelBlock: "decoder",
+        SequenceGather: "gather",
+        LMHead: "head",
+    }
+    model = tensor_parallelize(VLM(VLMConfig.from_json(config_json)), dist.group.WORLD)
+    batch = SimpleNamespace(tokens=torch.zeros(sequences, tokens), images=torch.zeros(images, 8, 8))
+    tp = dist.get_world_size()
+    return [
+        (
+            kinds[type(block)],
+            sum(p.numel() for p in block.parameters()),
+            math.prod(block_output_shape(model, i, batch, tp)),
+        )
+        for i, block in enumerate(model.blocks)
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_tensor_parallel_layers_are_the_trainers_blocks():
+    """At tp=2 the trainer shards only the decoder blocks (ViT, merge and head stay replicated) and adds
+    the sequence scatter/gather blocks: the planner's layers match it block by block (kind, parameters held
+    per rank, elements sent on), and its memory holds the parameters a rank really holds."""
+    from sysopt.dist import launch
+    from sysopt.planner.workload import BatchShape
+
+    shape = BatchShape(4, DATA.seq_len, 9)  # 11-token rows: sequence parallelism pads them to 12
+    blocks = launch(_tensor_parallel_blocks, 2, (MODEL.to_json(), 4, 12, 9), backend="gloo", timeout_s=90)
+    assert blocks[0] == blocks[1]
+    planned = layers(MODEL, shape, tp=2)
+    assert len(planned) == len(blocks[0]) == block_count(MODEL, tp=2)
+    for layer, (kind, params, sent) in zip(planned, blocks[0]):
+        assert (layer.kind, layer.params_per_rank(2)) == (kind, params), layer.name
+        assert layer.output_elements // (2 if layer.output_sharded else 1) == sent, layer.name
+        if kind in ("vit", "merge", "head"):  # replicated: nothing split, no tensor-parallel collective
+            assert layer.split_params == 0 and not layer.tp_ops and not layer.sharded
+    held = sum(params for _, params, _ in blocks[0])
+    assert held > param_count(MODEL) // 2  # the replicated tower and head dominate this small model
+    p = cost_model(devices=2).predict(PlanConfig(tp=2, microbatches=1, micro_batch_size=16))
+    assert p.memory.params_bytes == p.memory.grads_bytes == 4 * held
+
+
+def test_replicated_blocks_cost_the_same_at_any_tp():
+    """The ViT blocks and the head run whole on every tp rank: their GEMMs are not divided by tp, they
+    add no collective, and the head keeps its full logits; only the decoder blocks shard."""
+    model = cost_model(devices=2)
+    tp1 = {layer.name: layer for layer in model.layers(8)}
+    tp2 = {layer.name: layer for layer in model.layers(8, 2)}
+    costs1 = dict(zip(tp1, model.layer_costs(8, 1, "none", 1, None)))
+    costs2 = dict(zip(tp2, model.layer_costs(8, 2, "none", 1, None)))
+    for name in ("embed", "vit0", "vit1", "merge"):
+        assert costs2[name] == costs1[name]
+        assert model.gemm_s(tp2[name], 2, None) == model.gemm_s(tp1[name], 1, None)
+    assert costs2["head"].tp_forward_s == costs2["head"].tp_backward_s == 0
+    assert tp2["head"].output_elements == 8 * (DATA.seq_len + 1) * MODEL.vocab_size
+    tokens_bytes = 8 * (DATA.seq_len + 1) * MODEL.dim * 4  # the sequence all-gathers move [tokens, dim]
+    gather = collective_time_s(model.profile, "all_gather", tokens_bytes, 2)
+    assert (
+        costs2["sp_gather"].tp_forward_s == pytest.approx(gather) and costs2["sp_gather"].tp_backward_s == 0
+    )
+    assert (
+        costs2["sp_scatter"].tp_backward_s == pytest.approx(gather) and costs2["sp_scatter"].tp_forward_s == 0
+    )
+    # the dp all-reduce moves every parameter a rank holds, replicated ones included
+    held = sum(layer.params_per_rank(2) for layer in tp2.values())
+    assert held > param_count(MODEL) / 2
+    p = cost_model(devices=4).predict(PlanConfig(tp=2, dp=2, micro_batch_size=8))
+    assert p.memory.params_bytes == 4 * held
+
+
+def test_tp_pipelines_cut_the_trainers_blocks():
+    """With tp > 1 and pp > 1 the planner splits the trainer's block list (sequence scatter/gather
+    included), so the trainer runs the split it prints; and it allows as many chunks as the trainer does."""
+    from sysopt.planner.measure import base_job_for
+    from sysopt.planner.space import num_blocks
+
+    base = base_job_for(MODEL, DATA, 16, 2)
+    model = cost_model(devices=4)
+    c = PlanConfig(tp=2, pp=2, schedule="1f1b", microbatches=4, micro_batch_size=4)
+    p = model.predict(c)
+    assert p.boundaries[-1] == block_count(MODEL, tp=2) == 9
+    overrides = c.to_overrides(64, p.boundaries)
+    assert f"parallel.boundaries=[{','.join(map(str, p.boundaries))}]" in overrides
+    assert job_for(c, base, 64, p.boundaries).parallel.boundaries == p.boundaries  # the trainer accepts it
+    # a split the trainer ran (as a measured record reports it) is predicted on the same blocks
+    assert model.predict(c, (0, 4, 9)).boundaries == (0, 4, 9)
+    # 8 chunks over 9 blocks: the trainer runs it, so the planner must not reject it
+    wide = PlanConfig(tp=2, pp=4, vpp=2, schedule="interleaved_1f1b", microbatches=8, micro_batch_size=2)
+    assert violations(wide, MODEL, 8, 16) == []
+    job_for(wide, base, 64)
+    assert any("9 blocks" in r for r in violations(dataclasses.replace(wide, vpp=3), MODEL, 8, 16))
+    shape = Workload.from_data(MODEL, DATA, 16).microbatch(4)
+    for tp in (1, 2, 4):  # the planner's rule is the trainer's
+        assert num_blocks(MODEL, tp) == block_count(MODEL, tp=tp) == len(layers(MODEL, shape, tp))
+
+
+def test_layer_times_of_a_fit_that_folded_the_sequence_blocks_still_apply():
+    """A fit made before the planner counted the scatter/gather blocks timed them inside the merge and the
+    head (two entries short at tp=2): those series get zeros for the two blocks."""
+    from sysopt.planner import PlannerCalibration
+
+    folded = _layer_times(sizes=(4, 8), tp=2)  # one entry per dense block
+    model = CostModel(
+        Workload.from_data(MODEL, DATA, 16),
+        Machine.from_profile(cpu_profile(), 2),
+        PlannerCalibration(layer_times=folded),
+    )
+    costs = model.layer_costs(4, 2, "none", 1, None)
+    names = [layer.name for layer in model.layers(4, 2)]
+    f = folded.lookup(None, 2, "none", 1, 4)[0]
+    assert len(costs) == len(f) + 2 and all(c.measured for c in costs)
+    assert [c.forward_s for c in costs] == [*f[:4], 0.0, *f[4:6], 0.0, *f[6:]]
+    assert names[4] == "sp_scatter" and names[7] == "sp_gather"
 
 
 def matmul_total_s(profile: HardwareProfile, layers, tp: int = 1) -> float:
@@ -213,17 +401,20 @@ def test_pipeline_bubble_and_step_match_the_simulator():
 
 def test_doubling_tp_halves_gemm_time_and_adds_the_collectives():
     model = cost_model(devices=2)
-    decoder = next(layer for layer in model.layers(8) if layer.kind == "decoder")
+    # at tp=2 sequence parallelism pads the 11-token rows to 12, as the trainer does
+    decoder = next(layer for layer in model.layers(8, 2) if layer.kind == "decoder")
     assert model.gemm_s(decoder, 2, None) == pytest.approx(model.gemm_s(decoder, 1, None) / 2, rel=1e-9)
     tp1 = model.layer_costs(8, 1, "none", 1, None)
     tp2 = model.layer_costs(8, 2, "none", 1, None)
-    i = [layer.name for layer in model.layers(8)].index(decoder.name)
-    assert tp2[i].weight_s == pytest.approx(tp1[i].weight_s / 2, rel=1e-9)  # modelled: GEMMs + memory traffic
-    tokens, dim, hidden = 8 * DATA.seq_len, MODEL.dim, MODEL.mlp_ratio * MODEL.dim
+    i1 = [layer.name for layer in model.layers(8)].index(decoder.name)
+    i = [layer.name for layer in model.layers(8, 2)].index(decoder.name)
+    dense_s = model.gemm_s(decoder, 1, None) + model.elementwise_s(decoder, 1)
+    assert tp2[i].weight_s == pytest.approx(dense_s / 2, rel=1e-9)  # modelled: GEMMs + memory traffic
+    tokens, dim, hidden = 8 * (DATA.seq_len + 1), MODEL.dim, MODEL.mlp_ratio * MODEL.dim
     # sequence parallel: all-gather the [tokens, dim] input of qkv and fc, reduce-scatter proj outputs
     expected = 2 * collective_time_s(model.profile, "all_gather", tokens * dim * 4, 2)
     expected += 2 * collective_time_s(model.profile, "reduce_scatter", tokens * dim * 4, 2)
-    assert tp1[i].tp_forward_s == 0 and tp2[i].tp_forward_s == pytest.approx(expected, rel=1e-9)
+    assert tp1[i1].tp_forward_s == 0 and tp2[i].tp_forward_s == pytest.approx(expected, rel=1e-9)
     assert hidden > dim  # (the fc all-gather moves the input, not the hidden activations)
     # on a bandwidth-bound link (no latency) chunking hides part of the collectives behind the GEMMs
     slow = cpu_profile(rates={"fp32": 1e10})
@@ -350,6 +541,35 @@ def test_joint_fit_recovers_known_overheads_from_several_runs():
         fit_calibration(workload, machine, [])
 
 
+def test_the_cached_fit_serves_only_the_model_and_data_it_was_fitted_to(tmp_path, monkeypatch, capsys):
+    """sysopt-plan's cached fit holds measured block times of one model: another model or data config
+    (same profile) must not be predicted with them."""
+    import argparse
+
+    from sysopt.cli.plan import resolve_calibration
+    from sysopt.planner import fit_calibration
+
+    profile = cpu_profile()
+    machine = Machine.from_profile(profile, 1)
+    workload = Workload.from_data(MODEL, DATA, 16)
+    fitted = fit_calibration(workload, machine, [(PlanConfig(micro_batch_size=16), 0.5)])
+    assert fitted.workload_key == workload.key() and fitted.profile_created == profile.created
+    path = fitted.save(tmp_path / "planner.json")
+    monkeypatch.setattr("sysopt.planner.default_calibration_path", lambda: path)
+    args = argparse.Namespace(calibration=None, no_calibration=False, op_overhead_s=None, profile=None)
+    assert resolve_calibration(args, profile, machine, workload) == fitted
+    wider = Workload.from_data(dataclasses.replace(MODEL, dim=256), DATA, 16)
+    packed = Workload.from_data(MODEL, dataclasses.replace(DATA, pack_len=32), 16)
+    for other in (wider, packed, None):
+        assert resolve_calibration(args, profile, machine, other).source == "uncalibrated"
+        assert "fitted to another model/data config" in capsys.readouterr().err
+    # what does not change the blocks' work keeps the key (the number of training samples, the batch)
+    assert Workload.from_data(MODEL, dataclasses.replace(DATA, n_train=10), 64).key() == workload.key()
+    # a fit saved before fits were keyed (no workload_key) is not trusted either
+    dataclasses.replace(fitted, workload_key="").save(path)
+    assert resolve_calibration(args, profile, machine, workload).source == "uncalibrated"
+
+
 def test_spread_spans_the_knobs_before_filling_by_rank():
     from sysopt.cli.plan import spread
 
@@ -450,6 +670,41 @@ def test_cli_ranks_and_writes_json(tmp_path, capsys, monkeypatch):
         assert record["measured_step_s"] == pytest.approx(1.25 * record["predicted_step_s"])
     steps = [r["predicted_step_s"] for r in data["ranking"]]
     assert steps == sorted(steps)
+
+
+def test_the_printed_train_command_trains_the_planned_model_and_data(tmp_path, capsys, monkeypatch):
+    """explain's sysopt-train line carries the model.* / data.* settings given to sysopt-plan (and a
+    --model YAML's values): composed as sysopt-train composes it, it trains the model that was planned."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sysopt.cli import plan
+    from sysopt.cli.train import config_dir
+    from sysopt.train import build_job
+
+    def train_line(argv):
+        assert plan.main(argv) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("sysopt-train "))
+        return line.split()[1:]
+
+    args = ["--profile", write_profile(tmp_path, cpu_profile()), "--devices", "2", "--global-batch", "16"]
+    args += ["--precision", "none", "--where", "pp=1"]
+    overrides = train_line([*args, "model.layers=3", "data.pack_len=32", "model.dim=96", "model.heads=6"])
+    assert {"model.layers=3", "data.pack_len=32", "model.dim=96"} <= set(overrides)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        job = build_job(
+            OmegaConf.to_container(compose(config_name="train", overrides=overrides), resolve=True)
+        )
+    assert (job.model.layers, job.model.dim, job.model.heads, job.data.pack_len) == (3, 96, 6, 32)
+    yaml_model = tmp_path / "tiny.yaml"
+    yaml_model.write_text("vision_dim: 32\nvision_layers: 1\nlayers: 1\ndim: 64\nheads: 2\nvision_heads: 2\n")
+    overrides = train_line([*args, "--model", str(yaml_model)])
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        job = build_job(
+            OmegaConf.to_container(compose(config_name="train", overrides=overrides), resolve=True)
+        )
+    assert (job.model.vision_layers, job.model.layers, job.model.dim) == (1, 1, 64)
+    assert not any(o.startswith("model=") for o in train_line(args))  # the default model: nothing to add
 
 
 def test_the_8xh100_profile_ranks_8_gpu_configs():
@@ -690,9 +945,10 @@ def test_measure_layer_times_times_the_trainers_blocks(tmp_path):
     cases = cases_of(configs)
     assert cases == [(None, 1, "none", 1, 2), (None, 2, "none", 1, 4)]
     times = measure_layer_times(job, cases, repeats=1, rounds=2, progress=False)
-    n = len(VLM(MODEL).blocks)
     assert [(e.tp, e.micro_batch_size) for e in times.entries] == [(1, 2), (2, 4)]
-    for e in times.entries:
+    for e in times.entries:  # one figure per trainer block: at tp=2 the sequence scatter and gather too
+        n = block_count(MODEL, tp=e.tp)
+        assert n == len(VLM(MODEL).blocks) + (2 if e.tp > 1 else 0)
         assert all(len(series) == n for series in e.times())
         assert min(e.forward_s) > 0 and min(e.backward_s) > 0 and min(e.weight_s) > 0
         assert e.input_s[0] < min(e.input_s[1:])  # the embedding block has no input gradient: nothing run

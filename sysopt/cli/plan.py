@@ -114,6 +114,36 @@ def load_workload(args) -> tuple[Any, Any]:
         raise SystemExit(f"sysopt-plan: bad model/data config: {exc}") from exc
 
 
+def _override_value(value: Any) -> str:
+    """A YAML value as a Hydra command-line value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
+
+
+def workload_overrides(args) -> list[str]:
+    """The model and data sysopt-plan planned for, as sysopt-train overrides: the --model config (a config
+    group name unless it is train.yaml's default; a YAML file as model.KEY=VALUE lines) and the model.* /
+    data.* overrides given here."""
+    from sysopt.cli.train import config_dir
+
+    out = []
+    if args.model.endswith((".yaml", ".yml")):
+        out += [f"model.{k}={_override_value(v)}" for k, v in _yaml(Path(args.model)).items()]
+    else:
+        from omegaconf import OmegaConf
+
+        defaults = OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "train.yaml"), resolve=False)
+        groups = {k: v for d in defaults.get("defaults", []) if isinstance(d, dict) for k, v in d.items()}
+        if groups.get("model") != args.model:
+            out.append(f"model={args.model}")
+    return out + list(args.overrides)
+
+
 def load_profile(args):
     from sysopt.hardware import HardwareProfile, load_or_calibrate
 
@@ -170,19 +200,36 @@ def print_ranking(ranking, top: int) -> None:
     print(f"({len(ranking.ranked)} fit, {len(ranking.rejected)} rejected)")
 
 
-def resolve_calibration(args, profile, machine):
+def resolve_calibration(args, profile, machine, workload=None):
     """The planner calibration: --calibration, else this host's cached fit when it was made against this
-    profile; a GPU profile without one assumes a nominal per-op overhead; --op-overhead-s overrides."""
+    profile and for this model and data (`workload`: its block times are this model's); a GPU profile
+    without one assumes a nominal per-op overhead; --op-overhead-s overrides."""
     from sysopt.planner import PlannerCalibration, default_calibration_path
 
     calibration = PlannerCalibration()
     path = args.calibration or (default_calibration_path() if args.profile is None else None)
     if not args.no_calibration and path is not None and path.is_file():
         found = PlannerCalibration.load(path)
-        if args.calibration is not None or found.profile_created == profile.created:
+        same_workload = workload is not None and found.workload_key == workload.key()
+        if args.calibration is not None:
             calibration = found
-        else:
+            if not same_workload:
+                print(
+                    f"sysopt-plan: note: {path} was fitted to another model/data config than this one; its "
+                    "block times are that model's (run --fit to fit this one)",
+                    file=sys.stderr,
+                )
+        elif found.profile_created != profile.created:
             print(f"sysopt-plan: ignoring {path}: fitted to another profile; run --fit", file=sys.stderr)
+        elif not same_workload:
+            print(
+                f"sysopt-plan: ignoring {path}: fitted to another model/data config (workload "
+                f"{found.workload_key or 'unknown'}, this one {workload.key() if workload else 'unknown'}); "
+                "run --fit",
+                file=sys.stderr,
+            )
+        else:
+            calibration = found
     if args.op_overhead_s is not None:
         source = f"op_overhead_s={args.op_overhead_s} (given)"
         return dataclasses.replace(calibration, op_overhead_s=args.op_overhead_s, source=source)
@@ -242,7 +289,7 @@ def fit_here(args, workload, machine, base_job, space: list, rounds: int | None 
 
     references = []
     for reference in reference_configs(machine.devices, args.global_batch):
-        problems = violations(reference, workload.model, machine.devices, args.global_batch)
+        problems = violations(reference, workload.model, machine.devices, args.global_batch, workload.seq_len)
         if problems:
             print(f"sysopt-plan: --fit skips {reference.label()}: {problems[0]}", file=sys.stderr)
             continue
@@ -391,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     keep = where_filter(args.where)
     space = [
         c
-        for c in enumerate_configs(model_cfg, machine.devices, args.global_batch, options, chooser)
+        for c in enumerate_configs(
+            model_cfg, machine.devices, args.global_batch, options, chooser, row_len=data_cfg.row_len
+        )
         if keep(c)
     ]
     fit_inputs = None
@@ -399,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds = 1 if args.measure else None
         calibration, fit_inputs = fit_here(args, workload, machine, base_job, space, rounds)
     else:
-        calibration = resolve_calibration(args, profile, machine)
+        calibration = resolve_calibration(args, profile, machine, workload)
     cost_model = CostModel(workload, machine, calibration, min_features=args.min_features)
     ranking = rank(cost_model, space)
     kind = "GPU" if machine.on_gpu else "CPU core"
@@ -408,7 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         f"global batch {args.global_batch}, calibration: {calibration.source}"
     )
     print_ranking(ranking, args.top)
-    text = explain(ranking, args.min_features) if ranking.ranked else "no configuration fits"
+    text = (
+        explain(ranking, args.min_features, workload_overrides(args))
+        if ranking.ranked
+        else "no configuration fits"
+    )
     print(text)
     records = []
     if args.measure and fit_inputs is not None:

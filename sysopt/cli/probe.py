@@ -43,14 +43,16 @@ def render(profile: HardwareProfile, console: Console) -> None:
             pcie = f"gen{g.pcie_gen} x{g.pcie_width}" if g.pcie_gen else "?"
             clocks = f"{g.sm_clock_mhz or '?'} / {g.memory_clock_mhz or '?'} MHz"
             mem = f"{g.memory_free_bytes / GIB:.1f} / {g.memory_total_bytes / GIB:.1f} GiB"
-            gpus.add_row(str(g.index), g.name, mem, pcie, str(g.nvlink_links), clocks)
+            name = f"{g.name} (MIG slice)" if g.mig and "MIG" not in g.name else g.name
+            gpus.add_row(str(g.index), name, mem, pcie, str(g.nvlink_links), clocks)
         console.print(gpus)
 
     cal = profile.calibration
     if cal is None:
         console.print("calibration: not run (use --calibrate)")
         return
-    mm = Table(title=f"matmul on {cal.device}", title_justify="left")
+    threads = f", {cal.threads} thread{'s' if cal.threads != 1 else ''}" if cal.threads else ""
+    mm = Table(title=f"matmul on {cal.device}{threads}", title_justify="left")
     mm.add_column("dtype")
     mm.add_column("best GFLOP/s", justify="right")
     for dtype, rate in cal.matmul_flops_per_s.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,7 +14,9 @@ import numpy as np
 import torch
 
 from sysopt.data.augment import random_affine
-from sysopt.data.digits import DigitsDataset
+from sysopt.data.digits import DigitsDataset, DigitsTaskConfig, sample_mix
+
+PACK_OPEN_ROWS = 8  # rows pack_rows keeps open for first fit
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ def sample_lengths(dataset: DigitsDataset, indices: np.ndarray) -> np.ndarray:
     return dataset.template_lengths[dataset.template_of[np.asarray(indices, np.int64)]] - 1
 
 
-def pack_rows(lengths: np.ndarray, row_len: int, open_rows: int = 8) -> list[list[int]]:
+def pack_rows(lengths: np.ndarray, row_len: int, open_rows: int = PACK_OPEN_ROWS) -> list[list[int]]:
     """Pack items of `lengths` (in order) into rows of at most `row_len`: bounded first fit.
 
     Each item goes into the first of the (at most `open_rows`) open rows it fits; if none, a new row opens
@@ -180,6 +184,21 @@ def pack_rows(lengths: np.ndarray, row_len: int, open_rows: int = 8) -> list[lis
         rows[slot].append(item)
         free[slot] -= n
     return closed + rows
+
+
+@functools.lru_cache(maxsize=16)
+def expected_packing(config: DigitsTaskConfig, samples: int = 8192) -> tuple[float, float]:
+    """(samples, images) a training row of config.pack_len tokens holds on average: `pack_rows` run over
+    `samples` samples drawn (seeded) from `sample_mix`, the rows it still has open at the end left out.
+    Pure Python, no data set built: what a cost model needs to know of packed rows."""
+    if config.pack_len < 1:
+        raise ValueError(f"pack_len={config.pack_len}: expected_packing needs packing (pack_len > 0)")
+    mix = sample_mix(config)
+    drawn = random.Random(0).choices(mix, weights=[p for p, _, _ in mix], k=samples)
+    rows = pack_rows([length for _, length, _ in drawn], config.pack_len, PACK_OPEN_ROWS)
+    closed = rows[:-PACK_OPEN_ROWS] or rows
+    images = sum(drawn[i][2] for row in closed for i in row)
+    return sum(len(row) for row in closed) / len(closed), images / len(closed)
 
 
 def collate_packed(

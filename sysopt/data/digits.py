@@ -173,6 +173,56 @@ def _balanced_picks(rng: np.random.Generator, pool: np.ndarray, count: int) -> n
     return np.concatenate([rng.permutation(pool) for _ in range(reps)])[:count]
 
 
+def encode_sample(
+    tok: Tokenizer, tokens_per_image: int, task: str, n_images: int, answer: int
+) -> tuple[list[int], tuple[int, ...]]:
+    """A sample's token ids (<bos> prompt answer . <eos>) and the positions of its answer tokens."""
+    image = [tok.image_id] * tokens_per_image
+    if task == "caption":
+        prompt = image + tok.encode("shows")
+    elif task == "sum":
+        prompt = image + tok.encode("plus") + image + tok.encode("is")
+    else:
+        prompt = image * n_images + tok.encode(": the largest is")
+    head, answer_ids = [tok.bos_id] + prompt, tok.encode(str(answer))
+    positions = tuple(range(len(head), len(head) + len(answer_ids)))
+    return head + answer_ids + tok.encode(".") + [tok.eos_id], positions
+
+
+def _clean_answers(task: str, n_images: int) -> list[float]:
+    """Probability of each answer of `task` with uniformly distributed digits (the balanced image picks
+    make them so, up to the data set's class sizes)."""
+    if task == "caption":
+        return [0.1] * 10
+    if task == "sum":
+        return [(10 - abs(s - 9)) / 100 for s in range(19)]
+    return [((d + 1) ** n_images - d**n_images) / 10**n_images for d in range(10)]  # the largest of n
+
+
+@functools.lru_cache(maxsize=16)
+def sample_mix(config: DigitsTaskConfig) -> tuple[tuple[float, int, int], ...]:
+    """The training samples of `config` in distribution, as (probability, input tokens, images): tasks
+    by task_mix, relation image counts uniform in [min, max]_relation_images, answers as uniform digits
+    make them (with label_noise, that share drawn uniformly from the task's answers). Input tokens are a
+    sample's tokens up to <eos>, what it fills in a packed row (batching.sample_lengths)."""
+    tok, weights = Tokenizer(), config.task_mix
+    counts = {
+        "caption": (1,),
+        "sum": (2,),
+        "largest": tuple(range(config.min_relation_images, config.max_relation_images + 1)),
+    }
+    mix: dict[tuple[int, int], float] = {}
+    for task, weight, answers in zip(TASKS, weights, ANSWER_COUNTS):
+        for n in counts[task]:
+            p_shape = weight / sum(weights) / len(counts[task])
+            clean = _clean_answers(task, n)
+            for answer in range(answers):
+                p = (1 - config.label_noise) * clean[answer] + config.label_noise / answers
+                length = len(encode_sample(tok, config.tokens_per_image, task, n, answer)[0]) - 1
+                mix[(length, n)] = mix.get((length, n), 0.0) + p_shape * p
+    return tuple((p, length, n) for (length, n), p in sorted(mix.items()) if p > 0)
+
+
 class DigitsDataset:
     """The sequences of one split ("train" or "eval").
 
@@ -228,16 +278,7 @@ class DigitsDataset:
             self.template_answer_mask[row, list(positions)] = 1.0
 
     def _encode(self, task: str, n_images: int, answer: int) -> tuple[list[int], tuple[int, ...]]:
-        tok, image = self.tokenizer, [self.tokenizer.image_id] * self.config.tokens_per_image
-        if task == "caption":
-            prompt = image + tok.encode("shows")
-        elif task == "sum":
-            prompt = image + tok.encode("plus") + image + tok.encode("is")
-        else:
-            prompt = image * n_images + tok.encode(": the largest is")
-        head, answer_ids = [tok.bos_id] + prompt, tok.encode(str(answer))
-        positions = tuple(range(len(head), len(head) + len(answer_ids)))
-        return head + answer_ids + tok.encode(".") + [tok.eos_id], positions
+        return encode_sample(self.tokenizer, self.config.tokens_per_image, task, n_images, answer)
 
     def __len__(self) -> int:
         return len(self.task_ids)

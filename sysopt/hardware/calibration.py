@@ -252,5 +252,6 @@ def _calibrate(profile, quick, world_size, device, repeats, progress, samples) -
         created=now_iso(),
         tp_collectives=tp_collectives,
         tp_chunk_overhead_s=chunk_overhead,
+        threads=torch.get_num_threads(),  # inside intraop_threads: what every figure was measured with
     )
     return dataclasses.replace(profile, calibration=calibration)

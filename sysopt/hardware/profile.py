@@ -52,6 +52,8 @@ class GPUInfo:
     sm_clock_mhz: int | None
     memory_clock_mhz: int | None
     compute_capability: tuple[int, int] | None = None  # CUDA (major, minor); None: not known (older profiles)
+    uuid: str | None = None  # NVML's UUID (GPU-... or, for a MIG slice, MIG-...); None: not known
+    mig: bool = False  # a MIG slice of a card (memory is the slice's, where NVML reports it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +123,7 @@ class Calibration:
     # them (asynchronous, issued in bursts), on collective_world_size ranks; n = the full tensor's bytes
     tp_collectives: dict[str, LinkFit] = field(default_factory=dict)
     tp_chunk_overhead_s: float | None = None  # host seconds one more chunk costs a chunked TP layer
+    threads: int | None = None  # torch intra-op threads the figures were measured with; None = not known
     # fingerprint of the code that measured it (sysopt.hardware.cache.calibrating_code); "" = unknown.
     # Not part of equality: it says which code measured the figures, not what they are
     code: str = field(default="", compare=False)
@@ -139,6 +142,7 @@ class Calibration:
             "created": self.created,
             "tp_collectives": {k: v.to_dict() for k, v in self.tp_collectives.items()},
             "tp_chunk_overhead_s": self.tp_chunk_overhead_s,
+            "threads": self.threads,
             "code": self.code,
         }
 
@@ -157,6 +161,7 @@ class Calibration:
             created=d["created"],
             tp_collectives={k: LinkFit.from_dict(v) for k, v in d.get("tp_collectives", {}).items()},
             tp_chunk_overhead_s=d.get("tp_chunk_overhead_s"),
+            threads=None if d.get("threads") is None else int(d["threads"]),
             code=d.get("code", ""),
         )
 

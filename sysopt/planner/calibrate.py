@@ -69,7 +69,13 @@ def fit_op_overhead(
         f"{field}={value:.6g} fitted to {config.label()} measured at {measured_step_s * 1e3:.2f} ms "
         f"(uncalibrated prediction {zero_s * 1e3:.2f} ms), profile of {machine.profile.created}"
     )
-    return dataclasses.replace(base, **{field: value}, source=source, profile_created=machine.profile.created)
+    return dataclasses.replace(
+        base,
+        **{field: value},
+        source=source,
+        profile_created=machine.profile.created,
+        workload_key=workload.key(),
+    )
 
 
 _PROBE_S = 1e-4  # a host-tensor overhead to read off how many host tensors each prediction counts
@@ -204,4 +210,6 @@ def fit_calibration(
         f"step_overhead_s={calibration.step_overhead_s:.4g} fitted to {len(runs)} runs: {labels}; "
         f"profile of {machine.profile.created}"
     )
-    return dataclasses.replace(calibration, source=source, profile_created=machine.profile.created)
+    return dataclasses.replace(
+        calibration, source=source, profile_created=machine.profile.created, workload_key=workload.key()
+    )

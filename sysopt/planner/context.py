@@ -4,6 +4,7 @@ the planner's own calibration (per-layer overhead fitted to one measured run), e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -22,20 +23,41 @@ NOMINAL_CPU_MEMORY_BYTES_PER_S = 2.0e10  # when a CPU profile lacks a memcpy fit
 
 @dataclass(frozen=True)
 class Workload:
-    """The model and the global batch of `global_batch` sequences of `seq_len` tokens."""
+    """The model and the global batch of `global_batch` training rows ("sequences") of `seq_len` tokens
+    showing `images_per_sequence` images each on average. A row holds one sample, or with packing
+    (data.pack_len) `samples_per_row` samples on average."""
 
     model: VLMConfig
     global_batch: int
     seq_len: int
     images_per_sequence: float
+    samples_per_row: float = 1.0
 
     @classmethod
     def from_data(cls, model: VLMConfig, data, global_batch: int) -> Workload:
-        """From a DigitsTaskConfig (sysopt.data) and the global batch."""
+        """From a DigitsTaskConfig (sysopt.data) and the global batch: rows of data.seq_len tokens, one
+        sample each; with data.pack_len > 0, rows of pack_len tokens holding the samples (and their images)
+        sysopt.data's packing puts there (sysopt.data.batching.expected_packing)."""
+        if data.pack_len:
+            from sysopt.data.batching import expected_packing
+
+            samples, images = expected_packing(data)
+            return cls(model, global_batch, data.pack_len, images, samples)
         return cls(model, global_batch, data.seq_len, images_per_sequence(data))
 
     def microbatch(self, sequences: int) -> BatchShape:
         return BatchShape(sequences, self.seq_len, max(1, round(sequences * self.images_per_sequence)))
+
+    def key(self) -> str:
+        """A fingerprint of what sets the blocks' costs: the model config and the rows (tokens, images and
+        samples per row). A planner fit (its measured block times) holds for one key."""
+        rows = {
+            "seq_len": self.seq_len,
+            "images_per_sequence": round(self.images_per_sequence, 6),
+            "samples_per_row": round(self.samples_per_row, 6),
+        }
+        text = json.dumps({"model": asdict(self.model), **rows}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "model": asdict(self.model)}
@@ -121,6 +143,7 @@ class PlannerCalibration:
     host_tensor_overhead_s: float = 0.0
     source: str = "uncalibrated"
     profile_created: str = ""  # the HardwareProfile (its `created`) the fit was made against
+    workload_key: str = ""  # the Workload (its key(): model and rows) the fit was made for; "" = unknown
     # measured per-block forward/backward seconds: where they cover a case, the model uses them instead
     # of GEMM rates and op counts (gemm_scale and op_overhead_s then apply only to uncovered cases)
     layer_times: LayerTimes | None = None

@@ -5,7 +5,9 @@ counts (which on a CPU miss most of what a small block costs: dispatch, allocati
 Blocks are timed as the trainer builds them (sysopt.train.ParallelVLM: tensor-parallel blocks under tp > 1,
 converted linears under a recipe), one intra-op thread per rank as launched ranks run; backward both in one
 pass and split as the schedule executor splits it (input gradient, then weight gradient). Under tp > 1 the
-ranks are launched over gloo, so a block's time includes its tensor-parallel collectives."""
+ranks are launched over gloo, so a block's time includes its tensor-parallel collectives; the series then
+hold the sequence-parallel scatter and gather blocks too: one figure per block of the trainer's list, as
+sysopt.planner.workload.layers models it at that tp."""
 
 from __future__ import annotations
 
@@ -105,26 +107,7 @@ def _time_blocks(job_json: str, micro_batch_size: int, repeats: int, groups) -> 
         time_blocks(runtime.model, runtime._prepare(sampler.global_batch(i)), repeats, split=True)
         for i in range(TIMED_BATCHES)
     ]
-    means = [[statistics.fmean(col) for col in zip(*(run[k] for run in runs))] for k in range(4)]
-    return tuple(_fold_sequence_parallel(runtime.model, series) for series in means)
-
-
-def _fold_sequence_parallel(model, series: list[float]) -> list[float]:
-    """Per planner layer: sequence parallelism adds a scatter block after the merge and a gather block
-    before the head (sysopt.models.parallel); their time goes to the merge and the head."""
-    from sysopt.models.parallel import SequenceGather, SequenceScatter
-
-    out: list[float] = []
-    carry = 0.0
-    for block, t in zip(model.blocks, series):
-        if isinstance(block, SequenceScatter):
-            out[-1] += t
-        elif isinstance(block, SequenceGather):
-            carry += t
-        else:
-            out.append(t + carry)
-            carry = 0.0
-    return out
+    return tuple([statistics.fmean(col) for col in zip(*(run[k] for run in runs))] for k in range(4))
 
 
 def cases_of(configs: Iterable[PlanConfig]) -> list[tuple[str | None, int, str, int, int]]:

@@ -15,7 +15,7 @@ from sysopt.offload.placement import HOST, PhaseTimes, make_plan, predict_iterat
 from sysopt.offload.subgroups import DEFAULT_SUBGROUP_BYTES
 from sysopt.planner.context import Machine, PlannerCalibration, Workload
 from sysopt.planner.device import dp_exposed_s, offload_subgroups, peak_activation_bytes
-from sysopt.planner.space import PlanConfig
+from sysopt.planner.space import PlanConfig, row_length_error
 from sysopt.planner.workload import EXTRA_OPS_PER_LOW_PRECISION_LINEAR, Layer, Linear, layers
 from sysopt.precision.auto import step_time_s as linear_step_time_s
 from sysopt.precision.convert import MIN_FEATURES
@@ -26,9 +26,29 @@ from sysopt.schedules.partition import chunk_costs, even_boundaries, min_max_bou
 from sysopt.schedules.simulate import step_time
 from sysopt.tensor_parallel.chunk_model import (
     GemmCollective,
+    collective_time_s,
     pipeline_time_s,
     profile_costs,
 )
+
+
+def unfold_sequence_parallel(
+    series: tuple[tuple[float, ...], ...], model_layers: tuple[Layer, ...]
+) -> tuple[tuple[float, ...], ...]:
+    """Measured per-block series on the trainer's block list. A fit made before the planner counted the
+    sequence-parallel blocks timed the scatter into the merge and the gather into the head: such series
+    (two short at tp > 1) get a zero for each, their time staying where it was measured."""
+    sp = [i for i, layer in enumerate(model_layers) if layer.sp_all_gather is not None]
+    if not sp or len(series[0]) != len(model_layers) - len(sp):
+        return series
+    out = []
+    for s in series:
+        values = list(s)
+        for i in sp:
+            values.insert(i, 0.0)
+        out.append(tuple(values))
+    return tuple(out)
+
 
 # Up to this many ways to split the layers, sysopt.schedules.partition searches them all (as it does
 # itself); beyond it, its refinement would simulate thousands of splits per config, so the planner takes
@@ -159,8 +179,9 @@ class CostModel:
         self._chunk_choices: dict[tuple, int] = {}
 
     # ---- per layer ----------------------------------------------------------------------------
-    def layers(self, micro_batch_size: int) -> tuple[Layer, ...]:
-        return layers(self.workload.model, self.workload.microbatch(micro_batch_size))
+    def layers(self, micro_batch_size: int, tp: int = 1) -> tuple[Layer, ...]:
+        """The blocks one of `tp` tensor-parallel ranks runs (workload.layers: the trainer's block list)."""
+        return layers(self.workload.model, self.workload.microbatch(micro_batch_size), tp)
 
     def linear_s(self, linear: Linear, tp: int, precision: str | None) -> float:
         """Forward + grad-input + grad-weight GEMMs of one linear on one rank (precision.auto's model).
@@ -194,18 +215,19 @@ class CostModel:
 
     def gemm_s(self, layer: Layer, tp: int, precision: str | None) -> float:
         """GEMM time of one forward: a third of each linear's three GEMMs plus the attention GEMMs
-        (those always in the training dtype)."""
+        (those always in the training dtype; heads split over tp only in sharded blocks)."""
         gemms = sum(self.linear_s(lin, tp, precision) for lin in layer.linears) / 3
         if layer.attention is not None:
             gemms += sum(
                 self.profile.matmul_time_s(m, n, k, self.machine.high)
-                for m, n, k in layer.attention.gemms(tp)
+                for m, n, k in layer.attention.gemms(tp if layer.sharded else 1)
             )
         return gemms
 
     def elementwise_s(self, layer: Layer, tp: int) -> float:
-        """Memory-bound ops of one forward (norms, GELU, residual adds) at the memory bandwidth."""
-        split = tp if layer.split_params else 1
+        """Memory-bound ops of one forward (norms, GELU, residual adds) at the memory bandwidth; a sharded
+        block runs them on its sequence shard, a replicated one on all rows."""
+        split = tp if layer.sharded else 1
         nbytes = layer.elementwise_elements * self.machine.param_itemsize / split
         return nbytes / self.machine.memory_touch_bytes_per_s
 
@@ -219,6 +241,14 @@ class CostModel:
             m, n, k = by_name[name].shape(tp)
             ops.append(GemmCollective(kind, math.ceil(m / tp), n, k, tp, self.machine.high, gemms_per_block))
         return ops
+
+    def sequence_parallel_s(self, layer: Layer, tp: int, phase: str) -> float:
+        """The all-gather a sequence-parallel scatter (in backward) or gather (in forward) block runs
+        on the whole [tokens, dim] tensor; nothing to hide it behind."""
+        if tp == 1 or layer.sp_all_gather != phase:
+            return 0.0
+        nbytes = layer.output_elements * self.machine.param_itemsize
+        return collective_time_s(self.profile, "all_gather", nbytes, tp)
 
     def exposed_collective_s(self, op: GemmCollective, overlap: str, chunks: int) -> float:
         """Collective time not hidden behind the GEMM: all of it without overlap; with 'chunked', the
@@ -239,7 +269,9 @@ class CostModel:
         return self._chunk_choices[key]
 
     def _choose_tp_chunks(self, tp: int, micro_batch_size: int, max_chunks: int) -> int:
-        decoder = next((layer for layer in self.layers(micro_batch_size) if layer.kind == "decoder"), None)
+        decoder = next(
+            (layer for layer in self.layers(micro_batch_size, tp) if layer.kind == "decoder"), None
+        )
         if decoder is None or tp == 1:
             return 1
         ops = self.tp_ops(decoder, tp) + self.tp_ops(decoder, tp, gemms_per_block=2)
@@ -255,23 +287,27 @@ class CostModel:
         key = (micro_batch_size, tp, tp_overlap, tp_chunks, precision)
         if key not in self._layer_costs:
             cal = self.calibration
-            model_layers = self.layers(micro_batch_size)
+            model_layers = self.layers(micro_batch_size, tp)
             found = None
             if cal.layer_times is not None:
                 found = cal.layer_times.lookup(precision, tp, tp_overlap, tp_chunks, micro_batch_size)
+                if found is not None:
+                    found = unfold_sequence_parallel(found, model_layers)
                 if found is not None and len(found[0]) != len(model_layers):
                     raise ValueError(
                         f"the planner calibration times {len(found[0])} blocks but the model has "
-                        f"{len(model_layers)}; refit with sysopt-plan --fit for this model"
+                        f"{len(model_layers)} at tp={tp}; refit with sysopt-plan --fit for this model"
                     )
             out = []
             for i, layer in enumerate(model_layers):
                 fwd = sum(
                     self.exposed_collective_s(op, tp_overlap, tp_chunks) for op in self.tp_ops(layer, tp)
                 )
+                fwd += self.sequence_parallel_s(layer, tp, "forward")
                 bwd = sum(
                     self.exposed_collective_s(op, tp_overlap, tp_chunks) for op in self.tp_ops(layer, tp, 2)
                 )
+                bwd += self.sequence_parallel_s(layer, tp, "backward")
                 if found is not None:
                     f_s, b_s, i_s, w_s = (series[i] for series in found)
                     out.append(LayerCost(layer.name, f_s, b_s, i_s, w_s, min(fwd, f_s), min(bwd, b_s), True))
@@ -283,9 +319,14 @@ class CostModel:
         return self._layer_costs[key]
 
     # ---- pipeline -----------------------------------------------------------------------------
+    def output_bytes(self, layer: Layer, tp: int) -> int:
+        """Bytes of one microbatch's output of `layer` on one rank: the sequence shard after the scatter
+        and in the decoder, the whole tensor elsewhere (sysopt.models.parallel.block_output_shape)."""
+        return layer.output_elements * self.machine.param_itemsize // (tp if layer.output_sharded else 1)
+
     def p2p_s(self, layer: Layer, tp: int) -> float:
-        """Send one microbatch's output of `layer` to the next stage (sequence-parallel shard)."""
-        return self.profile.p2p_time_s(layer.output_elements * self.machine.param_itemsize // tp)
+        """Send one microbatch's output of `layer` to the next stage."""
+        return self.profile.p2p_time_s(self.output_bytes(layer, tp))
 
     def pipeline(self, c: PlanConfig, boundaries: tuple[int, ...] | None = None) -> _Pipeline:
         """The pipeline of `c`: its split (the cost-based partition, or `boundaries` when given, e.g. the
@@ -295,7 +336,7 @@ class CostModel:
         if key in self._pipelines:
             return self._pipelines[key]
         costs = self.layer_costs(c.micro_batch_size, c.tp, c.tp_overlap, c.tp_chunks, c.precision)
-        model_layers = self.layers(c.micro_batch_size)
+        model_layers = self.layers(c.micro_batch_size, c.tp)
         schedule = build(c.schedule, c.pp, c.vpp, c.microbatches)
         split = any(a.kind is W for acts in schedule.actions.values() for a in acts)
         f = [lc.forward_s for lc in costs]
@@ -353,8 +394,11 @@ class CostModel:
 
     # ---- whole step ---------------------------------------------------------------------------
     def predict(self, config: PlanConfig, boundaries: tuple[int, ...] | None = None) -> Prediction:
-        """Step time and peak memory per device of `config` (raises ValueError if it cannot be modelled),
-        on the planner's own pipeline split or on `boundaries`."""
+        """Step time and peak memory per device of `config` (raises ValueError if it cannot be modelled or
+        the trainer cannot run its rows), on the planner's own pipeline split or on `boundaries`."""
+        problem = row_length_error(self.workload.model, self.workload.seq_len, config.tp)
+        if problem:
+            raise ValueError(problem)
         pipe = self.pipeline(config, boundaries)
         ranks = []
         for rank in sorted(pipe.simulation.timeline):
@@ -400,7 +444,7 @@ class CostModel:
         dp_s = dp_exposed_s(self.profile, numel * itemsize, window_s if c.pp == 1 else 0.0, c.dp)
         stage_bytes = {
             s: sum(
-                pipe.layers[i].saved_elements * itemsize // (c.tp if pipe.layers[i].split_params else 1)
+                pipe.layers[i].saved_elements * itemsize // (c.tp if pipe.layers[i].sharded else 1)
                 for i in idx
             )
             for s, idx in stage_layers.items()
@@ -408,8 +452,8 @@ class CostModel:
         # the trainer posts every receive at the step's start on gloo, one compute ahead on NCCL (small)
         boundary_bytes = None
         if not self.machine.on_gpu:
-            boundary_bytes = {  # a stage's last layer output, sequence-parallel shard (as p2p_s sends it)
-                s: pipe.layers[pipe.boundaries[s + 1] - 1].output_elements * itemsize // c.tp
+            boundary_bytes = {  # a stage's last layer output (as p2p_s sends it)
+                s: self.output_bytes(pipe.layers[pipe.boundaries[s + 1] - 1], c.tp)
                 for s in range(len(pipe.boundaries) - 1)
             }
         act_bytes = peak_activation_bytes(pipe.schedule, rank, stage_bytes, boundary_bytes)

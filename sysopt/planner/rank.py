@@ -3,7 +3,7 @@ modelled on this profile), and explain the top choice against the best different
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,9 +127,11 @@ def runner_up(ranking: Ranking) -> Prediction | None:
     )
 
 
-def explain(ranking: Ranking, min_features: int | None = None) -> str:
+def explain(ranking: Ranking, min_features: int | None = None, workload_overrides: Sequence[str] = ()) -> str:
     """Why the top config: its step-time breakdown and memory, and where the runner-up loses time.
-    `min_features` goes into the printed sysopt-train command (see PlanConfig.to_overrides)."""
+    `min_features` goes into the printed sysopt-train command (see PlanConfig.to_overrides), and so do
+    `workload_overrides`: the model/data settings the plan was made for (e.g. model.layers=3), so that the
+    command trains that model on that data."""
     top = ranking.top
     lines = [
         f"Top choice: {top.config.label()}",
@@ -137,7 +139,7 @@ def explain(ranking: Ranking, min_features: int | None = None) -> str:
         f"  peak memory {top.peak_memory_bytes / MIB:.1f} MiB per device of "
         f"{ranking.memory_bytes / GIB:.1f} GiB; layers per pipeline chunk "
         f"{[b - a for a, b in zip(top.boundaries, top.boundaries[1:])]}",
-        f"  sysopt-train {' '.join(top.config.to_overrides(min_features, top.boundaries))}",
+        f"  sysopt-train {' '.join([*workload_overrides, *top.config.to_overrides(min_features, top.boundaries)])}",
     ]
     ties = [
         p for p in ranking.ranked[1:] if p.step_s == top.step_s and all(

@@ -10,6 +10,7 @@ from typing import Any
 
 from sysopt.models import VLMConfig
 from sysopt.offload.placement import STRATEGIES as OFFLOAD_STRATEGIES
+from sysopt.planner.workload import sequence_parallel_row_len
 from sysopt.precision.recipe import RECIPES
 from sysopt.schedules import BUILDERS, build
 
@@ -97,13 +98,33 @@ def schedule_error(name: str, pp: int, vpp: int, microbatches: int) -> str | Non
     return None
 
 
-def num_blocks(model: VLMConfig) -> int:
-    """Entries of VLM.blocks: embed, ViT blocks, merge, decoder blocks, head."""
-    return model.vision_layers + model.layers + 3
+def num_blocks(model: VLMConfig, tp: int = 1) -> int:
+    """Blocks the trainer's pipeline cuts at `tp`: embed, ViT blocks, merge, decoder blocks, head, plus the
+    sequence-parallel scatter and gather blocks at tp > 1 (sysopt.models.parallel.block_count's rule)."""
+    return model.vision_layers + model.layers + 3 + (2 if tp > 1 else 0)
 
 
-def violations(config: PlanConfig, model: VLMConfig, devices: int, global_batch: int) -> list[str]:
-    """Every rule `config` breaks, each naming the value, the constraint and a fix ([] when valid)."""
+def row_length_error(model: VLMConfig, row_len: int, tp: int) -> str | None:
+    """The trainer's complaint when rows of `row_len` tokens, padded to a multiple of tp for sequence
+    parallelism at tp > 1 (sysopt.train.parallel.pad_sequence), do not fit model.max_seq; else None."""
+    padded = sequence_parallel_row_len(row_len, tp)
+    if padded <= model.max_seq:
+        return None
+    if padded == row_len:
+        return f"training rows of {row_len} tokens exceed model.max_seq={model.max_seq}; raise model.max_seq to {row_len}"
+    return (
+        f"training rows of {row_len} tokens are padded to {padded} (a multiple of tp={tp}) for sequence "
+        f"parallelism, more than model.max_seq={model.max_seq}; raise model.max_seq to {padded} or use a tp "
+        f"dividing {row_len}"
+    )
+
+
+def violations(
+    config: PlanConfig, model: VLMConfig, devices: int, global_batch: int, row_len: int | None = None
+) -> list[str]:
+    """Every rule `config` breaks, each naming the value, the constraint and a fix ([] when valid).
+    `row_len`: tokens per training row (data.row_len); with it, rows padded for sequence parallelism must
+    fit model.max_seq."""
     c, out = config, []
     for name in ("tp", "pp", "vpp", "dp", "microbatches", "micro_batch_size", "tp_chunks"):
         if getattr(c, name) < 1:
@@ -123,11 +144,14 @@ def violations(config: PlanConfig, model: VLMConfig, devices: int, global_batch:
     for key, heads in (("heads", model.heads), ("vision_heads", model.vision_heads)):
         if heads % c.tp:
             out.append(f"model.{key}={heads} is not divisible by tp={c.tp}; use a tp dividing {heads}")
-    blocks = num_blocks(model)
+    if row_len is not None and (problem := row_length_error(model, row_len, c.tp)):
+        out.append(problem)
+    blocks = num_blocks(model, c.tp)
     if c.pp * c.vpp > blocks:
+        sp = " (2 of them sequence-parallel scatter/gather)" if c.tp > 1 else ""
         out.append(
-            f"pp*vpp = {c.pp}*{c.vpp} = {c.pp * c.vpp} chunks exceed the model's {blocks} blocks; "
-            f"lower pp or vpp"
+            f"pp*vpp = {c.pp}*{c.vpp} = {c.pp * c.vpp} chunks exceed the model's {blocks} blocks{sp} at "
+            f"tp={c.tp}; lower pp or vpp"
         )
     if c.vpp > 1 and c.pp == 1:
         out.append(f"vpp={c.vpp} needs pp >= 2 (model chunks are spread over pipeline ranks); use vpp=1")
@@ -174,9 +198,11 @@ def enumerate_configs(
     global_batch: int,
     options: SpaceOptions | None = None,
     tp_chunks_for: Callable[[int, int], int] | None = None,
+    row_len: int | None = None,
 ) -> Iterator[PlanConfig]:
     """Every valid PlanConfig. `tp_chunks_for(tp, micro_batch_size)` picks the chunk count of 'chunked'
-    overlap (the TP overlap model's choice); default 4."""
+    overlap (the TP overlap model's choice); default 4. `row_len`: tokens per training row (see
+    violations)."""
     options = options or SpaceOptions()
     for tp in divisors(devices):
         for pp in divisors(devices // tp):
@@ -189,8 +215,9 @@ def enumerate_configs(
                     for m in divisors(per_replica):
                         if m > options.max_microbatches:
                             break
+                        layout = (tp, pp, vpp, dp, schedule, m)
                         yield from _leaves(
-                            model, devices, global_batch, options, tp_chunks_for, tp, pp, vpp, dp, schedule, m
+                            model, devices, global_batch, options, tp_chunks_for, row_len, layout
                         )
 
 
@@ -198,10 +225,11 @@ def _schedules(pp: int, allowed: Sequence[str]) -> Sequence[str]:
     return ("1f1b",) if pp == 1 else allowed
 
 
-def _leaves(model, devices, global_batch, options, tp_chunks_for, tp, pp, vpp, dp, schedule, m):
+def _leaves(model, devices, global_batch, options, tp_chunks_for, row_len, layout):
+    tp, pp, vpp, dp, schedule, m = layout
     mbs = global_batch // (dp * m)
     base = PlanConfig(tp, pp, vpp, dp, schedule, m, mbs)
-    if violations(base, model, devices, global_batch):
+    if violations(base, model, devices, global_batch, row_len):
         return
     for overlap in options.tp_overlaps:
         if overlap == "chunked" and tp == 1:
@@ -210,5 +238,5 @@ def _leaves(model, devices, global_batch, options, tp_chunks_for, tp, pp, vpp, d
         for offload in options.offloads:
             for precision in options.precisions:
                 config = PlanConfig(tp, pp, vpp, dp, schedule, m, mbs, overlap, chunks, offload, precision)
-                if not violations(config, model, devices, global_batch):
+                if not violations(config, model, devices, global_batch, row_len):
                     yield config

@@ -19,9 +19,18 @@ SAVED_PER_BLOCK_BASE = 9
 # sysopt.precision.convert (tests/test_planner.py recounts them under the backend it runs with). Each op
 # carries a fixed host cost (dispatch, launch), so these set the per-layer overhead. Triton's counts are
 # not measured here (no GPU); the torch reference's stand in for them.
-OPS_PER_LAYER = {"embed": 23, "vit": 97, "merge": 88, "decoder": 98, "head": 45}
+# The sequence-parallel scatter and gather blocks (tp > 1) dispatch a slice or one all-gather each way.
+OPS_PER_LAYER = {"embed": 23, "vit": 97, "merge": 88, "scatter": 3, "decoder": 98, "gather": 3, "head": 45}
 # Parameter tensors per block kind (what per-tensor costs scale with: optimizer hooks, copies, launches)
-PARAM_TENSORS_PER_LAYER = {"embed": 3, "vit": 12, "merge": 10, "decoder": 12, "head": 4}
+PARAM_TENSORS_PER_LAYER = {
+    "embed": 3,
+    "vit": 12,
+    "merge": 10,
+    "scatter": 0,
+    "decoder": 12,
+    "gather": 0,
+    "head": 4,
+}
 _EXTRA_OPS_TORCH = {
     "int8_rowwise": 84,
     "int8_rowwise_full": 138,
@@ -92,11 +101,16 @@ class Attention:
 
 @dataclass(frozen=True)
 class Layer:
-    """One entry of VLM.blocks. `tp_ops` lists the sequence-parallel collectives of its forward as
-    (kind, linear name) pairs; `split_params` of `params` are divided over tensor-parallel ranks."""
+    """One block of the VLM as the trainer runs it on one tensor-parallel rank (sysopt.models.parallel).
+    `tp_ops` lists the sequence-parallel GEMM+collective pairs of its forward as (kind, linear name)
+    pairs; `split_params` of `params` are divided over tensor-parallel ranks. `sharded`: the block runs on
+    this rank's share (its heads and its sequence shard: the decoder blocks, and the scatter writing the
+    shard); else every tp rank runs all of it (vision tower, merge, head). `output_sharded`: what it sends
+    on is this rank's sequence shard (1/tp of `output_elements`). `sp_all_gather`: the sequence-parallel
+    all-gather of `output_elements` a scatter ("backward") or gather ("forward") block runs."""
 
     name: str
-    kind: str  # "embed", "vit", "merge", "decoder", "head"
+    kind: str  # "embed", "vit", "merge", "scatter", "decoder", "gather", "head"
     linears: tuple[Linear, ...]
     attention: Attention | None
     params: int
@@ -106,6 +120,9 @@ class Layer:
     elementwise_elements: int  # elements read + written by memory-bound ops (norms, GELU, adds) in forward
     ops: int  # dispatched torch ops in one forward + backward, high precision (OPS_PER_LAYER)
     tp_ops: tuple[tuple[str, str], ...] = ()
+    sharded: bool = False
+    output_sharded: bool = False
+    sp_all_gather: str | None = None  # None, "forward" (gather) or "backward" (scatter)
 
     @property
     def param_tensors(self) -> int:
@@ -128,13 +145,18 @@ def batch_shape(sequences: int, data) -> BatchShape:
     return BatchShape(sequences, data.seq_len, max(1, round(sequences * images_per_sequence(data))))
 
 
-def _block(name: str, kind: str, dim: int, heads: int, mlp_ratio: int, batch: int, seq: int) -> Layer:
+def _block(
+    name: str, kind: str, dim: int, heads: int, mlp_ratio: int, batch: int, seq: int, sharded: bool
+) -> Layer:
+    """A pre-norm transformer block; `sharded`: tensor parallel with sequence parallelism when tp > 1
+    (column / row split linears, their all-gather / reduce-scatter), else replicated on every tp rank."""
     rows, hidden = batch * seq, mlp_ratio * dim
+    column, row = ("column", "row") if sharded else (None, None)
     linears = (
-        Linear(f"{name}.attn.qkv", rows, dim, 3 * dim, "column"),
-        Linear(f"{name}.attn.proj", rows, dim, dim, "row"),
-        Linear(f"{name}.mlp.fc", rows, dim, hidden, "column"),
-        Linear(f"{name}.mlp.proj", rows, hidden, dim, "row"),
+        Linear(f"{name}.attn.qkv", rows, dim, 3 * dim, column),
+        Linear(f"{name}.attn.proj", rows, dim, dim, row),
+        Linear(f"{name}.mlp.fc", rows, dim, hidden, column),
+        Linear(f"{name}.mlp.proj", rows, hidden, dim, row),
     )
     split = 3 * dim * dim + 3 * dim + dim * dim + dim * hidden + hidden + hidden * dim
     params = split + 2 * dim + 4 * dim  # row-parallel biases and the two LayerNorms are replicated
@@ -144,6 +166,8 @@ def _block(name: str, kind: str, dim: int, heads: int, mlp_ratio: int, batch: in
         ("all_gather", linears[2].name),
         ("reduce_scatter", linears[3].name),
     )
+    if not sharded:
+        split, ops = 0, ()
     return Layer(
         name,
         kind,
@@ -156,16 +180,50 @@ def _block(name: str, kind: str, dim: int, heads: int, mlp_ratio: int, batch: in
         rows * (ELEMENTWISE_PER_BLOCK_BASE * dim + 2 * hidden),
         OPS_PER_LAYER[kind],
         ops,
+        sharded=sharded,
+        output_sharded=sharded,
     )
 
 
-def layers(model: VLMConfig, shape: BatchShape) -> tuple[Layer, ...]:
-    """The VLM's blocks in order: VisionEmbed, ViT blocks, ImageTextMerge, decoder blocks, LMHead."""
+def sequence_parallel_row_len(row_len: int, tp: int) -> int:
+    """Tokens per row the trainer runs at `tp`: sequence parallelism (tp > 1) pads rows to a multiple of
+    tp (sysopt.train.parallel.pad_sequence)."""
+    return row_len + (-row_len % tp if tp > 1 else 0)
+
+
+def _sequence_parallel(name: str, kind: str, tokens: int, dim: int) -> Layer:
+    """The scatter (after the merge: full sequence in, this rank's shard out; all-gather in backward) or
+    gather (before the head: shard in, full sequence out by all-gather) block of sequence parallelism."""
+    scatter = kind == "scatter"
+    return Layer(
+        name,
+        kind,
+        (),
+        None,
+        0,
+        0,
+        0,
+        tokens * dim,
+        2 * tokens * dim if scatter else tokens * dim,  # scatter: copy out the shard; gather: write it all
+        OPS_PER_LAYER[kind],
+        sharded=scatter,
+        output_sharded=scatter,
+        sp_all_gather="backward" if scatter else "forward",
+    )
+
+
+def layers(model: VLMConfig, shape: BatchShape, tp: int = 1) -> tuple[Layer, ...]:
+    """The VLM's blocks in order as the trainer runs them on one of `tp` tensor-parallel ranks
+    (sysopt.models.parallel.tensor_parallelize): VisionEmbed, ViT blocks, ImageTextMerge, decoder blocks,
+    LMHead. Only the decoder blocks are sharded; the vision tower, merge (projector, embeddings) and head
+    are replicated on every tp rank. With tp > 1 sequence parallelism pads each row to a multiple of tp and
+    adds a scatter block after the merge and a gather block before the head (block_count's rule)."""
     c = model
     patch_dim = c.patch_size * c.patch_size
     n_patches = (c.image_size // c.patch_size) ** 2
     image_rows = shape.images * n_patches
-    tokens = shape.sequences * shape.seq_len
+    seq_len = sequence_parallel_row_len(shape.seq_len, tp)
+    tokens = shape.sequences * seq_len
     merged_rows = shape.images * c.tokens_per_image
     out: list[Layer] = [
         Layer(
@@ -183,7 +241,9 @@ def layers(model: VLMConfig, shape: BatchShape) -> tuple[Layer, ...]:
     ]
     for i in range(c.vision_layers):
         out.append(
-            _block(f"vit{i}", "vit", c.vision_dim, c.vision_heads, c.mlp_ratio, shape.images, n_patches)
+            _block(
+                f"vit{i}", "vit", c.vision_dim, c.vision_heads, c.mlp_ratio, shape.images, n_patches, False
+            )
         )
     merge_linears = (
         Linear("merge.project", merged_rows, c.vision_dim, c.dim),
@@ -208,21 +268,24 @@ def layers(model: VLMConfig, shape: BatchShape) -> tuple[Layer, ...]:
             OPS_PER_LAYER["merge"],
         )
     )
+    if tp > 1:
+        out.append(_sequence_parallel("sp_scatter", "scatter", tokens, c.dim))
     for i in range(c.layers):
-        out.append(_block(f"dec{i}", "decoder", c.dim, c.heads, c.mlp_ratio, shape.sequences, shape.seq_len))
+        out.append(_block(f"dec{i}", "decoder", c.dim, c.heads, c.mlp_ratio, shape.sequences, seq_len, True))
+    if tp > 1:
+        out.append(_sequence_parallel("sp_gather", "gather", tokens, c.dim))
     out.append(
         Layer(
             "head",
             "head",
-            (Linear("head.out", tokens, c.dim, c.vocab_size, "column", swappable=False),),
+            (Linear("head.out", tokens, c.dim, c.vocab_size, swappable=False),),
             None,
             2 * c.dim + c.dim * c.vocab_size + c.vocab_size,
-            c.dim * c.vocab_size + c.vocab_size,
+            0,
             tokens * (2 * c.dim + 2 * c.vocab_size),
             tokens * c.vocab_size,
             tokens * (4 * c.dim + 3 * c.vocab_size),  # LayerNorm, log-softmax + cross-entropy
             OPS_PER_LAYER["head"],
-            (("all_gather", "head.out"),),
         )
     )
     return tuple(out)
