@@ -419,7 +419,11 @@ def iteration_vs_model(ctx: BenchContext) -> tuple[list[Record], list]:
     from sysopt.models import VLMConfig
 
     model_config = VLMConfig(dim=512, layers=4, vision_dim=128)
-    batch, warmup, repeats = 4, 3, 2 * ctx.repeats  # repeats calibrate the model, the next repeats are timed
+    batch, warmup, repeats = (
+        4,
+        3,
+        2 * ctx.repeats,
+    )  # repeats iterations calibrate the model, as many are timed
     subgroup_bytes = 16 * 2**20
     records, goals = [], []
     with intraop_threads(VLM_THREADS):
@@ -435,10 +439,12 @@ def iteration_vs_model(ctx: BenchContext) -> tuple[list[Record], list]:
             if strategy == "interleaved":  # plan once from measured inputs, then hold the plan while timing
                 _observe_medians(opt, warm)
                 opt.replan(force=True)
-            # out of sample: the model's inputs come from one set of iterations, the measurement from the next
-            fed = _observe_medians(opt, _iterate(model, opt, batches[warmup : warmup + repeats]))
+            # out of sample: the model's inputs come from the even iterations, the measurement from the odd
+            # ones (interleaved, so a drift of the machine's speed hits both halves alike)
+            both = _iterate(model, opt, batches[warmup:])
+            fed = _observe_medians(opt, {k: v[0::2] for k, v in both.items()})
             predicted = opt.predict()
-            t = _iterate(model, opt, batches[warmup + repeats :])
+            t = {k: v[1::2] for k, v in both.items()}
             config = {"strategy": strategy, "model": asdict(model_config), "batch": batch, "threads": VLM_THREADS,
                       "n_params": sum(s.numel for s in opt.subgroups), "subgroups": len(opt.subgroups),
                       "host_subgroups": len(opt.plan.host_subgroups), "subgroup_bytes": subgroup_bytes, **kwargs,
@@ -449,7 +455,7 @@ def iteration_vs_model(ctx: BenchContext) -> tuple[list[Record], list]:
             measured = _time_record(f"{prefix}/measured_s", t["total"], config)
             pred = Record(f"{prefix}/predicted_s", predicted, "s", 1, predicted, predicted,
                           {**config, "kind": "performance model: predict() after observe() of the medians of "
-                           f"{repeats} iterations before the {repeats} timed ones"})  # fmt: skip
+                           f"{repeats} iterations interleaved with the {repeats} timed ones"})  # fmt: skip
             step_pred = predicted - fed["forward_s"] - fed["backward_s"]
             records += [
                 measured,
