@@ -554,7 +554,9 @@ def test_gradient_copies_start_inside_backward():
     assert opt.stats.grad_copies_redone == 0
 
 
-def test_attached_forward_waits_for_slow_parameter_copies(monkeypatch):
+@pytest.fixture
+def slow_copies_back(monkeypatch):
+    """Parameter copies back to the device take 50 ms each, so they are still in flight after step()."""
     run = CpuTransfers._run
 
     def slow_run(self, direction, dsts, srcs):
@@ -563,6 +565,9 @@ def test_attached_forward_waits_for_slow_parameter_copies(monkeypatch):
         run(self, direction, dsts, srcs)
 
     monkeypatch.setattr(CpuTransfers, "_run", slow_run)
+
+
+def test_attached_forward_waits_for_slow_parameter_copies(slow_copies_back):
     xs = batches(3)
     ref, _ = reference(xs, clip="none")
     model, opt, sched = offload("host")
@@ -582,17 +587,9 @@ def test_attached_forward_waits_for_slow_parameter_copies(monkeypatch):
     assert_params_equal(ref, model)
 
 
-def test_attached_waits_cover_groups_added_later_and_model_state_dict(monkeypatch):
+def test_attached_waits_cover_groups_added_later_and_model_state_dict(slow_copies_back):
     """attach() then add_param_group(): the added parameters' forwards wait for their copies too; and a
     model.state_dict() right after step() holds the updated weights."""
-    run = CpuTransfers._run
-
-    def slow_run(self, direction, dsts, srcs):
-        if direction == "h2d":
-            time.sleep(0.05)
-        run(self, direction, dsts, srcs)
-
-    monkeypatch.setattr(CpuTransfers, "_run", slow_run)
     xs = batches(3)
     ref = make_model()
     ref_groups = param_groups(ref)
