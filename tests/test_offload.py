@@ -587,6 +587,30 @@ def test_attached_forward_waits_for_slow_parameter_copies(slow_copies_back):
     assert_params_equal(ref, model)
 
 
+def test_attach_calls_add_up(slow_copies_back):
+    """attach(a) then attach(b): a's forward still waits for a's copies back."""
+    xs = batches(1)
+    ref, _ = reference(xs, clip="none")
+    model, opt, sched = offload("host")
+    first, last = model.layers[0], model.layers[4]
+    opt.attach(first)
+    opt.attach(last)
+    opt.zero_grad()
+    model(xs[0]).pow(2).mean().backward()
+    opt.step()
+    assert opt._pending_params
+    first(xs[0])  # waits for its own parameters
+    assert torch.equal(first.weight, ref.layers[0].weight) and torch.equal(first.bias, ref.layers[0].bias)
+
+
+def test_a_nan_gradient_is_not_mistaken_for_a_changed_one():
+    model, opt, _ = offload("host")
+    opt.zero_grad()
+    (model(batches(1)[0]).sum() * float("nan")).backward()
+    opt.step()
+    assert opt.stats.grad_copies_stale_unversioned == 0 and opt.stats.grad_copies_redone == 0
+
+
 def test_attached_waits_cover_groups_added_later_and_model_state_dict(slow_copies_back):
     """attach() then add_param_group(): the added parameters' forwards wait for their copies too; and a
     model.state_dict() right after step() holds the updated weights."""

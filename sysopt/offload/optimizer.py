@@ -286,7 +286,7 @@ class OffloadAdamW(torch.optim.Optimizer):
                 self._build()
                 raise
             if self._attached:  # the new parameters' modules need their forward waits too
-                self.attach(*self._attached_to)
+                self.attach()
 
     def _forget(self, params: list[torch.Tensor]) -> None:
         """Drop whatever a failed add_param_group set up for `params`."""
@@ -422,8 +422,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         if not checks:
             return
         cpu = torch.device("cpu")
+        # compared as bits (a NaN equals its own copy); float32 holds every 16-bit value exactly
         device = torch.cat([g[_sample_index(g.numel(), g.device)].float() for _, g, _ in checks]).cpu()
         host = torch.cat([h[_sample_index(h.numel(), cpu)].float() for _, _, h in checks])
+        device, host = device.view(torch.int32), host.view(torch.int32)
         start = 0
         for rec, g, _ in checks:
             idx = _sample_index(g.numel(), cpu)
@@ -475,20 +477,26 @@ class OffloadAdamW(torch.optim.Optimizer):
 
         Assumes a module's forward reads only its own parameters (recurse=False) plus those of modules that
         ran before it. Anything else that reads parameters between step() and the next forward (an EMA,
-        weight logging, functional_call) must call wait_for_params() first. Attaching again (or
-        add_param_group while attached) replaces the hooks."""
+        weight logging, functional_call) must call wait_for_params() first. Calls add up (attach(a) then
+        attach(b) covers both); add_param_group while attached hooks the new parameters' modules too."""
         for h in self._module_hooks:
             h.remove()
         self._module_hooks.clear()
+        attached = list(self._attached_to)
+        attached += [m for m in modules if all(m is not a for a in attached)]
         ref = weakref.ref(self)
-        for module in modules:
+        seen: set[int] = set()
+        for module in attached:
             for m in module.modules():
+                if id(m) in seen:  # a module reachable from two attached roots gets one pair of hooks
+                    continue
+                seen.add(id(m))
                 own = [p for p in m.parameters(recurse=False) if p in self._subgroup_of]
                 if own:
                     wait = lambda *_, own=own: _before_forward(ref, own)  # noqa: E731
                     self._module_hooks.append(m.register_forward_pre_hook(wait))
                     self._module_hooks.append(m.register_state_dict_pre_hook(wait))
-        self._attached_to = modules
+        self._attached_to = tuple(attached)
         self._attached = True
 
     def detach(self) -> None:
