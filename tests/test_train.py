@@ -249,8 +249,8 @@ def test_resaving_a_step_never_leaves_latest_naming_nothing(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(root, 3, {"model": {"w": torch.zeros(2)}})
     monkeypatch.setattr(ck.os, "replace", real_replace)
-    latest = latest_checkpoint(root)  # the old step 3, put back
-    assert latest.name == "step_00000003"
+    latest = latest_checkpoint(root)  # the old step 3, still set aside: reading renames nothing
+    assert latest.name == f"{ck.REPLACED}step_00000003"
     assert torch.equal(load_checkpoint(latest, ["model"])["model"]["w"], torch.ones(2))
 
     def crash_deleting_the_old_one(path, *args, **kwargs):

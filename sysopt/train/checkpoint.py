@@ -115,12 +115,16 @@ def save_checkpoint(root: str | os.PathLike, step: int, files: dict[str, Any]) -
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The directory `latest` names, or None when there is no checkpoint yet."""
+    """The directory `latest` names, or None when there is no checkpoint yet. When a crash came between
+    setting that directory aside and renaming its successor in, the set-aside copy is returned as it is:
+    reading never renames (a reader racing a writer's commit would break it); the next save repairs."""
     pointer = Path(root) / LATEST
     if not pointer.exists():
         return None
     path = Path(root) / pointer.read_text().strip()
-    _restore_replaced(Path(root), path.name)
+    aside = Path(root) / f"{REPLACED}{path.name}"
+    if not path.is_dir() and aside.is_dir():
+        return aside
     if not path.is_dir():
         raise CheckpointError(
             f"{pointer} names {path.name}, which does not exist; delete {pointer} to start over"

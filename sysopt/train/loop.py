@@ -331,6 +331,8 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     if progress is not None:
         progress.close()
 
+    # what the TP linears ran in training, read before the evaluation's batches (another shape) replan them
+    tp_plans = overlap_plans(runtime.model) if job.parallel.tp > 1 else {}
     accuracy, eval_loss = _distributed_eval(runtime, job, groups)
     timing = _timing(step_times, tokens_per_step)
     if not step_times and trainer_state is not None:
@@ -357,8 +359,9 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         "pipeline_boundaries": list(runtime.boundaries),
         "low_precision_layers": runtime.low_precision_layers,
         "precision_plan": runtime.precision_plan,
-        # the chunking each of rank 0's TP linears ran ("none" / "chunked:<k>"), auto's choice included
-        "tp_overlap_plans": overlap_plans(runtime.model) if job.parallel.tp > 1 else {},
+        # the chunking each of rank 0's TP linears ran in training ("none" / "chunked:<k>"), auto's choice
+        # included; empty when this launch ran no training step
+        "tp_overlap_plans": tp_plans,
     }
     if is_main:
         write_json_atomic(out / "summary.json", summary)
