@@ -181,6 +181,19 @@ def _agreement_and_bf16_checks() -> list[str]:
         failures.append(f"auto from different profiles: plans differ across ranks: {plans}")
     _check(failures, "auto from different profiles: output", y, _shard(dense(x), 2))
 
+    # planning that fails on the first rank (any exception) fails every rank instead of leaving them waiting
+    broken = OverlapPolicy("auto", max_chunks=8, profile=object() if rank == 0 else fake_profile())
+    layer = ColumnParallelLinear.from_dense(dense, sequence_parallel=True, overlap=broken)
+    try:
+        layer(_shard(x, 0))
+        failures.append(f"rank {rank}: auto planning that failed on rank 0 raised nothing here")
+    except AttributeError:
+        if rank != 0:
+            failures.append(f"rank {rank}: got rank 0's AttributeError itself")
+    except ValueError as exc:
+        if rank == 0 or "planning failed on the TP group's first rank: AttributeError" not in str(exc):
+            failures.append(f"rank {rank}: unexpected {exc!r}")
+
     # bf16 weight and bias grads summed over 8 chunks are about as accurate as over one block
     # (accumulated in fp32, rounded once): relative error against fp64 on the same bf16 inputs
     def rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -409,7 +422,9 @@ def test_block_from_dense_keeps_norm_dtype_and_frozen_parameters():
 
     dense = DecoderBlock(32, 4, 2).bfloat16()
     dense.ln_attn.weight.requires_grad_(False)
+    dense(torch.randn(4, 2, 32).bfloat16()).sum().backward()  # the dense block's grads stay its own
     block = TensorParallelBlock.from_dense(dense)
+    assert all(p.grad is None for p in block.parameters())
     assert block.ln_attn.weight.dtype == block.ln_mlp.bias.dtype == torch.bfloat16
     assert not block.ln_attn.weight.requires_grad and block.ln_mlp.weight.requires_grad
     assert block.ln_attn.weight is not dense.ln_attn.weight  # a copy, not shared

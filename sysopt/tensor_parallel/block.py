@@ -131,5 +131,9 @@ class TensorParallelBlock(nn.Module):
 
 
 def _copy_norm(ln: nn.LayerNorm) -> nn.LayerNorm:
-    """A copy (not shared with the dense block) keeping dtype, device and requires_grad."""
-    return copy.deepcopy(ln)
+    """A copy (not shared with the dense block) keeping dtype, device and requires_grad, without the dense
+    block's gradients."""
+    out = copy.deepcopy(ln)
+    for p in out.parameters():
+        p.grad = None
+    return out

@@ -151,16 +151,19 @@ def _plan_on_first_rank(
     chunking (mismatched all-to-all sizes abort gloo, and would hang or corrupt on NCCL), but `auto` reads
     each rank's own cached HardwareProfile, which may differ (or be missing) from host to host."""
     payload: list = [None]
+    failure: Exception | None = None
     if dist.get_rank(group) == 0:
         try:
             payload[0] = plan()
-        except ValueError as exc:  # every rank raises it, instead of the others waiting in the broadcast
-            payload[0] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - every rank raises, instead of the others waiting in the broadcast
+            failure, payload[0] = exc, f"{type(exc).__name__}: {exc}"
     dist.broadcast_object_list(
         payload, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group
     )
+    if failure is not None:
+        raise failure
     if isinstance(payload[0], str):
-        raise ValueError(payload[0])
+        raise ValueError(f"overlap='auto' planning failed on the TP group's first rank: {payload[0]}")
     return payload[0]
 
 
