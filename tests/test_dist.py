@@ -152,3 +152,114 @@ def test_bucketed_grad_sync_overlaps_backward_and_averages():
         assert n_buckets >= 3
         assert started == n_buckets  # every bucket launched from a hook, during backward
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def _sum_over_ranks(tensors):
+    out = []
+    for t in tensors:
+        t = torch.zeros(()) if t is None else t.clone()
+        dist.all_reduce(t)
+        out.append(t)
+    return out
+
+
+def _unused_param_on_one_rank():
+    from sysopt.dist import BucketedGradSync
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    sync = BucketedGradSync([a, b], None, bucket_bytes=64)  # one bucket each: [b], [a]
+    x = torch.ones(2, 4)
+
+    def loss():  # rank 0 fills a's bucket (index 1) first; rank 1 never uses a
+        return ((x @ b) @ a).sum() if dist.get_rank() == 0 else (x @ b).sum() * 10.0
+
+    local = [
+        torch.zeros(4, 4) if g is None else g for g in torch.autograd.grad(loss(), [a, b], allow_unused=True)
+    ]
+    expected = _sum_over_ranks(local)
+    loss().backward()
+    sync.wait()
+    return [a.grad, b.grad], expected
+
+
+@pytest.mark.timeout(60)
+def test_bucketed_grad_sync_launches_buckets_in_the_same_order_on_every_rank():
+    # a parameter unused on one rank used to make the ranks launch buckets in different orders, so gloo
+    # summed rank 0's bucket of `a` with rank 1's bucket of `b`
+    for got, expected in launch(_unused_param_on_one_rank, 2, timeout_s=50):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+
+
+def _rounds():
+    from sysopt.dist import BucketedGradSync
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    sync = BucketedGradSync(lin.parameters(), None)  # one bucket
+    x = torch.ones(2, 4) * (rank + 1)
+    out = {}
+
+    def expect(*losses):
+        local = [sum(gs) for gs in zip(*(torch.autograd.grad(f(), list(lin.parameters())) for f in losses))]
+        return _sum_over_ranks(local)
+
+    def first():
+        return lin(x).sum()
+
+    def second():
+        return lin(2 * x).square().sum()
+
+    # (a) two backward passes in one round with sync enabled: a clear error, not a dropped gradient
+    first().backward()
+    try:
+        second().backward()
+        out["double_backward_error"] = ""
+    except RuntimeError as exc:
+        out["double_backward_error"] = str(exc)
+    sync.reset()  # the round is discarded; accumulation as the error says: enabled for the last pass only
+    lin.zero_grad()
+    sync.enabled = False
+    first().backward()
+    sync.enabled = True
+    second().backward()
+    sync.wait()
+    out["accumulated"] = ([p.grad.clone() for p in lin.parameters()], expect(first, second))
+
+    # (b) a backward that raises after the bucket launched: the next step must not apply that reduction
+    lin.zero_grad(set_to_none=True)
+    handle = lin.weight.register_post_accumulate_grad_hook(
+        lambda _p: (_ for _ in ()).throw(RuntimeError("abort"))
+    )
+    try:
+        (first() * 100).backward()
+    except RuntimeError:
+        pass
+    handle.remove()
+    lin.zero_grad(set_to_none=True)
+    second().backward()
+    sync.wait()
+    out["after_abort"] = ([p.grad.clone() for p in lin.parameters()], expect(second))
+
+    # (c) an explicit reset() discards a finished backward's round
+    lin.zero_grad(set_to_none=True)
+    (first() * 100).backward()
+    sync.reset()
+    lin.zero_grad(set_to_none=True)
+    first().backward()
+    sync.wait()
+    out["after_reset"] = ([p.grad.clone() for p in lin.parameters()], expect(first))
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_bucketed_grad_sync_rounds_never_apply_a_stale_reduction():
+    for out in launch(_rounds, 2, timeout_s=50):
+        message = out["double_backward_error"]
+        assert "second gradient before wait()" in message and "sync.enabled=False" in message
+        for name in ("accumulated", "after_abort", "after_reset"):
+            got, expected = out[name]
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, msg=lambda m, name=name: f"{name}: {m}")
