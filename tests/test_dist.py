@@ -263,3 +263,90 @@ def test_bucketed_grad_sync_rounds_never_apply_a_stale_reduction():
             got, expected = out[name]
             for g, e in zip(got, expected):
                 torch.testing.assert_close(g, e, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No launcher variables from the machine running the tests; os.environ restored afterwards."""
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith("SLURM_") or key in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
+            del os.environ[key]
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _srun_step(env, *, procid, ntasks, localid, job_id="4242", nodelist="gpu[03-04,07]"):
+    env.update(
+        SLURM_JOB_ID=job_id,
+        SLURM_STEP_ID="0",
+        SLURM_PROCID=str(procid),
+        SLURM_NTASKS=str(ntasks),
+        SLURM_STEP_NUM_TASKS=str(ntasks),
+        SLURM_LOCALID=str(localid),
+        SLURM_STEP_NODELIST=nodelist,
+    )
+
+
+@pytest.mark.timeout(60)
+def test_slurm_shell_with_one_task_or_batch_step_is_not_a_rank(clean_env):
+    from sysopt.dist import env_world
+
+    clean_env.update(SLURM_JOB_ID="77", SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0")
+    assert env_world() is None  # an salloc/sbatch shell with --ntasks=1
+    clean_env.update(SLURM_NTASKS="4", SLURM_STEP_ID=str(0xFFFFFFFE))
+    assert env_world() is None  # the batch script of an --ntasks=4 job: one process, not rank 0 of 4
+    assert [r for r, _, _ in launch(_rank_and_sum, 2, timeout_s=50)] == [0, 1]  # spawns its own ranks
+
+
+def test_first_host_of_slurm_nodelists():
+    from sysopt.dist.launch import first_host
+
+    assert first_host("node[1-3,5]") == "node1"
+    assert first_host("a[007-009],b1") == "a007"
+    assert first_host("gpu7,node[1-2]") == "gpu7"
+    assert first_host("rack[2-3]-n[04,06]") == "rack2-n04"
+    assert first_host("host") == "host"
+
+
+def _no_collectives(tag):
+    return tag
+
+
+def test_srun_step_rendezvous_from_slurm_variables(clean_env, monkeypatch):
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append((dict(os.environ), k)))
+    _srun_step(clean_env, procid=1, ntasks=2, localid=1)
+    assert launch(_no_collectives, 2, ("x",), backend="gloo") == ["x"]  # this process is rank 1 of 2
+    env, kwargs = calls[0]
+    assert (kwargs["rank"], kwargs["world_size"]) == (1, 2)
+    assert env["MASTER_ADDR"] == "gpu03"  # the step's first host
+    port = int(env["MASTER_PORT"])
+    assert 1024 < port < 65536
+    _srun_step(clean_env, procid=0, ntasks=2, localid=0)  # rank 0 derives the same port from the job id
+    del clean_env["MASTER_ADDR"], clean_env["MASTER_PORT"]
+    launch(_no_collectives, 2, ("x",), backend="gloo")
+    assert calls[1][0]["MASTER_PORT"] == str(port)
+    with pytest.raises(ValueError, match=r"srun step has 2 tasks.*srun --ntasks=4"):
+        launch(_no_collectives, 4, ("x",), backend="gloo")
+
+
+def test_nccl_device_comes_from_slurm_localid(clean_env, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: None)
+    # 2 nodes x 2 GPUs, srun -n 4 --distribution=cyclic: global rank 2 is the second task on node 0
+    _srun_step(clean_env, procid=2, ntasks=4, localid=1)
+    launch(_no_collectives, 4, ("x",), backend="nccl")
+    from sysopt.dist.launch import init_process_group
+
+    init_process_group(2, 4, backend="nccl")  # called directly, without the local rank
+    assert chosen == [1, 1]
