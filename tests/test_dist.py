@@ -152,3 +152,201 @@ def test_bucketed_grad_sync_overlaps_backward_and_averages():
         assert n_buckets >= 3
         assert started == n_buckets  # every bucket launched from a hook, during backward
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def _sum_over_ranks(tensors):
+    out = []
+    for t in tensors:
+        t = torch.zeros(()) if t is None else t.clone()
+        dist.all_reduce(t)
+        out.append(t)
+    return out
+
+
+def _unused_param_on_one_rank():
+    from sysopt.dist import BucketedGradSync
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
+    sync = BucketedGradSync([a, b], None, bucket_bytes=64)  # one bucket each: [b], [a]
+    x = torch.ones(2, 4)
+
+    def loss():  # rank 0 fills a's bucket (index 1) first; rank 1 never uses a
+        return ((x @ b) @ a).sum() if dist.get_rank() == 0 else (x @ b).sum() * 10.0
+
+    local = [
+        torch.zeros(4, 4) if g is None else g for g in torch.autograd.grad(loss(), [a, b], allow_unused=True)
+    ]
+    expected = _sum_over_ranks(local)
+    loss().backward()
+    sync.wait()
+    return [a.grad, b.grad], expected
+
+
+@pytest.mark.timeout(60)
+def test_bucketed_grad_sync_launches_buckets_in_the_same_order_on_every_rank():
+    # a parameter unused on one rank used to make the ranks launch buckets in different orders, so gloo
+    # summed rank 0's bucket of `a` with rank 1's bucket of `b`
+    for got, expected in launch(_unused_param_on_one_rank, 2, timeout_s=50):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+
+
+def _rounds():
+    from sysopt.dist import BucketedGradSync
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    sync = BucketedGradSync(lin.parameters(), None)  # one bucket
+    x = torch.ones(2, 4) * (rank + 1)
+    out = {}
+
+    def expect(*losses):
+        local = [sum(gs) for gs in zip(*(torch.autograd.grad(f(), list(lin.parameters())) for f in losses))]
+        return _sum_over_ranks(local)
+
+    def first():
+        return lin(x).sum()
+
+    def second():
+        return lin(2 * x).square().sum()
+
+    # (a) two backward passes in one round with sync enabled: a clear error, not a dropped gradient
+    first().backward()
+    try:
+        second().backward()
+        out["double_backward_error"] = ""
+    except RuntimeError as exc:
+        out["double_backward_error"] = str(exc)
+    sync.reset()  # the round is discarded; accumulation as the error says: enabled for the last pass only
+    lin.zero_grad()
+    sync.enabled = False
+    first().backward()
+    sync.enabled = True
+    second().backward()
+    sync.wait()
+    out["accumulated"] = ([p.grad.clone() for p in lin.parameters()], expect(first, second))
+
+    # (b) a backward that raises after the bucket launched: the next step must not apply that reduction
+    lin.zero_grad(set_to_none=True)
+    handle = lin.weight.register_post_accumulate_grad_hook(
+        lambda _p: (_ for _ in ()).throw(RuntimeError("abort"))
+    )
+    try:
+        (first() * 100).backward()
+    except RuntimeError:
+        pass
+    handle.remove()
+    lin.zero_grad(set_to_none=True)
+    second().backward()
+    sync.wait()
+    out["after_abort"] = ([p.grad.clone() for p in lin.parameters()], expect(second))
+
+    # (c) an explicit reset() discards a finished backward's round
+    lin.zero_grad(set_to_none=True)
+    (first() * 100).backward()
+    sync.reset()
+    lin.zero_grad(set_to_none=True)
+    first().backward()
+    sync.wait()
+    out["after_reset"] = ([p.grad.clone() for p in lin.parameters()], expect(first))
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_bucketed_grad_sync_rounds_never_apply_a_stale_reduction():
+    for out in launch(_rounds, 2, timeout_s=50):
+        message = out["double_backward_error"]
+        assert "second gradient before wait()" in message and "sync.enabled=False" in message
+        for name in ("accumulated", "after_abort", "after_reset"):
+            got, expected = out[name]
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No launcher variables from the machine running the tests; os.environ restored afterwards."""
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith("SLURM_") or key in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
+            del os.environ[key]
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _srun_step(env, *, procid, ntasks, localid, job_id="4242", nodelist="gpu[03-04,07]"):
+    env.update(
+        SLURM_JOB_ID=job_id,
+        SLURM_STEP_ID="0",
+        SLURM_PROCID=str(procid),
+        SLURM_NTASKS=str(ntasks),
+        SLURM_STEP_NUM_TASKS=str(ntasks),
+        SLURM_LOCALID=str(localid),
+        SLURM_STEP_NODELIST=nodelist,
+    )
+
+
+@pytest.mark.timeout(60)
+def test_slurm_shell_with_one_task_or_batch_step_is_not_a_rank(clean_env):
+    from sysopt.dist import env_world
+
+    clean_env.update(SLURM_JOB_ID="77", SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0")
+    assert env_world() is None  # an salloc/sbatch shell with --ntasks=1
+    clean_env.update(SLURM_NTASKS="4", SLURM_STEP_ID=str(0xFFFFFFFE))
+    assert env_world() is None  # the batch script of an --ntasks=4 job: one process, not rank 0 of 4
+    assert [r for r, _, _ in launch(_rank_and_sum, 2, timeout_s=50)] == [0, 1]  # spawns its own ranks
+
+
+def test_first_host_of_slurm_nodelists():
+    from sysopt.dist.launch import first_host
+
+    assert first_host("node[1-3,5]") == "node1"
+    assert first_host("a[007-009],b1") == "a007"
+    assert first_host("gpu7,node[1-2]") == "gpu7"
+    assert first_host("rack[2-3]-n[04,06]") == "rack2-n04"
+    assert first_host("host") == "host"
+
+
+def _no_collectives(tag):
+    return tag
+
+
+def test_srun_step_rendezvous_from_slurm_variables(clean_env, monkeypatch):
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append((dict(os.environ), k)))
+    _srun_step(clean_env, procid=1, ntasks=2, localid=1)
+    assert launch(_no_collectives, 2, ("x",), backend="gloo") == ["x"]  # this process is rank 1 of 2
+    env, kwargs = calls[0]
+    assert (kwargs["rank"], kwargs["world_size"]) == (1, 2)
+    assert env["MASTER_ADDR"] == "gpu03"  # the step's first host
+    port = int(env["MASTER_PORT"])
+    assert 1024 < port < 65536
+    _srun_step(clean_env, procid=0, ntasks=2, localid=0)  # rank 0 derives the same port from the job id
+    del clean_env["MASTER_ADDR"], clean_env["MASTER_PORT"]
+    launch(_no_collectives, 2, ("x",), backend="gloo")
+    assert calls[1][0]["MASTER_PORT"] == str(port)
+    with pytest.raises(ValueError, match=r"srun step has 2 tasks.*srun --ntasks=4"):
+        launch(_no_collectives, 4, ("x",), backend="gloo")
+
+
+def test_nccl_device_comes_from_slurm_localid(clean_env, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: None)
+    # 2 nodes x 2 GPUs, srun -n 4 --distribution=cyclic: global rank 2 is the second task on node 0
+    _srun_step(clean_env, procid=2, ntasks=4, localid=1)
+    launch(_no_collectives, 4, ("x",), backend="nccl")
+    from sysopt.dist.launch import init_process_group
+
+    init_process_group(2, 4, backend="nccl")  # called directly, without the local rank
+    assert chosen == [1, 1]

@@ -2,7 +2,7 @@
 
 `launch(fn, world_size, args)` spawns one process per rank (gloo on CPU, NCCL when CUDA is
 present), waits with a deadline, and turns a failing rank into a `LaunchError` carrying that
-rank's traceback. Under torchrun or SLURM the ranks come from the environment instead.
+rank's traceback. Under torchrun, or srun with several tasks, the ranks come from the environment instead.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import datetime
 import os
 import pickle
 import queue
+import re
 import socket
 import sys
 import time
@@ -69,23 +70,100 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+_SLURM_SPECIAL_STEPS = (
+    0xFFFFFFF0  # step ids at or above: batch, extern, interactive, pending (not srun tasks)
+)
+
+
+def _slurm_step_world() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) of an srun step with more than one task, else None.
+
+    An sbatch/salloc shell also exports SLURM_PROCID/SLURM_NTASKS, but it is one process, not a rank of
+    a group: only a real step (SLURM_STEP_ID of an srun step) with several tasks counts."""
+    env = os.environ
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    tasks = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))
+    if step is None or tasks is None or "SLURM_PROCID" not in env:
+        return None
+    if not step.isdigit() or int(step) >= _SLURM_SPECIAL_STEPS or int(tasks) <= 1:
+        return None
+    return int(env["SLURM_PROCID"]), int(tasks), int(env.get("SLURM_LOCALID", 0))
+
+
+def _env_launcher() -> str | None:
+    """Who started this process as one rank: "torchrun" (RANK/WORLD_SIZE), "slurm" (an srun step), or None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torchrun"
+    return "slurm" if _slurm_step_world() is not None else None
+
+
 def env_world() -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) when started by torchrun or SLURM, else None."""
+    """(rank, world_size, local_rank) when started by torchrun or by srun with several tasks, else None."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return None
+    return _slurm_step_world()
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "node[1-3,5],gpu7" -> "node1", "a[007-009]" -> "a007"."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry: up to the first comma outside brackets
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end].strip())
+
+
+def slurm_rendezvous_env() -> None:
+    """Under an srun step, set MASTER_ADDR (the step's first host) and MASTER_PORT (from the job and step
+    ids, the same on every task) where they are unset."""
+    env = os.environ
+    if "MASTER_ADDR" not in env:
+        nodelist = (
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        )
+        if nodelist:
+            env["MASTER_ADDR"] = first_host(nodelist)
+    if "MASTER_PORT" not in env and env.get("SLURM_JOB_ID", "").isdigit():
+        step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0"))
+        step_id = int(step) if step.isdigit() else 0
+        env["MASTER_PORT"] = str(10000 + (int(env["SLURM_JOB_ID"]) + 101 * step_id) % 20000)
+
+
+def _local_rank_from_env(rank: int) -> int:
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    found = _slurm_step_world()
+    return found[2] if found is not None else rank
 
 
 def init_process_group(
-    rank: int, world_size: int, *, backend: str | None = None, timeout_s: float = 120.0
+    rank: int,
+    world_size: int,
+    *,
+    backend: str | None = None,
+    timeout_s: float = 120.0,
+    local_rank: int | None = None,
 ) -> None:
-    """Initialise the default group from MASTER_ADDR/MASTER_PORT, binding a GPU per local rank."""
+    """Initialise the default group from MASTER_ADDR/MASTER_PORT (under srun, derived from the SLURM
+    variables where unset), binding the GPU of `local_rank` (default: LOCAL_RANK, else SLURM_LOCALID of an
+    srun step, else `rank`)."""
     backend = backend or default_backend()
+    if _slurm_step_world() is not None:
+        slurm_rendezvous_env()
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"{' and '.join(missing)} not set for rank {rank} of {world_size}: set MASTER_ADDR (the host of "
+            f"rank 0) and MASTER_PORT (a free port there), or start the ranks with torchrun, srun, or launch()"
+        )
     if backend == "nccl":  # one GPU per local rank
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        if local_rank is None:
+            local_rank = _local_rank_from_env(rank)
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group(
         backend,
         rank=rank,
@@ -129,7 +207,7 @@ def _worker(
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
     try:
-        init_process_group(rank, world_size, backend=backend, timeout_s=timeout_s)
+        init_process_group(rank, world_size, backend=backend, timeout_s=timeout_s, local_rank=rank)
         value = fn(*args)
         try:  # plain pickle: tensors travel by value, not as shared-memory handles that die with us
             payload = pickle.dumps(value)
@@ -196,14 +274,21 @@ def launch(
     backend = backend or default_backend()
     found = env_world()
     if found is not None:  # torchrun / SLURM: this process is one rank already
-        rank, env_size, _ = found
+        rank, env_size, local_rank = found
         if env_size != world_size:
+            if _env_launcher() == "slurm":
+                raise ValueError(
+                    f"world_size={world_size} but this srun step has {env_size} tasks (SLURM_STEP_NUM_TASKS/"
+                    f"SLURM_NTASKS={env_size}); run it with srun --ntasks={world_size} or set parallel sizes "
+                    f"to match"
+                )
             raise ValueError(
-                f"world_size={world_size} but the environment says WORLD_SIZE={env_size}; "
-                f"launch with --nproc-per-node={world_size} or set parallel sizes to match"
+                f"world_size={world_size} but the environment says WORLD_SIZE={env_size} (torchrun); "
+                f"launch with torchrun --nproc-per-node={world_size} (times the node count) or set "
+                f"parallel sizes to match"
             )
         if not dist.is_initialized():
-            init_process_group(rank, world_size, backend=backend, timeout_s=timeout_s)
+            init_process_group(rank, world_size, backend=backend, timeout_s=timeout_s, local_rank=local_rank)
         return [fn(*args)]
 
     ctx = _context()
