@@ -101,6 +101,30 @@ def test_nonfinite_rows_give_nonfinite_scales_and_leave_the_others_alone():
     assert torch.isnan(t[7, 4]) and torch.equal(t[:, finite], x[finite].bfloat16().t())
 
 
+def test_nan_and_inf_cast_as_in_the_reference_in_the_vector_body_and_the_tail():
+    """NaN -> 0 and, unclamped, +-inf -> 0 (clamped: +-127), in SIMD lanes (elements 0..15) and in the scalar
+    tail (element 16) alike: the vector body used to give -128 (unclamped) or -127 (clamped) for NaN."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.ones(4, 17)
+    x[0, [0, 16]], x[1, [0, 16]], x[2, [5, 16]] = inf, nan, -inf
+    q, scale = cpu.quantize(x, torch.int8, "rowwise")
+    q_ref, scale_ref = quantize_ref.quantize(x, torch.int8, "rowwise")
+    assert torch.equal(q, q_ref) and (q[:3] == 0).all() and (q[3] == 127).all()
+    y = torch.tensor([nan, inf, -inf, 1.0, -1.0, 9.0, -9.0, 0.5] * 2 + [nan, inf, -inf])  # 16 lanes + tail
+    for given in (4.0, 0.0):  # delayed scaling (clamped), and x's own amax (NaN: 0 everywhere)
+        q, *_ = cpu.quantize_with_amax(y, torch.int8, torch.tensor(given))
+        q_ref, *_ = quantize_ref.quantize_with_amax(y, torch.int8, torch.tensor(given))
+        assert torch.equal(q, q_ref)
+    assert q_ref.tolist()[:3] == [0, 0, 0]
+    q, *_ = cpu.quantize_with_amax(y, torch.int8, torch.tensor(4.0))
+    assert q[[0, 1, 2, 16, 17, 18]].tolist() == [0, 127, -127, 0, 127, -127]
+    scale = torch.tensor(1 / 8)  # an unclamped cast of +-inf with a finite scale (the raw op)
+    q = torch.empty(y.shape, dtype=torch.int8)
+    cpu.load().cast_int8(y, q, 8.0, False)
+    assert torch.equal(q, quantize_ref.cast_scaled(y, scale, torch.int8, clamp=False))
+    assert q[[0, 1, 2, 16, 17, 18]].tolist() == [0] * 6
+
+
 @pytest.mark.parametrize("ga", ["rowwise", "tensorwise"])
 @pytest.mark.parametrize("gb", ["rowwise", "tensorwise"])
 @pytest.mark.parametrize("with_bias", [False, True])
