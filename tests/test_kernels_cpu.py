@@ -142,6 +142,17 @@ def test_int8_epilogue_matches_reference_bitwise(ga, gb, with_bias):
     assert rel < 0.05  # and it is the product: a wrong scale would be off by orders of magnitude
 
 
+def test_int8_gemm_exact_for_k_of_one_and_beyond_the_int32_range():
+    """K == 1 (torch._int_mm's wrong sums) and K past the int32 range (int64 chunk sums, reference epilogue)."""
+    for k in (1, 140_000):
+        x, w = _data((2, k), seed=8).abs() + 1, _data((3, k), seed=9).abs() + 1
+        qa, sa = cpu.quantize(x, torch.int8, "rowwise")
+        qb, sb = cpu.quantize(w, torch.int8, "tensorwise")
+        got = cpu.scaled_mm(qa, sa, qb, sb)
+        exact = (qa.double() @ qb.double().t()).float() * (sa * sb)
+        assert torch.equal(got, gemm_ref.scaled_mm(qa, sa, qb, sb)) and torch.equal(got, exact), k
+
+
 def test_what_the_cpp_kernels_do_not_cover_runs_the_reference():
     x = _data((20, 64), seed=7)
     for dtype, granularity, block in [
