@@ -317,6 +317,33 @@ def test_int8_gemm_accumulates_exactly_in_int32():
         assert out[0, 1].item() == 127 * 127 * k
 
 
+def test_int8_gemm_exact_for_k_of_one_and_beyond_the_int32_range(monkeypatch):
+    """torch._int_mm on CPU sums wrongly at K == 1, and int32 sums wrap beyond K = 2^31 / 128^2: both exact."""
+    g = torch.Generator().manual_seed(0)
+    for k, (m, n) in [(1, (1, 19)), (1, (17, 32)), (2, (3, 19)), (7, (8, 8)), (8, (17, 32))]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        got = gemm_ref.accumulate_mm(a, b)
+        assert got.dtype == torch.int32 and torch.equal(got.long(), a.long() @ b.long().t()), k
+    k = 140_000  # > INT32_SAFE_K: 128 * 128 * k = 2.29e9 > 2^31
+    a = torch.full((2, k), -128, dtype=torch.int8)
+    b = torch.full((3, k), -128, dtype=torch.int8)
+    b[1], b[2, :5] = 127, 3
+    exact = a.long() @ b.long().t()
+    assert exact.abs().max() > 2**31 and torch.equal(gemm_ref.accumulate_mm(a, b), exact)
+    one = torch.tensor(1.0)
+    assert torch.equal(gemm_ref.scaled_mm(a, one, b, one), exact.float())
+    # chunk boundaries (K not a multiple of the chunk) with a lowered threshold; the epilogue's bits unchanged
+    a = torch.randint(-128, 128, (5, 30), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (6, 30), dtype=torch.int8, generator=g)
+    sa, sb = torch.rand(5, 1, generator=g), torch.rand(6, 1, generator=g)
+    whole = gemm_ref.scaled_mm(a, sa, b, sb, bias=torch.ones(6))
+    monkeypatch.setattr(gemm_ref, "INT32_SAFE_K", 7)
+    got = gemm_ref.accumulate_mm(a, b)
+    assert got.dtype == torch.int64 and torch.equal(got, a.long() @ b.long().t())
+    assert torch.equal(gemm_ref.scaled_mm(a, sa, b, sb, bias=torch.ones(6)), whole)
+
+
 def test_triton_gemm_k_step_is_at_least_32_for_8bit_operands():
     """tl.dot of 8-bit operands needs K >= 32 per dot on NVIDIA GPUs: the K step is a power of two >= 32
     dividing the blockwise K block size, and a K block that allows none is refused, naming the fix."""

@@ -101,6 +101,30 @@ def test_nonfinite_rows_give_nonfinite_scales_and_leave_the_others_alone():
     assert torch.isnan(t[7, 4]) and torch.equal(t[:, finite], x[finite].bfloat16().t())
 
 
+def test_nan_and_inf_cast_as_in_the_reference_in_the_vector_body_and_the_tail():
+    """NaN -> 0 and, unclamped, +-inf -> 0 (clamped: +-127), in SIMD lanes (elements 0..15) and in the scalar
+    tail (element 16) alike: the vector body used to give -128 (unclamped) or -127 (clamped) for NaN."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.ones(4, 17)
+    x[0, [0, 16]], x[1, [0, 16]], x[2, [5, 16]] = inf, nan, -inf
+    q, scale = cpu.quantize(x, torch.int8, "rowwise")
+    q_ref, scale_ref = quantize_ref.quantize(x, torch.int8, "rowwise")
+    assert torch.equal(q, q_ref) and (q[:3] == 0).all() and (q[3] == 127).all()
+    y = torch.tensor([nan, inf, -inf, 1.0, -1.0, 9.0, -9.0, 0.5] * 2 + [nan, inf, -inf])  # 16 lanes + tail
+    for given in (4.0, 0.0):  # delayed scaling (clamped), and x's own amax (NaN: 0 everywhere)
+        q, *_ = cpu.quantize_with_amax(y, torch.int8, torch.tensor(given))
+        q_ref, *_ = quantize_ref.quantize_with_amax(y, torch.int8, torch.tensor(given))
+        assert torch.equal(q, q_ref)
+    assert q_ref.tolist()[:3] == [0, 0, 0]
+    q, *_ = cpu.quantize_with_amax(y, torch.int8, torch.tensor(4.0))
+    assert q[[0, 1, 2, 16, 17, 18]].tolist() == [0, 127, -127, 0, 127, -127]
+    scale = torch.tensor(1 / 8)  # an unclamped cast of +-inf with a finite scale (the raw op)
+    q = torch.empty(y.shape, dtype=torch.int8)
+    cpu.load().cast_int8(y, q, 8.0, False)
+    assert torch.equal(q, quantize_ref.cast_scaled(y, scale, torch.int8, clamp=False))
+    assert q[[0, 1, 2, 16, 17, 18]].tolist() == [0] * 6
+
+
 @pytest.mark.parametrize("ga", ["rowwise", "tensorwise"])
 @pytest.mark.parametrize("gb", ["rowwise", "tensorwise"])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -116,6 +140,17 @@ def test_int8_epilogue_matches_reference_bitwise(ga, gb, with_bias):
     assert torch.equal(got16, gemm_ref.scaled_mm(qa, sa, qb, sb, bias=bias, out_dtype=torch.bfloat16))
     rel = (got - a @ b.t() - (bias if with_bias else 0)).norm() / (a @ b.t()).norm()
     assert rel < 0.05  # and it is the product: a wrong scale would be off by orders of magnitude
+
+
+def test_int8_gemm_exact_for_k_of_one_and_beyond_the_int32_range():
+    """K == 1 (torch._int_mm's wrong sums) and K past the int32 range (int64 chunk sums, reference epilogue)."""
+    for k in (1, 140_000):
+        x, w = _data((2, k), seed=8).abs() + 1, _data((3, k), seed=9).abs() + 1
+        qa, sa = cpu.quantize(x, torch.int8, "rowwise")
+        qb, sb = cpu.quantize(w, torch.int8, "tensorwise")
+        got = cpu.scaled_mm(qa, sa, qb, sb)
+        exact = (qa.double() @ qb.double().t()).float() * (sa * sb)
+        assert torch.equal(got, gemm_ref.scaled_mm(qa, sa, qb, sb)) and torch.equal(got, exact), k
 
 
 def test_what_the_cpp_kernels_do_not_cover_runs_the_reference():

@@ -784,6 +784,44 @@ def test_a_machine_names_a_known_kernel_backend():
         Machine.from_profile(cpu_profile(), 1, kernel_backend="cuda")
 
 
+def test_a_machine_of_zero_devices_is_an_error_not_every_device():
+    assert Machine.from_profile(cpu_profile(), None).devices == cpu_profile().cpu.cores
+    for devices in (0, -1):
+        with pytest.raises(ValueError, match=f"devices={devices} must be >= 1; pass None"):
+            Machine.from_profile(cpu_profile(), devices)
+
+
+def test_cli_where_reads_values_as_the_field_holds_them():
+    """tp_overlap's 'none' is a string, precision's 'none' is None; a non-integer for an int field is an error."""
+    from sysopt.cli import plan
+
+    assert plan.where_filter(["tp_overlap=none"])(PlanConfig(tp_overlap="none"))
+    assert not plan.where_filter(["tp_overlap=none"])(PlanConfig(tp_overlap="chunked", tp_chunks=2))
+    assert plan.where_filter(["precision=none"])(PlanConfig(precision=None))
+    keep = plan.where_filter(["precision=none,int8_rowwise", "pp=1,2"])
+    assert keep(PlanConfig(pp=2, precision="int8_rowwise")) and not keep(PlanConfig(pp=4))
+    with pytest.raises(SystemExit, match="pp takes integers, not 'one'"):
+        plan.where_filter(["pp=one"])
+
+
+@pytest.mark.parametrize(
+    "flag, value, fragment",
+    [
+        ("--measure", "-1", "-1 must be >= 0"),
+        ("--top", "-2", "-2 must be >= 0"),
+        ("--devices", "0", "0 must be >= 1 (devices to plan for); leave --devices out"),
+        ("--repeats", "0", "0 must be >= 1"),
+        ("--steps", "0", "0 must be >= 1"),
+    ],
+)
+def test_cli_rejects_counts_out_of_range_naming_the_value_and_the_fix(flag, value, fragment, capsys):
+    from sysopt.cli import plan
+
+    with pytest.raises(SystemExit):
+        plan._parser().parse_args([flag, value])
+    assert f"argument {flag}: {fragment}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "name, pp, vpp, m",
     [("gpipe", 2, 1, 4), ("1f1b", 4, 1, 8), ("interleaved_1f1b", 2, 2, 4), ("zbv", 2, 2, 6)],

@@ -11,11 +11,27 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 GIB = 1024**3
 NOMINAL_GPU_OP_OVERHEAD_S = 5e-6  # PyTorch dispatch + CUDA kernel launch, per op (assumed)
+
+
+def _int_at_least(minimum: int, meaning: str, fix: str):
+    """An argparse type: an int >= `minimum`, else an error naming the value, the constraint and the fix."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer ({meaning})") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum} ({meaning}); {fix}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--refresh-profile", action="store_true", help="recalibrate this machine (one thread per device)"
     )
-    p.add_argument("--devices", type=int, help="devices to plan for (default: GPUs, or CPU cores)")
+    p.add_argument(
+        "--devices",
+        type=_int_at_least(1, "devices to plan for", "leave --devices out to plan for every GPU or CPU core"),
+        help="devices to plan for (default: GPUs, or CPU cores)",
+    )
     p.add_argument("--model", default="vlm_small", help="configs/model/<NAME>.yaml or a YAML path")
     p.add_argument("--global-batch", type=int, default=64, help="sequences per step (default 64)")
     p.add_argument(
@@ -48,17 +68,36 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="keep configs with KEY=VALUE[,VALUE...], e.g. pp=1 or offload=device,host",
     )
-    p.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
+    p.add_argument(
+        "--top",
+        type=_int_at_least(0, "rows of the ranking to print", "use e.g. --top 10"),
+        default=10,
+        help="rows of the ranking to print",
+    )
     p.add_argument("--json", type=Path, help="write the ranking (and measured records) here")
-    p.add_argument("--measure", type=int, default=0, metavar="K", help="run the top K here and compare")
+    p.add_argument(
+        "--measure",
+        type=_int_at_least(0, "configs to run here", "use 0 to measure none, or e.g. --measure 3"),
+        default=0,
+        metavar="K",
+        help="run the top K here and compare",
+    )
     p.add_argument(
         "--spread",
         action="store_true",
         help="with --measure: K configurations spanning the knobs, not the top K",
     )
-    p.add_argument("--steps", type=int, default=40, help="training steps per measured run")
     p.add_argument(
-        "--repeats", type=int, default=1, help="measure the K configs this many rounds, round-robin (median)"
+        "--steps",
+        type=_int_at_least(1, "training steps per measured run", "use e.g. --steps 40"),
+        default=40,
+        help="training steps per measured run",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_int_at_least(1, "rounds of measurement", "use e.g. --repeats 3"),
+        default=1,
+        help="measure the K configs this many rounds, round-robin (median)",
     )
     p.add_argument(
         "--fit",
@@ -173,10 +212,26 @@ def precisions(spec: str, profile) -> tuple[str | None, ...]:
     return tuple(None if n == "none" else n for n in names)
 
 
+def _where_value(item: str, key: str, kind: Any, text: str) -> Any:
+    """One --where value as PlanConfig's field `key` holds it: None ('none' / 'null') only for a field that can
+    be None (precision), the text itself for a string field (tp_overlap's 'none' is a string), else an int."""
+    nullable = type(None) in typing.get_args(kind)
+    if nullable and text in ("none", "null"):
+        return None
+    if kind is str or str in typing.get_args(kind):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(
+            f"sysopt-plan: --where {item!r}: {key} takes integers, not {text!r}; e.g. --where {key}=1,2"
+        ) from None
+
+
 def where_filter(items: list[str]):
-    from sysopt.planner.measure import parse_value
     from sysopt.planner.space import PlanConfig
 
+    kinds = typing.get_type_hints(PlanConfig)
     known = {f.name for f in dataclasses.fields(PlanConfig)}
     wanted = {}
     for item in items:
@@ -185,7 +240,7 @@ def where_filter(items: list[str]):
             raise SystemExit(
                 f"sysopt-plan: --where {item!r} must be KEY=VALUE with KEY one of {sorted(known)}"
             )
-        wanted[key] = {None if v in ("none", "null") else parse_value(v) for v in value.split(",")}
+        wanted[key] = {_where_value(item, key, kinds[key], v.strip()) for v in value.split(",")}
 
     def keep(config) -> bool:
         return all(getattr(config, k) in values for k, values in wanted.items())

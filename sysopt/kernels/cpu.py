@@ -122,7 +122,8 @@ def scaled_mm(
     la = scale_layout("a", a, a_scale, a_block)
     lb = scale_layout("b", b, b_scale, b_block)
     plain = la.mode in (TENSOR, ROW) and lb.mode in (TENSOR, ROW)
-    if not (plain and a.dtype == torch.int8 and a.device.type == "cpu" and load() is not None):
+    int32_acc = a.shape[1] <= gemm_ref.INT32_SAFE_K  # longer K accumulates in int64: the reference epilogue
+    if not (plain and int32_acc and a.dtype == torch.int8 and a.device.type == "cpu" and load() is not None):
         return gemm_ref.scaled_mm(
             a, a_scale, b, b_scale, a_block=a_block, b_block=b_block, out_dtype=out_dtype, bias=bias
         )

@@ -39,7 +39,8 @@ inline float scale_from_amax(float amax, float qmax, bool pow2) {
 
 inline int8_t to_int8(float v) {  // v already rounded; saturate as the clamp/cast would
   v = std::nearbyint(v);
-  if (!(v >= -128.f)) return v != v ? 0 : -128;  // NaN: torch's conversion is undefined; pick 0
+  if (!std::isfinite(v)) return 0;  // NaN and +-inf: 0, as torch's float -> int8 conversion gives
+  if (v < -128.f) return -128;
   if (v > 127.f) return 127;
   return static_cast<int8_t>(v);
 }
@@ -89,17 +90,23 @@ inline void to_bf16(const float* x, int64_t n, c10::BFloat16* out) {
   for (; i < n; ++i) out[i] = c10::BFloat16(x[i]);
 }
 
-// q[i] = int8(round(clamp?(x[i] * inv))); bf16 (if not null) = bf16(x[i])
+// q[i] = int8(round(clamp?(x[i] * inv))); bf16 (if not null) = bf16(x[i]). NaN gives 0 and, unclamped, so
+// does +-inf (clamped: +-127), as in the torch reference.
 void cast_row(const float* x, int64_t n, float inv, bool clamp, int8_t* q, c10::BFloat16* bf16) {
   int64_t i = 0;
 #ifdef SYSOPT_AVX512
   const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const __m512i int_min = _mm512_set1_epi32(INT32_MIN);
   for (; i + 16 <= n; i += 16) {
     __m512 xv = _mm512_loadu_ps(x + i);
     __m512 v = _mm512_mul_ps(xv, vinv);
-    if (clamp) v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    // max/min return their second operand when one is NaN: v second, so NaN passes the clamp
+    if (clamp) v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
     v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+    // cvtps_epi32 gives INT32_MIN for NaN and +-inf (no finite in-range lane does): those lanes -> 0
+    __m512i qi = _mm512_cvtps_epi32(v);
+    qi = _mm512_maskz_mov_epi32(_mm512_cmpneq_epi32_mask(qi, int_min), qi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(qi));
     if (bf16 != nullptr) store_bf16x16(bf16 + i, xv);
   }
 #endif

@@ -14,17 +14,37 @@ from .scales import BLOCK, ROW, TENSOR, ScaleLayout, check_operands, k_block, sc
 _EPILOGUE_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 output per chunk: stays in L2 between the steps
 
 
-def accumulate_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T in the accumulation type: int32 for int8, fp32 for fp8."""
-    if a.dtype != torch.int8:
-        return a.float() @ b.float().t()
+# int8 x int8 products are at most 2^14 in magnitude (-128 * -128), so int32 sums of this many cannot overflow;
+# a longer K (the token count of a grad-weight GEMM) is split into chunks of it, summed in int64
+INT32_SAFE_K = (2**31 - 1) // (128 * 128)  # 131071
+# torch._int_mm on CPU returns wrong sums for K == 1 (torch 2.13; K = 2..69 checked correct): below this K,
+# float64 products (exact for int8) are used instead
+INT_MM_MIN_K = 8
+
+
+def _int32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T in int32 for int8 a, b with K <= INT32_SAFE_K (exact: no sum can overflow)."""
     m, k = a.shape
+    if k < INT_MM_MIN_K or (a.is_cuda and (m <= 16 or k % 8 or b.shape[0] % 8)):
+        # torch._int_mm's small-K bug on CPU and its CUDA shape limits: float64 sums of int8 products are exact
+        return (a.double() @ b.double().t()).to(torch.int32)
     if a.is_cuda:
-        if m <= 16 or k % 8 or b.shape[0] % 8:
-            # torch._int_mm's CUDA shape limits; float64 sums of int8 products are exact for any practical K
-            return (a.double() @ b.double().t()).to(torch.int32)
         a, b = a.contiguous(), b.contiguous()  # CUDA wants row-major a and column-major b.T
     return torch._int_mm(a, b.t())  # CPU (oneDNN) takes any of the four row/column-major layouts
+
+
+def accumulate_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T in the accumulation type: int32 for int8 (int64 when K > INT32_SAFE_K, where int32 sums could
+    overflow: the int32 sums of K chunks added in int64, exact), fp32 for fp8."""
+    if a.dtype != torch.int8:
+        return a.float() @ b.float().t()
+    k, step = a.shape[1], INT32_SAFE_K
+    if k <= step:
+        return _int32_mm(a, b)
+    out = _int32_mm(a[:, :step], b[:, :step]).long()
+    for k0 in range(step, k, step):
+        out.add_(_int32_mm(a[:, k0 : k0 + step], b[:, k0 : k0 + step]))
+    return out
 
 
 def _epilogue_scale(scale: torch.Tensor, layout: ScaleLayout, as_columns: bool) -> torch.Tensor | None:
@@ -89,7 +109,10 @@ def _epilogue(acc: torch.Tensor, scales: list[torch.Tensor], bias: torch.Tensor 
     it sits in cache (one trip through memory instead of one per step).
 
     An int32 accumulator is converted in its own memory (same size, element i to element i): this saves
-    allocating and page-faulting a second output-sized buffer."""
+    allocating and page-faulting a second output-sized buffer. An int64 one (K > INT32_SAFE_K) is converted to
+    fp32 first: the same single rounding float(acc) as the int32 path."""
+    if acc.dtype == torch.int64:
+        acc = acc.float()
     out = acc.view(torch.float32) if acc.dtype == torch.int32 else acc
     rows = out.shape[0]
     step = max(1, _EPILOGUE_CHUNK_ELEMENTS // max(1, out.shape[1]))

@@ -100,13 +100,17 @@ class Machine:
     def from_profile(
         cls, profile: HardwareProfile, devices: int | None = None, kernel_backend: str | None = None
     ) -> Machine:
+        if devices is not None and devices < 1:  # 0 would otherwise read as "not given": every device
+            raise ValueError(
+                f"devices={devices} must be >= 1; pass None (or leave it out) for every GPU or CPU core"
+            )
         cal = profile.calibration
         on_gpu = bool(profile.gpus) and (cal is None or str(cal.device).startswith("cuda"))
         if on_gpu:
-            count = devices or len(profile.gpus)
+            count = devices if devices is not None else len(profile.gpus)
             memory = min(g.memory_total_bytes for g in profile.gpus)
         else:
-            count = devices or profile.cpu.cores
+            count = devices if devices is not None else profile.cpu.cores
             memory = profile.cpu.host_memory_bytes // count
         if count < 1:
             raise ValueError(f"devices={count} must be >= 1")
