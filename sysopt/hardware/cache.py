@@ -80,10 +80,7 @@ class Request:
 
 def resolved_device(device=None) -> str:
     """The device calibrate measures on for `device` (None: its default), e.g. 'cpu', 'cuda:0'."""
-    dev = torch.device(device) if device is not None else calibration.default_device()
-    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-        dev = torch.device("cuda", torch.cuda.current_device())  # cuda-ok: behind the capability check
-    return str(dev)
+    return str(calibration.resolve_device(device))
 
 
 def cache_dir() -> Path:

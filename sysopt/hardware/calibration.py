@@ -33,6 +33,15 @@ def default_device() -> torch.device:
     )
 
 
+def resolve_device(device=None) -> torch.device:
+    """The device a calibration measures on: `device`, or the default one; a bare 'cuda' becomes the
+    current CUDA device ('cuda:0'), so a profile records the same name a request for it resolves to."""
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())  # cuda-ok: behind the capability check
+    return dev
+
+
 def _syncer(device: torch.device) -> Callable[[], None] | None:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
@@ -212,7 +221,7 @@ def intraop_threads(threads: int | None):
 
 def _calibrate(profile, quick, world_size, device, repeats, progress, samples) -> HardwareProfile:
     profile = profile or probe()
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     repeats = repeats or (3 if quick else 5)
     n_params = QUICK_OPTIMIZER_PARAMS if quick else FULL_OPTIMIZER_PARAMS
 

@@ -18,6 +18,8 @@ from torch import nn
 # (store, key) while a store captures. Process-wide, not thread-local: the autograd engine runs a CUDA
 # backward on its own per-device worker thread, which would not see the caller's thread-locals (deferral
 # would then silently do nothing on GPU). One executor captures at a time; the lock keeps two from mixing.
+# The price: a backward of deferrable layers that another thread runs during a capture is deferred into
+# that store too, so do not run other models' backward passes concurrently with a zero-bubble step.
 _capture: tuple[WeightGradStore, Hashable] | None = None
 _capture_lock = threading.RLock()
 
