@@ -83,7 +83,8 @@ class BucketedGradSync:
                     f"BucketedGradSync: parameter {i} of bucket {b} (shape {tuple(param.shape)}) received a "
                     f"second gradient before wait(); with sync enabled each parameter may get one gradient "
                     f"per round. For gradient accumulation set sync.enabled=False for all but the last "
-                    f"backward, or call sync.wait() between backward passes"
+                    f"backward, or call sync.wait() between backward passes; a module applied twice under "
+                    f"checkpoint(use_reentrant=True) also does this within one backward: use use_reentrant=False"
                 )
             bucket.ready.add(i)
             self._launch_ready_in_order(from_hook=True)

@@ -16,7 +16,9 @@ _EPILOGUE_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32 output per chunk: stays in L
 
 # int8 x int8 products are at most 2^14 in magnitude (-128 * -128), so int32 sums of this many cannot overflow;
 # a longer K (the token count of a grad-weight GEMM) is split into chunks of it, summed in int64
-INT32_SAFE_K = (2**31 - 1) // (128 * 128)  # 131071
+# the largest K whose int8 products cannot overflow int32, rounded down to a multiple of 128 so that chunks
+# of it keep the K % 8 == 0 that torch._int_mm needs on CUDA (odd chunks would all take float64)
+INT32_SAFE_K = (2**31 - 1) // (128 * 128) // 128 * 128  # 130944
 # torch._int_mm on CPU returns wrong sums for K == 1 (torch 2.13; K = 2..69 checked correct): below this K,
 # float64 products (exact for int8) are used instead
 INT_MM_MIN_K = 8
