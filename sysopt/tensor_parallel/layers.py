@@ -167,11 +167,15 @@ def _plan_on_first_rank(
     return payload[0]
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit gradients (summed over blocks, they round once at the end), else their own dtype."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _grad_accumulator(weight: torch.Tensor) -> torch.Tensor:
     """A zeroed weight gradient to sum per-block GEMMs into: fp32 for 16-bit weights, so a chunked
     backward rounds once at the end instead of once per block."""
-    dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
-    return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+    return torch.zeros(weight.shape, dtype=_accumulation_dtype(weight.dtype), device=weight.device)
 
 
 class _BiasGradSums:
@@ -186,7 +190,7 @@ class _BiasGradSums:
 
     def add(self, first: int, row: int, blocks: torch.Tensor) -> None:
         """blocks[i] holds rows row:row+blocks.shape[1] of rank first+i (see overlap.Consumer)."""
-        dtype = torch.float32 if blocks.dtype in (torch.bfloat16, torch.float16) else blocks.dtype
+        dtype = _accumulation_dtype(blocks.dtype)
         for lo, hi in self.bounds:
             if row <= lo and hi <= row + blocks.shape[1]:
                 for i in range(blocks.shape[0]):
