@@ -324,3 +324,24 @@ def test_git_commit_is_dirty_for_code_changes_not_for_benchmark_outputs(tmp_path
     assert git_commit(tmp_path) == clean  # a suite's own outputs
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path) == clean + "-dirty"
+
+
+def test_cli_json_elsewhere_keeps_the_suites_artefacts_beside_it(tmp_path, monkeypatch):
+    """With --json outside bench/results, a suite's other artefacts (its ctx.out_dir files) land beside that
+    JSON: a trial run must not overwrite the committed ones under bench/results."""
+    folder = tmp_path / "bench"
+    (folder / "results").mkdir(parents=True)
+    (folder / "artefact.py").write_text(
+        "from sysopt.benchmark import register_suite\n"
+        "@register_suite('artefact')\n"
+        "def run(ctx):\n"
+        "    (ctx.out_dir / 'side.txt').write_text('x')\n"
+        "    return ctx.result('artefact', [], [])\n"
+    )
+    monkeypatch.setenv("SYSOPT_BENCH_DIR", str(folder))
+    monkeypatch.setattr(bench_cli, "_profile", lambda: None)
+    elsewhere = tmp_path / "trial"
+    elsewhere.mkdir()
+    assert bench_cli.main(["artefact", "--json", str(elsewhere / "artefact.json")]) == 0
+    assert (elsewhere / "side.txt").is_file() and (elsewhere / "artefact.json").is_file()
+    assert not (folder / "results" / "side.txt").exists()

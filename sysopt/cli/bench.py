@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = benchmark.BenchContext(
         repeats=args.repeats or (3 if args.quick else 5),
         quick=args.quick,
-        out_dir=folder / "results",
+        # a suite's other artefacts (timeline PNGs, raw JSON) go beside its result: a --json run elsewhere
+        # must not overwrite the committed ones under bench/results
+        out_dir=args.json.parent if args.json is not None else folder / "results",
         profile=_profile(),
         show_progress=True,
     )
