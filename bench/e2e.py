@@ -3,8 +3,10 @@
    sysopt.data's BatchSampler, torch's fused AdamW, same LR schedule and clipping; 1 thread each): the
    trainer's overhead; plus the default dp=2 job's figures as a record;
 2. at pp=2 vpp=2 with sysopt's interleaved_1f1b against schedule=megatron_interleaved (megatron-core's own
-   interleaved 1F1B in the same trainer). Both resume from one shared checkpoint, so they run the same
-   pipeline split (the cost-based partition is measured and could otherwise differ), weights and data.
+   interleaved 1F1B in the same trainer), on the decoder-only split (the goal: megatron-core needs no p2p
+   shape exchange there) and on the trainer's cost-based split (informative: it cuts inside the vision
+   encoder, where megatron-core exchanges shapes before every tensor). On each split both resume from one
+   shared checkpoint, so they run the same split, weights and data.
    Whole runs on a shared 2-core machine are at the mercy of load that drifts over seconds, so the two
    schedules are also timed in one launch taking turns step by step (forward+backward only), on the
    trainer's split and on a decoder-only split where megatron-core needs no p2p shape exchange.
@@ -195,17 +197,28 @@ def default_dp2(ctx: BenchContext, work: Path, steps: int) -> list[Record]:
     )
 
 
-def pipeline(ctx: BenchContext, work: Path, steps: int) -> tuple[list[Record], list]:
-    """interleaved_1f1b and megatron_interleaved, each resumed from one checkpoint written after step 1."""
-    common = [*PIPELINE, f"train.max_steps={steps + 1}", f"optim.warmup_steps={steps // 5}"]
-    seed_overrides = [*PIPELINE, "train.max_steps=1", "optim.warmup_steps=1", "schedule=interleaved_1f1b"]
-    seed = run_training(job_from(seed_overrides), work / "pipeline_seed")
+def _pipeline_runs(
+    ctx: BenchContext, work: Path, steps: int, split: list[int] | None, label: str
+) -> tuple[list[Record], dict[str, list[Record]], list[int]]:
+    """interleaved_1f1b and megatron_interleaved whole runs on one split (`split`, or the trainer's cost-based
+    one when None), each resumed from one checkpoint written after step 1 there: same split, weights, data."""
+    cut = [] if split is None else ["parallel.boundaries=[" + ",".join(map(str, split)) + "]"]
+    common = [*PIPELINE, *cut, f"train.max_steps={steps + 1}", f"optim.warmup_steps={steps // 5}"]
+    seed_overrides = [
+        *PIPELINE,
+        *cut,
+        "train.max_steps=1",
+        "optim.warmup_steps=1",
+        "schedule=interleaved_1f1b",
+    ]
+    seed_dir = work / f"pipeline_seed_{label}"
+    seed = run_training(job_from(seed_overrides), seed_dir)
     jobs = {name: job_from([*common, f"schedule={name}"]) for name in SCHEDULES}
 
     def runner(name: str) -> Callable[[int], dict]:
         def run(repeat: int) -> dict:
-            out = work / f"{name}_{repeat}"
-            shutil.copytree(work / "pipeline_seed" / "checkpoints", out / "checkpoints")
+            out = work / f"{label}_{name}_{repeat}"
+            shutil.copytree(seed_dir / "checkpoints", out / "checkpoints")
             summary = run_training(jobs[name], out)
             if summary["resumed_from_step"] != 1:
                 raise RuntimeError(f"{name} run did not resume from the shared checkpoint: {summary}")
@@ -213,7 +226,7 @@ def pipeline(ctx: BenchContext, work: Path, steps: int) -> tuple[list[Record], l
 
         return run
 
-    runs = _alternate(ctx, {name: runner(name) for name in jobs}, "pp=2 vpp=2")
+    runs = _alternate(ctx, {name: runner(name) for name in jobs}, f"pp=2 vpp=2, {label}")
     records, named = [], {}
     for name, job in jobs.items():
         config = {
@@ -224,19 +237,52 @@ def pipeline(ctx: BenchContext, work: Path, steps: int) -> tuple[list[Record], l
             "pipeline_boundaries": [r["pipeline_boundaries"] for r in runs[name]],
             "steps": steps,
         }
-        named[name] = _records(f"pp2_vpp2/{name}", runs[name], config)
+        named[name] = _records(f"pp2_vpp2/{label}/{name}", runs[name], config)
         records += named[name]
-    goals = [
+    return records, named, list(seed["pipeline_boundaries"])
+
+
+def pipeline(ctx: BenchContext, work: Path, steps: int) -> tuple[list[Record], list]:
+    """interleaved_1f1b against megatron_interleaved in whole trainer runs, on two splits:
+    - the decoder-only split, where every boundary sends one shape and megatron-core needs no p2p shape
+      exchange: the goal (the comparison of the schedules, without a cost only the other split gives megatron);
+    - the trainer's cost-based split, which cuts inside the vision encoder: boundary shapes differ there, which
+      turns on megatron-core's `variable_seq_lengths` (a shape exchange before every tensor): informative.
+    Plus both schedules taking turns step by step in one launch on each split (records only)."""
+    records, goals = [], []
+    decoder, named, _ = _pipeline_runs(ctx, work, steps, DECODER_SPLIT, "decoder_split")
+    records += decoder
+    goals.append(
         goal_ratio(
-            "sysopt interleaved_1f1b vs megatron-core interleaved in the trainer (tokens/s, pp=2 vpp=2)",
+            "sysopt interleaved_1f1b vs megatron-core interleaved in the trainer (tokens/s, pp=2 vpp=2, "
+            "decoder-only split)",
             named["interleaved_1f1b"][1],
             named["megatron_interleaved"][1],
             MEGATRON_TARGET,
         )
-    ]
-    splits = {"trainer_split": seed["pipeline_boundaries"], "decoder_split": DECODER_SPLIT}
-    for label, boundaries in splits.items():  # records only: the goal is the whole-run figure above
-        records += step_interleaved(jobs["interleaved_1f1b"], label, boundaries, steps)
+    )
+    trainer, named, trainer_split = _pipeline_runs(ctx, work, steps, None, "trainer_split")
+    records += trainer
+    goals.append(
+        goal_ratio(
+            "sysopt interleaved_1f1b vs megatron-core interleaved in the trainer (tokens/s, pp=2 vpp=2, the "
+            "trainer's split; informative: megatron-core exchanges shapes there)",
+            named["interleaved_1f1b"][1],
+            named["megatron_interleaved"][1],
+            MEGATRON_TARGET,
+        )
+    )
+    splits = {"trainer_split": trainer_split, "decoder_split": DECODER_SPLIT}
+    job = job_from(
+        [
+            *PIPELINE,
+            f"train.max_steps={steps + 1}",
+            f"optim.warmup_steps={steps // 5}",
+            "schedule=interleaved_1f1b",
+        ]
+    )
+    for label, boundaries in splits.items():  # records only: the goals are the whole-run figures above
+        records += step_interleaved(job, label, boundaries, steps)
     return records, goals
 
 
