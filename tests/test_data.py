@@ -310,6 +310,13 @@ def test_config_round_trips_and_rejects_bad_values():
         DigitsTaskConfig(rotate_deg=-1.0)
     with pytest.raises(ValueError, match=r"label_noise=1.0 must lie in \[0, 1\)"):
         DigitsTaskConfig(label_noise=1.0)
+    with pytest.raises(ValueError, match=r"n_train=0 and n_eval_per_task=60 must both be >= 1"):
+        DigitsTaskConfig(n_train=0, n_eval_per_task=60)
+    with pytest.raises(ValueError, match=r"pack_len=-3 must be 0 \(no packing\) or at least"):
+        DigitsTaskConfig(pack_len=-3)
+    for fraction in (0.001, 0.999):  # a digit class left without training or eval images
+        with pytest.raises(ValueError, match=rf"eval_fraction={fraction} leaves digit 0"):
+            DigitsDataset(DigitsTaskConfig(n_train=50, n_eval_per_task=5, eval_fraction=fraction), "train")
 
 
 def test_tokenizer_round_trip_and_unknown_word():

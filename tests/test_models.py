@@ -206,3 +206,16 @@ def test_all_tasks_need_the_images_with_the_default_model(one_thread):
         chance = _chance(held_out, task)
         assert real[task] > chance + 0.3, (task, real[task], chance)
         assert shuffled[task] < chance + 0.1, (task, shuffled[task], chance)
+
+
+def test_a_model_that_does_not_match_the_images_refuses_them(batch):
+    """Images of another size would broadcast the positional table over the wrong patches, and a model
+    with another tokens_per_image would put patch i % k of image i // k in slot i: both fail by name."""
+    wrong_size = VLM(dataclasses.replace(TINY, image_size=16, patch_size=8, tokens_per_image=4))
+    with pytest.raises(ValueError, match=r"images are 8x8 but model.image_size=16"):
+        wrong_size(batch)
+    per_patch = VLM(dataclasses.replace(TINY, tokens_per_image=4))  # the data has 1 slot per image
+    with pytest.raises(ValueError, match=r"data.tokens_per_image must equal model.tokens_per_image"):
+        per_patch(batch)
+    with pytest.raises(ValueError, match=r"patch_size=0 must lie in \[1, image_size=8\]"):
+        VLMConfig(patch_size=0)

@@ -25,6 +25,7 @@ def evaluate(model: Callable[[Batch], torch.Tensor], batches: Iterable[Batch]) -
     for batch in batches:
         hit = (model(batch).argmax(-1) == batch.targets) | (batch.loss_mask == 0)
         sample_ok = hit.all(dim=1).double()
-        correct.index_add_(0, batch.task_ids, sample_ok)
-        total.index_add_(0, batch.task_ids, torch.ones_like(sample_ok))
+        task_ids, sample_ok = batch.task_ids.cpu(), sample_ok.cpu()  # the tallies live on the host
+        correct.index_add_(0, task_ids, sample_ok)
+        total.index_add_(0, task_ids, torch.ones_like(sample_ok))
     return {task: float(correct[i] / total[i]) for i, task in enumerate(TASKS) if total[i] > 0}

@@ -36,6 +36,10 @@ class VLMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 1 <= self.patch_size <= self.image_size:
+            raise ValueError(
+                f"patch_size={self.patch_size} must lie in [1, image_size={self.image_size}] and divide it, e.g. 4"
+            )
         n_patches = (self.image_size // self.patch_size) ** 2
         if self.tokens_per_image not in (1, n_patches):
             raise ValueError(
@@ -71,12 +75,23 @@ class ImageTextMerge(nn.Module):
         x = self.project(self.ln(x))
         image_tokens = (x + self.project_mlp(x)).transpose(0, 1).reshape(-1, x.shape[-1])  # [N * k, dim]
         slots = batch.image_slots.t()  # [T, B]
+        if not slots.is_cuda:  # free on the host; on a GPU it would sync every forward (the trainer's config
+            # check, data.tokens_per_image == model.tokens_per_image, covers that case)
+            self._check_slots(int((slots >= 0).sum()), image_tokens.shape[0])
         h = self.token_embed(batch.tokens.t())
         if image_tokens.shape[0]:
             h = torch.where((slots >= 0).unsqueeze(-1), image_tokens[slots.clamp(min=0)], h)
         if getattr(batch, "position_ids", None) is not None:  # packed rows: positions restart per sample
             return h + self.pos_embed[:, 0][batch.position_ids.t()]
         return h + self.pos_embed[: h.shape[0]]
+
+    def _check_slots(self, slots: int, image_tokens: int) -> None:
+        if slots != image_tokens:
+            per_image = "1 (pooled)" if self.pool else "one per patch"
+            raise ValueError(
+                f"the batch has {slots} image slots for {image_tokens} image tokens (the model makes {per_image} "
+                "per image): data.tokens_per_image must equal model.tokens_per_image"
+            )
 
 
 class VLM(nn.Module):
