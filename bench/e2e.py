@@ -296,6 +296,7 @@ def step_interleaved(job: JobConfig, label: str, boundaries: list[int], steps: i
     timed = launch(
         time_schedules,
         job.world_size,
+        backend="gloo",  # the trainer's CPU model
         args=(job.to_json(), list(SCHEDULES), boundaries, steps),
         timeout_s=600,
     )[0]

@@ -218,7 +218,7 @@ def run(ctx: BenchContext) -> SuiteResult:
         (warmup + repeats) * _simulated(*meta[s.label][:2], meta[s.label][3], p2p_s, options[s.label])
         for s in specs
     )
-    per_rank = launch(time_runs, PP, args=(specs,), timeout_s=timeout_s)
+    per_rank = launch(time_runs, PP, args=(specs,), backend="gloo", timeout_s=timeout_s)  # CPU stages
 
     goals = []
     times = {r["label"]: r["times_s"] for r in per_rank[0]}
@@ -247,7 +247,9 @@ def run(ctx: BenchContext) -> SuiteResult:
     options[even_key] = _options(best_label, best_name, best_vpp, even_costs, p2p_s)
     even_run = RunSpec(even_key, "sysopt", best_name, best_vpp, MICROBATCHES, even_costs, SHAPE, warmup, repeats,
                        options=tuple(options[even_key].items()))  # fmt: skip
-    even_times = launch(time_runs, PP, args=([even_run],), timeout_s=timeout_s)[0][0]["times_s"]
+    even_times = launch(time_runs, PP, args=([even_run],), backend="gloo", timeout_s=timeout_s)[0][0][
+        "times_s"
+    ]
     equal_layers = _partition(layers, best_vpp, best_name, p2p_s)
     even_config = {**common, "schedule": best_name, "vpp": best_vpp, "workload": "multimodal",
                    "boundaries": list(even_bounds), "stage_costs_s": [c.to_dict() for c in even_costs],

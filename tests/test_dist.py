@@ -350,3 +350,35 @@ def test_nccl_device_comes_from_slurm_localid(clean_env, monkeypatch):
 
     init_process_group(2, 4, backend="nccl")  # called directly, without the local rank
     assert chosen == [1, 1]
+
+
+def test_nccl_refuses_a_local_rank_without_its_own_gpu(clean_env, monkeypatch):
+    """More ranks per node than GPUs would put two ranks on one GPU (NCCL then fails much later with
+    "Duplicate GPU detected"): it is refused up front, naming the local rank and the GPU count."""
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: None)
+    _srun_step(clean_env, procid=2, ntasks=3, localid=2)  # three tasks on a node with two GPUs
+    from sysopt.dist.launch import init_process_group
+
+    with pytest.raises(
+        ValueError, match=r"local rank 2 \(rank 2 of 3\) has no GPU of its own: this node has 2"
+    ):
+        init_process_group(2, 3, backend="nccl")
+    init_process_group(2, 3, backend="gloo")  # CPU tensors need no GPU
+
+
+def test_trainer_and_block_timing_launch_over_gloo_even_with_cuda_visible(monkeypatch, tmp_path):
+    """The trainer's model and collectives are on the CPU: a GPU host (where launch's default is NCCL) must
+    still run its ranks over gloo, or the first gradient all-reduce fails on CPU tensors."""
+    import sysopt.train.loop as loop
+    from sysopt.train import JobConfig
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loop, "launch", lambda fn, n, **kw: seen.append(kw.get("backend")) or [{}])
+    monkeypatch.setattr(loop, "validate", lambda job: None)
+    job = JobConfig.from_dict({"parallel": {"dp": 2}})
+    assert job.world_size == 2
+    loop.run_training(job, tmp_path)
+    assert seen == ["gloo"]

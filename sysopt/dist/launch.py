@@ -163,7 +163,13 @@ def init_process_group(
     if backend == "nccl":  # one GPU per local rank
         if local_rank is None:
             local_rank = _local_rank_from_env(rank)
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        if not 0 <= local_rank < gpus:  # two ranks on one GPU: NCCL fails later with "Duplicate GPU detected"
+            raise ValueError(
+                f"local rank {local_rank} (rank {rank} of {world_size}) has no GPU of its own: this node has "
+                f"{gpus}; start at most {gpus} ranks per node for NCCL, or use backend='gloo' for CPU tensors"
+            )
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(
         backend,
         rank=rank,

@@ -182,7 +182,8 @@ def measure_layer_times(
                 with intraop_threads(1):
                     results = _time_cases(*args)
             else:  # rank 0's times: every rank of the tp group runs the same blocks in step
-                results = launch(_time_cases, tp, args, timeout_s=timeout_s)[0]
+                # the trainer's blocks, on the CPU as it runs them: gloo even where CUDA is present
+                results = launch(_time_cases, tp, args, backend="gloo", timeout_s=timeout_s)[0]
             for case, times in zip(tp_cases, results):
                 samples[case].append(times)
             if bar is not None:

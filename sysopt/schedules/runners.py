@@ -179,7 +179,7 @@ def _megatron(spec: RunSpec):
         return output, lambda out: (_loss(out), {})
 
     def step() -> None:
-        with megatron_cpu_shims():
+        with megatron_cpu_shims(force=True):  # CPU stages, GPUs present or not
             forward_backward_pipelining_with_interleaving(
                 forward_step_func=forward_step,
                 data_iterator=[itertools.repeat(data) for _ in chunks],

@@ -64,6 +64,7 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
         train_rank,
         job.world_size,
         args=(job.to_json(), str(out_dir)),
+        backend="gloo",  # the trainer's model and collectives are on the CPU, GPUs present or not
         timeout_s=job.train.timeout_s,
         log_dir=out_dir / "logs",
     )

@@ -177,7 +177,7 @@ class MegatronPipeline:
 
         from sysopt.dist.megatron_shims import megatron_cpu_shims
 
-        with megatron_cpu_shims(), _cpu_synchronize():
+        with megatron_cpu_shims(force=True), _cpu_synchronize():  # the trainer's model is on the CPU
             reduced = self.forward_backward(
                 forward_step_func=forward_step,
                 data_iterator=[iter(contexts) for _ in self.chunks],
