@@ -290,6 +290,19 @@ def test_scaled_mm_matches_dequantised_matmul(a_dtype, b_dtype, ga, ba, gb, bb):
 
 
 @pytest.mark.parametrize("impl", [gemm_ref, gemm_triton], ids=["torch", "triton"])
+def test_scaled_mm_bf16_output_keeps_a_nan_with_every_payload(impl):
+    """A NaN bias stays NaN in a bf16 output whatever its bits: CUDA's canonical NaN is 0x7FFFFFFF, which the
+    round-to-nearest-even bit trick (add 0x7FFF + lsb, clear the low half) would wrap to -0.0."""
+    a, a_scale = quantize_ref.quantize(_data((16, 32), seed=8), torch.int8, "rowwise")
+    b, b_scale = quantize_ref.quantize(_data((16, 32), seed=9), torch.int8, "rowwise")
+    for bits in (0x7FFFFFFF, 0x7FC00000, -1):  # CUDA's, the default quiet NaN, a negative all-ones NaN
+        bias = torch.zeros(16)
+        bias[3] = torch.tensor([bits], dtype=torch.int32).view(torch.float32)
+        out = impl.scaled_mm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, bias=bias)
+        assert out[:, 3].isnan().all() and not out[:, :3].isnan().any(), hex(bits & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("impl", [gemm_ref, gemm_triton], ids=["torch", "triton"])
 def test_scaled_mm_bf16_output_and_transposed_operand(impl):
     m, n, k = 24, 40, 48
     a, a_scale = quantize_ref.quantize(_data((m, k), seed=6), torch.int8, "rowwise")
@@ -435,6 +448,23 @@ def test_dispatch_picks_cpp_or_torch_on_cpu_and_honours_override(monkeypatch):
     monkeypatch.setenv("SYSOPT_KERNEL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="SYSOPT_KERNEL_BACKEND"):
         kernels.backend_for("cpu")
+
+
+def test_dispatch_sends_fp8_on_a_pre_ada_gpu_to_the_torch_reference(monkeypatch):
+    """Triton compiles no fp8e4nv below compute capability 8.9: fp8 there runs the torch reference, int8 and
+    fp8 on Ada/Hopper stay on Triton (the GPU is faked: only the choice is under test)."""
+    from sysopt.kernels import dispatch
+
+    monkeypatch.delenv("SYSOPT_KERNEL_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET")  # the file's interpreter switch would mark the device as emulated
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, fp8_backend in (((8, 0), "torch"), ((8, 9), "triton"), ((9, 0), "triton")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        for kind in ("quantize", "gemm"):
+            fp8 = dispatch.kernel_module(kind, "cuda", torch.float8_e4m3fn).__name__
+            int8 = dispatch.kernel_module(kind, "cuda", torch.int8).__name__
+            assert fp8.endswith("_ref" if fp8_backend == "torch" else "_triton"), (capability, kind, fp8)
+            assert int8.endswith("_triton"), (capability, kind, int8)
 
 
 def test_import_does_not_need_triton():

@@ -27,7 +27,7 @@ def quantize(
     Returns (q, scale) with x ~= q.float() * scale (blockwise: scale expanded over blocks, see expand_scale).
     power_of_two rounds scales up to powers of two (exact rescaling).
     """
-    return kernel_module("quantize", x.device).quantize(
+    return kernel_module("quantize", x.device, dtype).quantize(
         x, dtype, granularity, block, power_of_two=power_of_two
     )
 
@@ -40,7 +40,9 @@ def quantize_with_amax(
 
     Returns (q, scale, amax of x); x's amax is non-finite when x holds inf or NaN.
     """
-    return kernel_module("quantize", x.device).quantize_with_amax(x, dtype, amax, power_of_two=power_of_two)
+    return kernel_module("quantize", x.device, dtype).quantize_with_amax(
+        x, dtype, amax, power_of_two=power_of_two
+    )
 
 
 def contiguous_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,7 @@ def scaled_mm(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(a * a_scale) @ (b * b_scale).T + bias for quantised a (M, K), b (N, K); int32/fp32 accumulation."""
-    return kernel_module("gemm", a.device).scaled_mm(
+    return kernel_module("gemm", a.device, a.dtype).scaled_mm(
         a, a_scale, b, b_scale, a_block=a_block, b_block=b_block, out_dtype=out_dtype, bias=bias
     )
 

@@ -54,6 +54,22 @@ def backend_for(device: torch.device | str) -> str:
     return "torch"
 
 
-def kernel_module(kind: str, device: torch.device | str) -> ModuleType:
-    """The module implementing `kind` ('quantize' or 'gemm') for `device`."""
-    return importlib.import_module(_MODULES[(backend_for(device), kind)])
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _triton_lacks_fp8(device: torch.device | str) -> bool:
+    """True on a CUDA GPU older than compute capability 8.9 (Ada): Triton compiles no fp8e4nv there (it raises
+    'type fp8e4nv not supported in this architecture'); the torch reference then casts and multiplies."""
+    device = torch.device(device)
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) < (8, 9)
+
+
+def kernel_module(kind: str, device: torch.device | str, dtype: torch.dtype | None = None) -> ModuleType:
+    """The module implementing `kind` ('quantize' or 'gemm') for `device`; with `dtype` (the low-precision
+    format), fp8 on a pre-Ada GPU goes to the torch reference instead of Triton."""
+    backend = backend_for(device)
+    if backend == "triton" and dtype in FP8_DTYPES and _triton_lacks_fp8(device):
+        backend = "torch"
+    return importlib.import_module(_MODULES[(backend, kind)])

@@ -84,7 +84,9 @@ def _scaled_mm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
         out = out + tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if OUT_BF16:  # round to nearest even here: the interpreter's fp32 -> bf16 cast truncates
         bits = out.to(tl.int32, bitcast=True)
-        out = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        # NaN stays NaN: CUDA's canonical NaN 0x7FFFFFFF would wrap to 0x80000000 (-0.0) above
+        out = tl.where(out != out, out, rounded)
     tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, out.to(c_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])  # fmt: skip
 
