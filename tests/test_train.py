@@ -208,6 +208,25 @@ def test_auto_precision_plan_is_made_once_and_kept_through_resume_and_eval(tmp_p
     assert (again["eval_loss"], again["eval_accuracy"]) == (straight["eval_loss"], straight["eval_accuracy"])
 
 
+def test_precision_auto_plans_for_the_cpu_the_trainer_runs_on_even_on_a_gpu_host(monkeypatch):
+    """The trainer's model is on the CPU: precision=auto reads a CPU calibration, or the probed host without
+    its GPUs, so an H100 in the box does not make it choose fp8 for CPU GEMMs (and save that plan)."""
+    import sysopt.hardware as hardware
+    import sysopt.train.parallel as parallel
+    from sysopt.hardware.profile import GPUInfo
+    from sysopt.precision.auto import candidate_recipe
+
+    asked = []
+    h100 = GPUInfo(0, "NVIDIA H100 80GB HBM3", 80 << 30, 79 << 30, 5, 16, 18, 1980, 2619, (9, 0))
+    gpu_host = dataclasses.replace(_cpu_profile(1e15), gpus=(h100,), calibration=None)
+    assert candidate_recipe(gpu_host) == "fp8_rowwise"  # what the GPU host's own profile would choose
+    monkeypatch.setattr(hardware, "load_cached", lambda **kw: asked.append(kw) or None)
+    monkeypatch.setattr(hardware, "probe", lambda: gpu_host)
+    profile = parallel.auto_profile()
+    assert asked == [{"device": "cpu"}] and profile.gpus == ()
+    assert candidate_recipe(profile) == "int8_rowwise"  # the VNNI CPU's choice
+
+
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     root = tmp_path / "ckpt"
     save_checkpoint(root, 3, {"model": {"w": torch.ones(2)}, "trainer": {"step": 3}})

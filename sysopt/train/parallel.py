@@ -95,10 +95,14 @@ def measure_block_costs(model: VLM, batch: Batch, repeats: int = 3) -> tuple[lis
 
 
 def auto_profile():
-    """The HardwareProfile precision=auto decides from: the cached calibration, else the probed hardware."""
+    """The HardwareProfile precision=auto decides from, for the trainer's model, which runs on the CPU: a
+    cached calibration measured on the CPU, else the probed hardware without its GPUs (on a GPU host the plan
+    would otherwise be made for the GPU, e.g. fp8, and saved into the checkpoints)."""
+    import dataclasses
+
     from sysopt.hardware import load_cached, probe
 
-    return load_cached() or probe()
+    return load_cached(device="cpu") or dataclasses.replace(probe(), gpus=())
 
 
 class ParallelVLM:
