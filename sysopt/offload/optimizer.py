@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -245,6 +246,14 @@ class OffloadAdamW(torch.optim.Optimizer):
             budget = self._budget_limit
             if self.strategy == "interleaved":  # plans within what is free; fixed strategies fail loudly
                 budget = min(budget, self._free_device_bytes)
+                if self.device_budget_bytes is None and self.device.type == "cuda":
+                    warnings.warn(
+                        f"OffloadAdamW(strategy='interleaved') without device_budget_bytes plans against all "
+                        f"{self._free_device_bytes / 2**30:.1f} GiB free on {self.device} now, before any "
+                        "activation exists, and may keep all state there; pass device_budget_bytes (free memory "
+                        "minus the step's activation and gradient peak) to leave room for them",
+                        stacklevel=2,
+                    )
             plan = make_plan(
                 self.strategy,
                 self.subgroups,
