@@ -450,6 +450,30 @@ def test_dispatch_picks_cpp_or_torch_on_cpu_and_honours_override(monkeypatch):
         kernels.backend_for("cpu")
 
 
+def test_triton_int8_gemm_slices_a_k_that_could_overflow_int32(monkeypatch):
+    """The kernel sums K in int32; beyond INT32_SAFE_K products of int8 that could overflow, so the wrapper runs
+    K in slices and adds their dequantised results. The limit is lowered here so that the interpreter runs a
+    sliced product (with a remainder slice) in a moment; the result must match the reference's."""
+    m, n, k = 8, 16, 200
+    a, a_scale = quantize_ref.quantize(_data((m, k), seed=10), torch.int8, "rowwise")
+    b, b_scale = quantize_ref.quantize(_data((n, k), seed=11), torch.int8, "tensorwise")
+    bias = torch.randn(n)
+    want = gemm_ref.scaled_mm(a, a_scale, b, b_scale, bias=bias)
+    calls = []
+    real_kernel = gemm_triton._scaled_mm_kernel
+    monkeypatch.setattr(gemm_triton, "INT32_SAFE_K", 64)
+    monkeypatch.setattr(
+        gemm_triton,
+        "_scaled_mm_kernel",
+        type("Spy", (), {"__getitem__": lambda s, g: calls.append(g) or real_kernel[g]})(),
+    )
+    got = gemm_triton.scaled_mm(a, a_scale, b, b_scale, bias=bias)
+    assert len(calls) == 4  # 64 + 64 + 64 + 8
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got16 = gemm_triton.scaled_mm(a, a_scale, b, b_scale, bias=bias, out_dtype=torch.bfloat16)
+    assert got16.dtype == torch.bfloat16 and torch.equal(got16, got.to(torch.bfloat16))
+
+
 def test_dispatch_sends_fp8_on_a_pre_ada_gpu_to_the_torch_reference(monkeypatch):
     """Triton compiles no fp8e4nv below compute capability 8.9: fp8 there runs the torch reference, int8 and
     fp8 on Ada/Hopper stay on Triton (the GPU is faked: only the choice is under test)."""

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemm_ref import INT32_SAFE_K
 from .scales import BLOCK, ROW, TENSOR, check_operands, k_block, scale_layout
 
 _BLOCK_M, _BLOCK_N, _MAX_BLOCK_K = 32, 32, 64
@@ -138,6 +139,16 @@ def scaled_mm(
     lb = scale_layout("b", b, b_scale, b_block)
     kb = k_block(la, lb)
     m, k = a.shape
+    if a.dtype == torch.int8 and kb is None and k > INT32_SAFE_K:
+        # the kernel sums a whole K in int32, which K > INT32_SAFE_K products of int8 can overflow: run K in
+        # slices that cannot (row and tensor scales do not vary along K) and add their dequantised results
+        out = None
+        for k0 in range(0, k, INT32_SAFE_K):
+            part = scaled_mm(a[:, k0 : k0 + INT32_SAFE_K], a_scale, b[:, k0 : k0 + INT32_SAFE_K], b_scale)
+            out = part if out is None else out.add_(part)
+        if bias is not None:
+            out.add_(bias.float())
+        return out.to(out_dtype)
     n = b.shape[0]
     a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
     if la.mode == ROW:
