@@ -352,20 +352,37 @@ def test_nccl_device_comes_from_slurm_localid(clean_env, monkeypatch):
     assert chosen == [1, 1]
 
 
-def test_nccl_refuses_a_local_rank_without_its_own_gpu(clean_env, monkeypatch):
-    """More ranks per node than GPUs would put two ranks on one GPU (NCCL then fails much later with
-    "Duplicate GPU detected"): it is refused up front, naming the local rank and the GPU count."""
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+def test_nccl_refuses_more_spawned_ranks_than_gpus_and_keeps_per_task_binding(clean_env, monkeypatch):
+    """launch() refuses to spawn more NCCL ranks than this node has GPUs (two ranks on one GPU fail much later
+    in NCCL with "Duplicate GPU detected"); a rank that sees no GPU is refused; a launcher that binds one GPU
+    per task (srun --gpus-per-task=1: every task sees device 0) still works at any local id."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: None)
-    _srun_step(clean_env, procid=2, ntasks=3, localid=2)  # three tasks on a node with two GPUs
+    with pytest.raises(ValueError, match=r"world_size=3 NCCL ranks on this node, which has 2 GPU"):
+        launch(_no_collectives, 3, ("x",), backend="nccl")
     from sysopt.dist.launch import init_process_group
 
-    with pytest.raises(
-        ValueError, match=r"local rank 2 \(rank 2 of 3\) has no GPU of its own: this node has 2"
-    ):
-        init_process_group(2, 3, backend="nccl")
-    init_process_group(2, 3, backend="gloo")  # CPU tensors need no GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    clean_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    with pytest.raises(ValueError, match=r"backend='nccl' but rank 0 of 2 sees no GPU"):
+        init_process_group(0, 2, backend="nccl", local_rank=0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _srun_step(clean_env, procid=3, ntasks=4, localid=3)  # 4 tasks, one GPU bound to each
+    launch(_no_collectives, 4, ("x",), backend="nccl")
+    assert chosen == [0]
+
+
+def test_forced_megatron_shims_make_cuda_synchronize_a_no_op():
+    """megatron's p2p shape exchange calls torch.cuda.synchronize unconditionally; under the forced CPU shims
+    (current_device is "cpu") the real call fails on a GPU host, and without CUDA it always fails."""
+    from sysopt.dist.megatron_shims import megatron_cpu_shims
+
+    real = torch.cuda.synchronize
+    with megatron_cpu_shims(force=True):
+        assert torch.cuda.synchronize() is None and torch.cuda.current_device() == "cpu"
+    assert torch.cuda.synchronize is real
 
 
 def test_trainer_and_block_timing_launch_over_gloo_even_with_cuda_visible(monkeypatch, tmp_path):
@@ -382,3 +399,14 @@ def test_trainer_and_block_timing_launch_over_gloo_even_with_cuda_visible(monkey
     assert job.world_size == 2
     loop.run_training(job, tmp_path)
     assert seen == ["gloo"]
+
+    import sysopt.dist
+    from sysopt.planner.layer_times import measure_layer_times
+    from sysopt.planner.measure import base_job_for
+
+    blocks = 9  # the default VLM's blocks at tp=2, the scatter and gather included
+    fake = lambda fn, n, args, **kw: seen.append(kw.get("backend")) or [[([1e-3] * blocks,) * 4]]  # noqa: E731
+    monkeypatch.setattr(sysopt.dist, "launch", fake)
+    base = base_job_for(job.model, job.data, global_batch=16, steps=2)
+    measure_layer_times(base, [(None, 2, "none", 1, 8)], rounds=1, progress=False)
+    assert seen == ["gloo", "gloo"]  # the tp=2 block timing too

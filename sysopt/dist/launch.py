@@ -164,12 +164,14 @@ def init_process_group(
         if local_rank is None:
             local_rank = _local_rank_from_env(rank)
         gpus = torch.cuda.device_count()
-        if not 0 <= local_rank < gpus:  # two ranks on one GPU: NCCL fails later with "Duplicate GPU detected"
+        if gpus == 0:
             raise ValueError(
-                f"local rank {local_rank} (rank {rank} of {world_size}) has no GPU of its own: this node has "
-                f"{gpus}; start at most {gpus} ranks per node for NCCL, or use backend='gloo' for CPU tensors"
+                f"backend='nccl' but rank {rank} of {world_size} sees no GPU (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use backend='gloo' for CPU tensors"
             )
-        torch.cuda.set_device(local_rank)
+        # modulo: a launcher that binds one GPU per task (srun --gpus-per-task, per-task CUDA_VISIBLE_DEVICES)
+        # leaves each task its device 0 while the local ids run on (launch() itself checks its own spawns)
+        torch.cuda.set_device(local_rank % gpus)
     dist.init_process_group(
         backend,
         rank=rank,
@@ -297,6 +299,12 @@ def launch(
             init_process_group(rank, world_size, backend=backend, timeout_s=timeout_s, local_rank=local_rank)
         return [fn(*args)]
 
+    if backend == "nccl" and world_size > torch.cuda.device_count():  # spawned here: all share this node's GPUs
+        raise ValueError(
+            f"world_size={world_size} NCCL ranks on this node, which has {torch.cuda.device_count()} GPU(s): two "
+            "ranks on one GPU fail in NCCL (\"Duplicate GPU detected\"); use at most one rank per GPU, or "
+            "backend='gloo' for CPU tensors"
+        )
     ctx = _context()
     results = ctx.Queue()
     port = free_port()

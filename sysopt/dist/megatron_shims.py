@@ -43,6 +43,10 @@ def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
 def _install() -> None:
     _saved["current_device"] = torch.cuda.current_device
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    # megatron's p2p shape exchange synchronizes unconditionally; with "cpu" as the current device the real
+    # call fails on a GPU host, and the CPU tensors here give it nothing to wait for anywhere
+    _saved["synchronize"] = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     for name in _FACTORIES:
         _saved[name] = getattr(torch, name)
         setattr(torch, name, _on_cpu(_saved[name]))
@@ -50,6 +54,7 @@ def _install() -> None:
 
 def _uninstall() -> None:
     torch.cuda.current_device = _saved.pop("current_device")
+    torch.cuda.synchronize = _saved.pop("synchronize")
     for name in _FACTORIES:
         setattr(torch, name, _saved.pop(name))
 

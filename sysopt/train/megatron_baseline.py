@@ -7,9 +7,8 @@ is imported only here, lazily, and runs under the CPU shims (sysopt.dist.megatro
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -62,21 +61,6 @@ def init_megatron_parallel_state(groups: ParallelGroups) -> None:
             f"trainer's topology {t} (pipeline ranks {groups.pp_ranks}); call "
             f"megatron.core.parallel_state.destroy_model_parallel() before training another layout"
         )
-
-
-@contextlib.contextmanager
-def _cpu_synchronize() -> Iterator[None]:
-    """torch.cuda.synchronize as a no-op without CUDA: megatron's shape exchange (variable_seq_lengths)
-    calls it unconditionally, and there is nothing to wait for on the CPU."""
-    if torch.cuda.is_available():
-        yield
-        return
-    saved = torch.cuda.synchronize
-    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.cuda.synchronize = saved
 
 
 class MegatronPipeline:
@@ -177,7 +161,9 @@ class MegatronPipeline:
 
         from sysopt.dist.megatron_shims import megatron_cpu_shims
 
-        with megatron_cpu_shims(force=True), _cpu_synchronize():  # the trainer's model is on the CPU
+        with megatron_cpu_shims(
+            force=True
+        ):  # the trainer's model is on the CPU (the shims no-op synchronize)
             reduced = self.forward_backward(
                 forward_step_func=forward_step,
                 data_iterator=[iter(contexts) for _ in self.chunks],
