@@ -227,6 +227,22 @@ def test_precision_auto_plans_for_the_cpu_the_trainer_runs_on_even_on_a_gpu_host
     assert candidate_recipe(profile) == "int8_rowwise"  # the VNNI CPU's choice
 
 
+def test_tp_overlap_auto_plans_from_a_cpu_calibration_in_the_trainer(monkeypatch):
+    """The trainer's TP layers run on the CPU: overlap='auto' there asks the cache for a calibration measured on
+    the CPU (on a GPU host the default one is the GPU's, with NCCL collective fits), and says so when none is."""
+    import sysopt.hardware.cache as cache
+    import sysopt.train.parallel as parallel
+    from sysopt.train.config import ParallelConfig
+
+    asked = []
+    monkeypatch.setattr(cache, "load_cached", lambda **kw: asked.append(kw) or None)
+    policy = parallel._overlap_policy(ParallelConfig(tp=2, tp_overlap="auto"))
+    with pytest.raises(ValueError, match=r"none is cached for device='cpu'"):
+        policy._profile()
+    assert asked == [{"device": "cpu"}]
+    assert parallel._overlap_policy(ParallelConfig(tp=2, tp_overlap="chunked", tp_chunks=3)) == "chunked:3"
+
+
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     root = tmp_path / "ckpt"
     save_checkpoint(root, 3, {"model": {"w": torch.ones(2)}, "trainer": {"step": 3}})

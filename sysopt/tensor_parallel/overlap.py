@@ -53,7 +53,8 @@ class OverlapPolicy:
     """strategy: "none" | "chunked" | "auto"; chunks: k for "chunked"; max_chunks: the largest k
     "auto" considers; chunk_overhead_s: host cost per chunk in auto's model (None: the profile's
     calibrated tp_chunk_overhead_s, or CHUNK_OVERHEAD_S when it has none); profile: the calibrated
-    HardwareProfile "auto" reads (default: the cached one). "auto" plans each GEMM+collective shape
+    HardwareProfile "auto" reads (default: the cached one, measured on `device` when given: layers on the
+    CPU of a GPU host must not plan from the GPU's rates). "auto" plans each GEMM+collective shape
     once and reuses the plan (a plan costs ~0.2 ms of Python, paid on every call otherwise)."""
 
     strategy: str = "none"
@@ -61,6 +62,7 @@ class OverlapPolicy:
     max_chunks: int = 16
     chunk_overhead_s: float | None = None
     profile: HardwareProfile | None = field(default=None, compare=False, repr=False)
+    device: str | None = None
     _auto_plans: dict[GemmCollective, ChunkPlan] = field(
         default_factory=dict, init=False, compare=False, repr=False
     )
@@ -105,10 +107,11 @@ class OverlapPolicy:
             return self.profile
         from sysopt.hardware.cache import load_cached
 
-        profile = load_cached()
+        profile = load_cached(device=self.device)
         if profile is None:
+            where = "" if self.device is None else f" for device={self.device!r}"
             raise ValueError(
-                "overlap='auto' needs a calibrated HardwareProfile and none is cached; pass "
+                f"overlap='auto' needs a calibrated HardwareProfile and none is cached{where}; pass "
                 "OverlapPolicy('auto', profile=sysopt.hardware.load_or_calibrate()) or calibrate once "
                 "with sysopt.hardware.load_or_calibrate(quick=True)"
             )

@@ -413,10 +413,15 @@ def _eval_counts(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return out
 
 
-def _overlap_policy(p) -> str:
-    """The TP layers' overlap name for parallel.tp_overlap / tp_chunks ("chunked:<k>" when a count is set)."""
+def _overlap_policy(p):
+    """The TP layers' overlap for parallel.tp_overlap / tp_chunks ("chunked:<k>" when a count is set; "auto"
+    plans from a calibration measured on the CPU, where the trainer's layers run, also on a GPU host)."""
+    from sysopt.tensor_parallel import OverlapPolicy
+
     if p.tp_overlap == "chunked" and p.tp_chunks is not None:
         return f"chunked:{p.tp_chunks}"
+    if p.tp_overlap == "auto":
+        return OverlapPolicy("auto", device="cpu")
     return p.tp_overlap
 
 
