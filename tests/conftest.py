@@ -9,3 +9,17 @@ def pytest_sessionstart(session):
 
     cpu.load()
     cpu_kernel.load()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cpu_collectives_default_to_gloo(monkeypatch):
+    """The tests' ranks hold CPU tensors: launch() without a backend picks gloo here even where CUDA is
+    visible (its default there is NCCL), so that the suite runs unchanged on a GPU host. Tests of the NCCL
+    path pass backend='nccl' explicitly."""
+    import importlib
+
+    launch_module = importlib.import_module("sysopt.dist.launch")  # (sysopt.dist.launch is also the function)
+    monkeypatch.setattr(launch_module, "default_backend", lambda: "gloo")
