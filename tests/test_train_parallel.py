@@ -158,3 +158,51 @@ def test_killed_rank_fails_fast_and_relaunch_resumes(tmp_path, monkeypatch):
     resumed = run_training(job, tmp_path)
     assert resumed["resumed_from_step"] == 2
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(6))
+
+
+def _dp_offload_steps(job_json: str, defer: bool) -> dict:
+    """Three data-parallel steps with OffloadAdamW(host), wired as the trainer wires it (or, with defer=False,
+    copying gradients from the backward hooks as before): copy counts and the resulting parameters."""
+    import torch.distributed as dist
+
+    from sysopt.data import BatchSampler, DigitsDataset
+    from sysopt.dist import build_groups
+    from sysopt.train.loop import connect_grad_copies, make_optimizer
+    from sysopt.train.parallel import ParallelVLM
+
+    job = JobConfig.from_json(job_json)
+    groups = build_groups(job.parallel.topology, timeout_s=60)
+    sampler = BatchSampler(DigitsDataset(job.data, "train"), job.train.global_batch)
+    runtime = ParallelVLM(job, groups, sampler.global_batch(0))
+    optimizer = make_optimizer(job, runtime.params)
+    if defer:
+        connect_grad_copies(runtime, optimizer)
+    for step in range(3):
+        batch = sampler.global_batch(step)
+        runtime.forward_backward(batch.shard(dist.get_rank(), 2), batch.answer_token_count().clamp(min=1.0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    stats = optimizer.stats
+    return {
+        "started": stats.grad_copies_started,
+        "redone": stats.grad_copies_redone,
+        "params": [p.detach().clone() for p in runtime.params],
+    }
+
+
+@pytest.mark.timeout(300)
+def test_data_parallel_offload_copies_each_gradient_once_after_its_reduction():
+    """The DP reduction rewrites every gradient after backward, so copies started from the backward hooks
+    were all stale and made again in step(); the trainer now starts them as each bucket is reduced: none is
+    redone, and the parameters are bitwise those of the old path."""
+    from sysopt.dist import launch
+
+    job = dataclasses.replace(
+        base_job(), parallel=ParallelConfig(dp=2), offload=OffloadConfig(strategy="host")
+    )
+    old = launch(_dp_offload_steps, 2, args=(job.to_json(), False), timeout_s=240)
+    new = launch(_dp_offload_steps, 2, args=(job.to_json(), True), timeout_s=240)
+    assert old[0]["redone"] == old[0]["started"] > 0  # the problem: every early copy redone
+    for rank in range(2):
+        assert new[rank]["started"] == old[rank]["started"] and new[rank]["redone"] == 0
+        assert all(torch.equal(a, b) for a, b in zip(new[rank]["params"], old[rank]["params"]))

@@ -66,6 +66,9 @@ class BucketedGradSync:
             for i, p in enumerate(bucket.params):
                 bucket.hooks.append(p.register_post_accumulate_grad_hook(self._hook(b, i)))
         self.reductions_started_in_backward = 0  # how many buckets launched before wait()
+        # called by wait() with each bucket's parameters once their reduced gradients are in .grad (e.g.
+        # OffloadAdamW.grads_ready, which starts their host copies while later buckets still finish)
+        self.on_reduced: list = []
         self._next_launch = 0  # buckets [0, _next_launch) are launched this round
         # backward passes (autograd graph task ids) that ran hooks and have not reached their end, each with
         # a weak reference to the end-of-backward callback it holds: dead means the pass raised part-way
@@ -143,6 +146,8 @@ class BucketedGradSync:
                 grads = [p.grad for p in bucket.params]
                 for g, reduced in zip(grads, _unflatten_dense_tensors(bucket.flat, grads)):
                     g.copy_(reduced)
+                for callback in self.on_reduced:
+                    callback(bucket.params)
         finally:
             self.reset()
 

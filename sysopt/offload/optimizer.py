@@ -203,6 +203,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         # only the hook that completes the gradient (the last step's count) starts a copy to the host
         self._grad_hooks_now: dict[torch.Tensor, int] = {}
         self._grad_hooks_last: dict[torch.Tensor, int] = {}
+        # True when something rewrites the gradients after backward (a data-parallel reduction): the hooks
+        # then only time backward, and that code calls grads_ready() once the final gradients are written
+        self.defer_grad_copies = False
         self._param_version: dict[torch.Tensor, int] = {}
         self._pending_params: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # not yet safe to read
         self._inflight_params: dict[int, Any] = {}  # may still read the host master
@@ -385,12 +388,28 @@ class OffloadAdamW(torch.optim.Optimizer):
         if i not in self._seen_order:
             self._seen_order.append(i)
         hooks = self._grad_hooks_now[p] = self._grad_hooks_now.get(p, 0) + 1
+        if self.defer_grad_copies:
+            return
+        if hooks < self._grad_hooks_last.get(p, 1):  # more accumulation to come: copy later
+            if self._where[p] == HOST and p.grad is not None and not p.grad.is_sparse:
+                self.stats.grad_copies_skipped += 1
+            return
+        self._start_grad_copy(p)
+
+    def grads_ready(self, params: Iterable[torch.Tensor]) -> None:
+        """Start the host copies of these parameters' gradients now: their final values are written (e.g.
+        just reduced over data-parallel ranks). With `defer_grad_copies` set this replaces the copies the
+        gradient hooks start during backward, which a reduction after backward would make stale (each then
+        copied twice: early, and again in step()). Parameters of other optimizers are ignored."""
+        for p in params:
+            if p in self._subgroup_of:
+                self._start_grad_copy(p)
+
+    def _start_grad_copy(self, p: torch.Tensor) -> None:
         g = p.grad
         if self._where[p] != HOST or g is None or g.is_sparse:
             return
-        if hooks < self._grad_hooks_last.get(p, 1):  # more accumulation to come: copy later
-            self.stats.grad_copies_skipped += 1
-            return
+        i = self._subgroup_of[p]
         if p.dtype != torch.float32 and (inflight := self._inflight_params.get(i)) is not None:
             # a 16-bit parameter's copy back reads this very buffer: it must finish first (it has, unless the
             # parameter was used outside the forward of its attached module, e.g. a tied weight)

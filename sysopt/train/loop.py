@@ -172,6 +172,15 @@ def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.op
     )
 
 
+def connect_grad_copies(runtime: ParallelVLM, optimizer: torch.optim.Optimizer) -> None:
+    """Under data parallelism the reduction rewrites every gradient after backward: an offloading optimizer
+    then copies each gradient to the host once its bucket is reduced (OffloadAdamW.grads_ready), not from
+    its backward hooks, whose copies would all be stale and made again in step()."""
+    if runtime.grad_sync is not None and hasattr(optimizer, "grads_ready"):
+        optimizer.defer_grad_copies = True
+        runtime.grad_sync.on_reduced.append(optimizer.grads_ready)
+
+
 JOB_OPTIM_KEYS = ("weight_decay", "betas", "eps")  # what the job sets and a checkpoint must not override
 
 
@@ -235,6 +244,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         job, groups, sampler.global_batch(0).shard(dp_rank, dp_size), saved_boundaries, saved_plan
     )
     optimizer = make_optimizer(job, runtime.params)
+    connect_grad_copies(runtime, optimizer)
     shard = _shard_name(job, groups)
     if found is not None:
         state = load_checkpoint(found, [f"model_{shard}", f"optimizer_{shard}"])
