@@ -837,3 +837,27 @@ def test_bf16_master_rounding_keeps_small_updates_on_average():
     assert torch.equal(sr, sr.bfloat16().float()) and (sr == 1.0).float().mean() > 0.3  # whole bf16 steps
     assert (p0 - sr).mean().item() == pytest.approx(moved, rel=0.05)
     assert torch.tensor(1.0 - 1e-4).bfloat16().item() == 1.0  # round-to-nearest: every update is lost
+
+
+def test_backward_ends_only_after_the_gradient_copies_it_started(monkeypatch):
+    """An in-place write after backward that bumps no version (GradScaler's unscale, a c10d all_reduce on
+    p.grad) must not meet a copy still reading that gradient: the end of a backward pass waits for the host
+    copies its hooks started. Copies are slowed here so that they would still run when backward returns."""
+    real_run = CpuTransfers._run
+
+    def slow_run(self, direction, dsts, srcs):
+        if direction == "d2h":
+            time.sleep(0.05)
+        real_run(self, direction, dsts, srcs)
+
+    monkeypatch.setattr(CpuTransfers, "_run", slow_run)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    opt = OffloadAdamW(model.parameters(), lr=1e-3, strategy="host", subgroup_bytes=SUBGROUP_BYTES)
+    model(torch.randn(3, 8)).square().sum().backward()
+    handles = [rec.handle for rec in opt._grad_copies.values()]
+    assert len(handles) == 4 and all(h is not None and h.done() for h in handles)
+    for p in model.parameters():  # an unversioned in-place write now cannot tear a copy
+        p.grad.data.mul_(0.5)
+    opt.step()
+    assert opt.stats.grad_copies_stale_unversioned == 4  # caught by the samples, copied again

@@ -206,6 +206,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         # True when something rewrites the gradients after backward (a data-parallel reduction): the hooks
         # then only time backward, and that code calls grads_ready() once the final gradients are written
         self.defer_grad_copies = False
+        self._copies_fenced_task: int | None = None  # the backward pass whose end waits for its copies
         self._param_version: dict[torch.Tensor, int] = {}
         self._pending_params: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # not yet safe to read
         self._inflight_params: dict[int, Any] = {}  # may still read the host master
@@ -394,7 +395,30 @@ class OffloadAdamW(torch.optim.Optimizer):
             if self._where[p] == HOST and p.grad is not None and not p.grad.is_sparse:
                 self.stats.grad_copies_skipped += 1
             return
-        self._start_grad_copy(p)
+        if self._start_grad_copy(p):
+            self._fence_copies_at_backward_end()
+
+    def _fence_copies_at_backward_end(self) -> None:
+        """Make the end of this backward pass wait for the gradient copies it started (on CUDA the current
+        stream waits; on CPU the thread): an in-place write after backward that bumps no version (GradScaler's
+        unscale, a c10d all_reduce on p.grad) could otherwise meet a copy still reading that gradient and
+        leave it half old, half new, which _verify_early_copies's samples could miss."""
+        task = torch._C._current_graph_task_id()
+        if task < 0 or task == self._copies_fenced_task:
+            return
+        self._copies_fenced_task = task
+        ref = weakref.ref(self)
+
+        def fence() -> None:
+            opt = ref()
+            if opt is None:
+                return
+            opt._copies_fenced_task = None
+            for rec in opt._grad_copies.values():
+                if rec.handle is not None:
+                    opt._transfers.wait_device(rec.handle)
+
+        torch.autograd.Variable._execution_engine.queue_callback(fence)
 
     def grads_ready(self, params: Iterable[torch.Tensor]) -> None:
         """Start the host copies of these parameters' gradients now: their final values are written (e.g.
@@ -405,10 +429,12 @@ class OffloadAdamW(torch.optim.Optimizer):
             if p in self._subgroup_of:
                 self._start_grad_copy(p)
 
-    def _start_grad_copy(self, p: torch.Tensor) -> None:
+    def _start_grad_copy(self, p: torch.Tensor) -> bool:
+        """Start p.grad's copy to its host buffer; False when p has none to make (not on the host, no
+        gradient, sparse)."""
         g = p.grad
         if self._where[p] != HOST or g is None or g.is_sparse:
-            return
+            return False
         i = self._subgroup_of[p]
         if p.dtype != torch.float32 and (inflight := self._inflight_params.get(i)) is not None:
             # a 16-bit parameter's copy back reads this very buffer: it must finish first (it has, unless the
@@ -417,6 +443,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         handle = self._transfers.d2h([self._host_grad[p]], [g])
         self._grad_copies[p] = _GradCopy(g, g._version, handle)
         self.stats.grad_copies_started += 1
+        return True
 
     def _host_grad_current(self, p: torch.Tensor) -> torch.Tensor:
         """The host copy of p.grad, re-copied if the gradient changed after its early copy."""
