@@ -1094,3 +1094,17 @@ def test_cli_fit_with_measure_refits_on_references_measured_beside_the_picked_co
     # fitted to the fast second round: the dp reference is reproduced at its fast time
     dp = references[0]
     assert model.predict(dp).step_s == pytest.approx(0.02 + 1e-3 * dp.microbatches, rel=0.2)
+
+
+def test_plan_refuses_to_measure_a_gpu_plan_with_the_cpu_trainer(capsys):
+    """--measure/--fit train here with sysopt-train, whose model runs on the CPU: against a GPU plan (an H100
+    profile) they would compare GPU predictions with CPU steps, so the CLI stops and says how to plan for the
+    CPU instead."""
+    from pathlib import Path
+
+    from sysopt.cli import plan
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "profiles" / "8xh100_nvlink.json"
+    for flag in (["--measure", "1"], ["--fit"]):
+        assert plan.main(["--profile", str(path), *flag, "--top", "1"]) == 2
+        assert "whose model runs on the CPU, but this plan is for 8 GPU(s)" in capsys.readouterr().err

@@ -477,6 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg, data_cfg = load_workload(args)
     profile = load_profile(args)
     machine = Machine.from_profile(profile, args.devices)
+    if machine.on_gpu and (args.measure or args.fit):
+        print(
+            f"sysopt-plan: --measure/--fit train here with sysopt-train, whose model runs on the CPU, but this "
+            f"plan is for {machine.devices} GPU(s) (profile {args.profile or 'of this machine'}); plan for the CPU "
+            "with --profile PATH of a profile calibrated there (sysopt.hardware.load_or_calibrate(device='cpu')"
+            ".to_json()), or drop --measure/--fit",
+            file=sys.stderr,
+        )
+        return 2
     if not machine.on_gpu:  # a CPU plan runs its low-precision linears on this machine's CPU kernels
         from sysopt.kernels.dispatch import backend_for
 
