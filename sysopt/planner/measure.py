@@ -131,7 +131,6 @@ def measure_config(
 
     A device is one core on a CPU: a single-rank run is timed at one intra-op thread, as launched
     ranks are (sysopt.dist.launch gives each rank one thread)."""
-    import torch
 
     from sysopt.train import ConfigError, run_training
 
@@ -141,9 +140,8 @@ def measure_config(
         return MeasureRecord(config, predicted_step_s, None, "not runnable yet", str(exc))
     with tempfile.TemporaryDirectory(prefix="sysopt-plan-") as tmp:
         run_dir = Path(out_dir) if out_dir is not None else Path(tmp)
-        one_thread = job.world_size == 1 and not torch.cuda.is_available()
-        try:
-            with intraop_threads(1 if one_thread else None):
+        try:  # (the trainer's model is on the CPU, also on a GPU host: one core is one device there too)
+            with intraop_threads(1 if job.world_size == 1 else None):
                 summary = run_training(job, run_dir)
         except Exception as exc:  # noqa: BLE001 - a crashed run is a result to report, not a planner crash
             return MeasureRecord(config, predicted_step_s, None, "failed", f"{type(exc).__name__}: {exc}")
