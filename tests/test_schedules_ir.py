@@ -276,3 +276,27 @@ def test_schedules_core_is_pure_python():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_p2p_order_problem_flags_sends_out_of_the_receivers_order():
+    """NCCL ignores tags: a rank pair's messages match in posting order. Every built-in schedule keeps the
+    sender's SENDs in the receiver's RECV order; swapping two SENDs (still a valid, deadlock-free schedule
+    on gloo) is named, with the pair and the messages."""
+    from sysopt.schedules.builders import BUILDERS
+    from sysopt.schedules.executor import p2p_order_problem
+
+    for name in sorted(BUILDERS):
+        for pp, vpp in ((2, 1), (2, 2), (4, 1), (4, 2)):
+            try:
+                schedule = build(name, pp, vpp, 8)
+            except (ValueError, ScheduleError):
+                continue  # this builder takes another vpp
+            for ahead in (1, None):
+                assert p2p_order_problem(schedule, ahead) is None, (name, pp, vpp, ahead)
+    lowered = add_comms(build("gpipe", 2, 1, 2))
+    rank0 = [Action.parse(t) for t in "0F0 0F1 0SEND_F1 0SEND_F0 0RECV_B0 0B0 0RECV_B1 0B1".split()]
+    swapped = validate(lowered.replace_actions({**lowered.actions, 0: tuple(rank0)}))  # fine on gloo
+    assert p2p_order_problem(swapped) == (
+        "rank 0's message 0 to rank 1 is the output of 0F1 but rank 1 posts its receive for the output of 0F0 "
+        "there; order rank 0's SENDs as rank 1 posts its RECVs (or run on gloo, which matches by tag)"
+    )

@@ -73,6 +73,8 @@ class ScheduleExecutor:
         self.loss_scale = 1.0 / schedule.microbatches if loss_scale is None else loss_scale
         self.last_stage = schedule.num_stages - 1
         self.receive_ahead = receive_ahead
+        if dist.get_backend(group) != "gloo" and (problem := p2p_order_problem(self.schedule, receive_ahead)):
+            raise ValueError(f"schedule {schedule.name} cannot run on {dist.get_backend(group)}: {problem}")
         self.order = receives_ahead(self.schedule.actions[self.rank], receive_ahead)
         self.wgrad = WeightGradStore()
         self.deferred = {s: defers_weight_grads(m) for s, m in self.modules.items()}
@@ -247,6 +249,41 @@ class ScheduleExecutor:
         if self.group is None or self.group is dist.group.WORLD:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
+
+
+def p2p_order_problem(schedule: Schedule, receive_ahead: int | None = 1) -> str | None:
+    """Why `schedule` would mismatch messages on a backend that ignores tags, or None. NCCL pairs a rank pair's
+    sends and receives in the order they are posted, so for every (sender, receiver) the sender's SENDs must
+    come in the order the receiver posts its RECVs (as receives_ahead posts them): otherwise tensors of the
+    same shape land in the wrong buffers without an error. gloo matches by tag. Every built-in schedule
+    passes (pp 2 and 4, vpp 1 and 2); a hand-edited or imported one may not."""
+    schedule = schedule if schedule.has_comms else add_comms(schedule)
+    owner = schedule.stage_to_rank
+    sent: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
+    posted: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
+    for rank in range(schedule.pp):
+        for a in receives_ahead(schedule.actions[rank], receive_ahead):
+            if a.kind is Kind.SEND_F:
+                sent.setdefault((rank, owner[a.stage + 1]), []).append(("F", a.stage, a.microbatch))
+            elif a.kind is Kind.SEND_B:
+                sent.setdefault((rank, owner[a.stage - 1]), []).append(("B", a.stage, a.microbatch))
+            elif a.kind is Kind.RECV_F:
+                posted.setdefault((owner[a.stage - 1], rank), []).append(("F", a.stage - 1, a.microbatch))
+            elif a.kind is Kind.RECV_B:
+                posted.setdefault((owner[a.stage + 1], rank), []).append(("B", a.stage + 1, a.microbatch))
+    for pair in sorted(set(sent) | set(posted)):
+        sends, recvs = sent.get(pair, []), posted.get(pair, [])
+        for i, (s, r) in enumerate(zip(sends, recvs)):
+            if s != r:
+                name = lambda m: (  # noqa: E731
+                    f"the output of {m[1]}F{m[2]}" if m[0] == "F" else f"the input gradient of {m[1]}B{m[2]}"
+                )
+                return (
+                    f"rank {pair[0]}'s message {i} to rank {pair[1]} is {name(s)} but rank {pair[1]} posts "
+                    f"its receive for {name(r)} there; order rank {pair[0]}'s SENDs as rank {pair[1]} posts "
+                    "its RECVs (or run on gloo, which matches by tag)"
+                )
+    return None
 
 
 def receives_ahead(actions: Sequence[Action], computes: int | None = 1) -> list[Action]:
