@@ -227,20 +227,32 @@ def test_precision_auto_plans_for_the_cpu_the_trainer_runs_on_even_on_a_gpu_host
     assert candidate_recipe(profile) == "int8_rowwise"  # the VNNI CPU's choice
 
 
-def test_tp_overlap_auto_plans_from_a_cpu_calibration_in_the_trainer(monkeypatch):
-    """The trainer's TP layers run on the CPU: overlap='auto' there asks the cache for a calibration measured on
-    the CPU (on a GPU host the default one is the GPU's, with NCCL collective fits), and says so when none is."""
+def test_tp_overlap_auto_plans_from_a_cpu_calibration_of_the_tp_group(monkeypatch, tmp_path):
+    """The trainer's TP layers run on the CPU, one thread per rank: overlap='auto' plans from a calibration
+    measured so, with tp-rank collectives (on a GPU host the cache's default is the GPU's). run_training
+    measures one before launching when none is cached; a rank without one says how to get it."""
     import sysopt.hardware.cache as cache
+    import sysopt.train.loop as loop
     import sysopt.train.parallel as parallel
     from sysopt.train.config import ParallelConfig
 
-    asked = []
+    asked, calibrated = [], []
     monkeypatch.setattr(cache, "load_cached", lambda **kw: asked.append(kw) or None)
-    policy = parallel._overlap_policy(ParallelConfig(tp=2, tp_overlap="auto"))
-    with pytest.raises(ValueError, match=r"none is cached for device='cpu'"):
-        policy._profile()
-    assert asked == [{"device": "cpu"}]
+    monkeypatch.setattr(cache, "load_or_calibrate", lambda **kw: calibrated.append(kw) or "profile")
+    with pytest.raises(ValueError, match=r"tp_overlap=auto needs a CPU calibration with 4-rank collectives"):
+        parallel._overlap_policy(ParallelConfig(tp=4, tp_overlap="auto"))
+    assert asked == [{"device": "cpu", "world_size": 4, "threads": 1}]
     assert parallel._overlap_policy(ParallelConfig(tp=2, tp_overlap="chunked", tp_chunks=3)) == "chunked:3"
+
+    monkeypatch.setattr(loop, "launch", lambda fn, n, **kw: [{}])
+    monkeypatch.setattr(loop, "validate", lambda job: None)
+    job = JobConfig.from_dict({"parallel": {"tp": 2, "tp_overlap": "auto"}})
+    loop.run_training(job, tmp_path)
+    assert calibrated == [{"quick": True, "device": "cpu", "world_size": 2, "threads": 1}]
+    loop.run_training(
+        dataclasses.replace(job, parallel=ParallelConfig(tp=2, tp_overlap="none")), tmp_path / "b"
+    )
+    assert len(calibrated) == 1  # only auto needs it
 
 
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ from sysopt.train.checkpoint import (
 from sysopt.train.config import JobConfig, validate
 from sysopt.train.lr import warmup_cosine_lr
 from sysopt.train.metrics import MetricsLog, write_json_atomic
-from sysopt.train.parallel import ParallelVLM
+from sysopt.train.parallel import ParallelVLM, tp_overlap_profile
 
 FAULT_ENV = "SYSOPT_FAIL_AT_STEP"  # fault injection for resume tests: "STEP", "STEP:RANK" or "STEP:RANK:kill"
 
@@ -58,6 +58,8 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
     if not job.train.resume:
         _set_aside_previous_run(out_dir)
     (out_dir / "job.json").write_text(job.to_json())
+    if job.parallel.tp > 1 and job.parallel.tp_overlap == "auto":  # the ranks read it from the cache
+        tp_overlap_profile(job.parallel.tp, calibrate=True)
     if job.world_size == 1:
         return train_rank(job.to_json(), str(out_dir))
     results = launch(

@@ -413,15 +413,36 @@ def _eval_counts(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return out
 
 
+def tp_overlap_profile(tp: int, *, calibrate: bool = False):
+    """The calibration tp_overlap=auto plans from: measured on the CPU (where the trainer's TP layers run, also
+    on a GPU host) with one thread per rank and collectives among `tp` ranks, as the TP group runs. With
+    `calibrate`, a quick one is measured and cached when none is (run_training does, before launching);
+    else None then."""
+    from sysopt.hardware.cache import load_cached, load_or_calibrate
+
+    found = load_cached(device="cpu", world_size=tp, threads=1)
+    if found is None and calibrate:
+        print(f"tp_overlap=auto: calibrating this CPU's GEMMs and {tp}-rank collectives once (quick, cached)")
+        found = load_or_calibrate(quick=True, device="cpu", world_size=tp, threads=1)
+    return found
+
+
 def _overlap_policy(p):
     """The TP layers' overlap for parallel.tp_overlap / tp_chunks ("chunked:<k>" when a count is set; "auto"
-    plans from a calibration measured on the CPU, where the trainer's layers run, also on a GPU host)."""
+    plans from tp_overlap_profile)."""
     from sysopt.tensor_parallel import OverlapPolicy
 
     if p.tp_overlap == "chunked" and p.tp_chunks is not None:
         return f"chunked:{p.tp_chunks}"
     if p.tp_overlap == "auto":
-        return OverlapPolicy("auto", device="cpu")
+        profile = tp_overlap_profile(p.tp)
+        if profile is None:
+            raise ValueError(
+                f"parallel.tp_overlap=auto needs a CPU calibration with {p.tp}-rank collectives and none is "
+                "cached; run_training (sysopt-train) measures one before launching, or call "
+                f"sysopt.train.parallel.tp_overlap_profile({p.tp}, calibrate=True) once"
+            )
+        return OverlapPolicy("auto", profile=profile)
     return p.tp_overlap
 
 
