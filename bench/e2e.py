@@ -249,29 +249,22 @@ def pipeline(ctx: BenchContext, work: Path, steps: int) -> tuple[list[Record], l
     - the trainer's cost-based split, which cuts inside the vision encoder: boundary shapes differ there, which
       turns on megatron-core's `variable_seq_lengths` (a shape exchange before every tensor): informative.
     Plus both schedules taking turns step by step in one launch on each split (records only)."""
-    records, goals = [], []
-    decoder, named, _ = _pipeline_runs(ctx, work, steps, DECODER_SPLIT, "decoder_split")
-    records += decoder
-    goals.append(
-        goal_ratio(
-            "sysopt interleaved_1f1b vs megatron-core interleaved in the trainer (tokens/s, pp=2 vpp=2, "
-            "decoder-only split)",
-            named["interleaved_1f1b"][1],
-            named["megatron_interleaved"][1],
-            MEGATRON_TARGET,
+    records, goals, trainer_split = [], [], None
+    for label, split, what in (
+        ("decoder_split", DECODER_SPLIT, "decoder-only split"),
+        ("trainer_split", None, "the trainer's split; informative: megatron-core exchanges shapes there"),
+    ):
+        runs, named, ran = _pipeline_runs(ctx, work, steps, split, label)
+        trainer_split = ran if split is None else trainer_split
+        records += runs
+        goals.append(
+            goal_ratio(
+                f"sysopt interleaved_1f1b vs megatron-core interleaved in the trainer (tokens/s, pp=2 vpp=2, {what})",
+                named["interleaved_1f1b"][1],
+                named["megatron_interleaved"][1],
+                MEGATRON_TARGET,
+            )
         )
-    )
-    trainer, named, trainer_split = _pipeline_runs(ctx, work, steps, None, "trainer_split")
-    records += trainer
-    goals.append(
-        goal_ratio(
-            "sysopt interleaved_1f1b vs megatron-core interleaved in the trainer (tokens/s, pp=2 vpp=2, the "
-            "trainer's split; informative: megatron-core exchanges shapes there)",
-            named["interleaved_1f1b"][1],
-            named["megatron_interleaved"][1],
-            MEGATRON_TARGET,
-        )
-    )
     splits = {"trainer_split": trainer_split, "decoder_split": DECODER_SPLIT}
     job = job_from(
         [

@@ -554,17 +554,22 @@ def test_gradient_copies_start_inside_backward():
     assert opt.stats.grad_copies_redone == 0
 
 
-@pytest.fixture
-def slow_copies_back(monkeypatch):
-    """Parameter copies back to the device take 50 ms each, so they are still in flight after step()."""
+def _slow_copies(monkeypatch, slowed: str) -> None:
+    """CPU copies in direction `slowed` ('h2d' or 'd2h') take 50 ms each, so they are still in flight later."""
     run = CpuTransfers._run
 
     def slow_run(self, direction, dsts, srcs):
-        if direction == "h2d":
+        if direction == slowed:
             time.sleep(0.05)
         run(self, direction, dsts, srcs)
 
     monkeypatch.setattr(CpuTransfers, "_run", slow_run)
+
+
+@pytest.fixture
+def slow_copies_back(monkeypatch):
+    """Parameter copies back to the device take 50 ms each, so they are still in flight after step()."""
+    _slow_copies(monkeypatch, "h2d")
 
 
 def test_attached_forward_waits_for_slow_parameter_copies(slow_copies_back):
@@ -843,14 +848,7 @@ def test_backward_ends_only_after_the_gradient_copies_it_started(monkeypatch):
     """An in-place write after backward that bumps no version (GradScaler's unscale, a c10d all_reduce on
     p.grad) must not meet a copy still reading that gradient: the end of a backward pass waits for the host
     copies its hooks started. Copies are slowed here so that they would still run when backward returns."""
-    real_run = CpuTransfers._run
-
-    def slow_run(self, direction, dsts, srcs):
-        if direction == "d2h":
-            time.sleep(0.05)
-        real_run(self, direction, dsts, srcs)
-
-    monkeypatch.setattr(CpuTransfers, "_run", slow_run)
+    _slow_copies(monkeypatch, "d2h")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
     opt = OffloadAdamW(model.parameters(), lr=1e-3, strategy="host", subgroup_bytes=SUBGROUP_BYTES)
