@@ -64,6 +64,10 @@ def test_default_config_is_valid_and_data_parallel():
         (["offload=fraction", "offload.fraction=5"], r"offload.fraction=5 must lie in \[0, 1\]"),
         (["optim.betas=[0.9,1.0]"], r"optim.betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
         (
+            ["model.image_size=16", "model.patch_size=8"],
+            r"model.image_size=16 but the digit images are 8x8; set model.image_size=8",
+        ),
+        (
             ["precision=fp8_rowwise", "+precision.recipe_overrides.grad_wieght=bf16"],
             r"^precision.recipe_overrides.grad_wieght is not a Recipe field \(known: .*grad_weight",
         ),

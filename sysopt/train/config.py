@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sysopt.data import DigitsTaskConfig
+from sysopt.data.digits import IMAGE_SIZE
 from sysopt.dist import Topology
 from sysopt.models import VLMConfig
 from sysopt.models.parallel import block_count
@@ -274,6 +275,11 @@ def validate(job: JobConfig) -> None:
             f"{per_step * max(1, round(t.global_batch / per_step))}"
         )
     _validate_parallel_training(job, microbatches)
+    if m.image_size != IMAGE_SIZE:
+        raise ConfigError(
+            f"model.image_size={m.image_size} but the digit images are {IMAGE_SIZE}x{IMAGE_SIZE}; set "
+            f"model.image_size={IMAGE_SIZE} (and a model.patch_size that divides it, e.g. 4)"
+        )
     if job.data.tokens_per_image != m.tokens_per_image:
         raise ConfigError(
             f"data.tokens_per_image={job.data.tokens_per_image} differs from "
