@@ -108,7 +108,9 @@ class OffloadAdamW(torch.optim.Optimizer):
     then trains on bf16-representable weights. Device-placed subgroups keep fp32 state; moving a subgroup to
     the host rounds its master to bf16 (nearest), as it rounds its moments.
     Until forward/backward times are measured (or given through observe()), the interleaved planner takes
-    them as 0, i.e. assumes no gradient copy hides under backward: a conservative first plan.
+    them as 0, i.e. assumes no gradient copy hides under backward: a conservative first plan. They are measured
+    from the gradient hooks' host clock on a CPU device only; on CUDA (kernel launches, not GPU time) they
+    come from observe().
     """
 
     def __init__(
@@ -708,7 +710,10 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _after_step(self, start_s: float, host_numel: int, host_s: float, device_numel: int, device_s: float):
         if self._measure and self.stats.steps > 1:  # the first step allocates and warms up: not measured
             m = self.measured
-            if self._first_grad_s is not None and self._last_step_end_s is not None:
+            # hook times are host times: on CUDA they mark kernel launches, not the GPU's work, so there the
+            # phases come from observe() (a trainer timing them with events) or the profile's estimate
+            host_clock = self.device.type == "cpu"
+            if host_clock and self._first_grad_s is not None and self._last_step_end_s is not None:
                 m.add("forward_s", max(self._first_grad_s - self._last_step_end_s, 0.0))
                 m.add("backward_s", self._last_grad_s - self._first_grad_s)
             if host_numel and host_s > 0:
