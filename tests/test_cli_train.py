@@ -63,6 +63,13 @@ def test_default_config_is_valid_and_data_parallel():
         (["optim.grad_clip=-1"], r"optim.grad_clip=-1 must be >= 0 .*; use 0 to turn clipping off"),
         (["offload=fraction", "offload.fraction=5"], r"offload.fraction=5 must lie in \[0, 1\]"),
         (["optim.betas=[0.9,1.0]"], r"optim.betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
+        (["model.heads=3"], r"model.heads=3 must divide model.dim=128 .*; use a divisor of 128"),
+        (["model.vision_heads=3"], r"model.vision_heads=3 must divide model.vision_dim=64"),
+        (["model.patch_size=3"], r"model.patch_size=3 does not divide model.image_size=8; use 2 or 4"),
+        (
+            ["train.max_steps=10"],
+            r"optim.warmup_steps=100 must lie in \[0, train.max_steps=10\]; .* optim.warmup_steps=1",
+        ),
         (
             ["model.image_size=16", "model.patch_size=8"],
             r"model.image_size=16 but the digit images are 8x8; set model.image_size=8",

@@ -255,6 +255,31 @@ def test_tp_overlap_auto_plans_from_a_cpu_calibration_of_the_tp_group(monkeypatc
     assert len(calibrated) == 1  # only auto needs it
 
 
+def test_resuming_into_another_model_or_layout_fails_before_launch_with_both_ways_out(tmp_path):
+    """A run directory's checkpoint fixes the model and the tp/pp/vpp layout (its job.json says which): another
+    job there is refused before any rank starts, naming the old and new values, resuming with the old ones
+    or train.resume=false. A missing `latest` target says the same."""
+    from sysopt.train import ConfigError
+
+    job = small_job(max_steps=2, checkpoint_every=2)
+    run_training(job, tmp_path)
+    wider = dataclasses.replace(job, model=dataclasses.replace(job.model, dim=job.model.dim * 2))
+    with pytest.raises(
+        ConfigError,
+        match=rf"of a run with model.dim={job.model.dim}, but this job has "
+        rf"model.dim={2 * job.model.dim}; resume with the earlier values, or set train.resume=false",
+    ):
+        run_training(wider, tmp_path)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000099")
+    with pytest.raises(
+        ConfigError, match=r"names step_00000099, which does not exist .*; or set train.resume=false"
+    ):
+        run_training(job, tmp_path)
+    fresh = dataclasses.replace(wider, train=dataclasses.replace(wider.train, resume=False))
+    with pytest.warns(UserWarning, match="train.resume=false: moved the earlier run's checkpoints"):
+        assert run_training(fresh, tmp_path)["resumed_from_step"] == 0  # the way out works: from step 0
+
+
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     root = tmp_path / "ckpt"
     save_checkpoint(root, 3, {"model": {"w": torch.ones(2)}, "trainer": {"step": 3}})

@@ -36,7 +36,23 @@ def _run(cfg: DictConfig) -> None:
         f"sysopt-train: {job.model.__class__.__name__} on tp={job.parallel.tp} pp={job.parallel.pp} "
         f"dp={job.parallel.dp} ({job.world_size} ranks), {job.train.max_steps} steps -> {out_dir}"
     )
-    summary = run_training(job, out_dir)
+    from sysopt.dist import LaunchError, LaunchTimeout
+    from sysopt.train.checkpoint import CheckpointError
+
+    try:
+        summary = run_training(job, out_dir)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"sysopt-train: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except LaunchTimeout as exc:  # the message names timeout_s: the job's key is train.timeout_s
+        print(
+            f"sysopt-train: {exc} (train.timeout_s={job.train.timeout_s} bounds the whole run)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    except LaunchError as exc:  # it carries the failing rank's traceback; this process's adds nothing
+        print(f"sysopt-train: {exc}", file=sys.stderr)
+        sys.exit(1)
     acc = " ".join(f"{task}={value:.1%}" for task, value in summary["eval_accuracy"].items())
     print(
         f"final loss {summary['final_loss']:.4f} (last {summary['final_loss_mean_steps']} steps' mean "

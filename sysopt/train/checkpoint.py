@@ -127,7 +127,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
         return aside
     if not path.is_dir():
         raise CheckpointError(
-            f"{pointer} names {path.name}, which does not exist; delete {pointer} to start over"
+            f"{pointer} names {path.name}, which does not exist (the checkpoints were moved or deleted)"
         )
     return path
 
@@ -143,7 +143,7 @@ def load_checkpoint(path: str | os.PathLike, names: list[str]) -> dict[str, Any]
             out[name] = torch.load(file, weights_only=True, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
             raise CheckpointError(
-                f"checkpoint file {file} cannot be read ({exc}); it is corrupt: "
-                f"delete {Path(path)} and the run resumes from the one before"
+                f"checkpoint file {file} cannot be read ({exc}); it is corrupt: delete {Path(path)} to resume "
+                "from the checkpoint before it, if there is one, or set train.resume=false to start over"
             ) from exc
     return out

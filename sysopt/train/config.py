@@ -259,6 +259,20 @@ def validate(job: JobConfig) -> None:
             f"train.nproc={t.nproc} but parallel.tp*pp*dp = {p.tp}*{p.pp}*{p.dp} = {p.world_size}; "
             f"set parallel.dp={max(1, t.nproc // (p.tp * p.pp))} or train.nproc={p.world_size}"
         )
+    widths = (
+        ("model.heads", m.heads, "model.dim", m.dim),
+        ("model.vision_heads", m.vision_heads, "model.vision_dim", m.vision_dim),
+    )
+    for heads_key, heads, dim_key, width in widths:
+        if heads < 1 or width % heads:
+            raise ConfigError(
+                f"{heads_key}={heads} must divide {dim_key}={width} (each head gets an equal share of the "
+                f"features); use a divisor of {width}, e.g. {heads_key}=4"
+            )
+    if m.image_size % m.patch_size:
+        raise ConfigError(
+            f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}; use 2 or 4"
+        )
     for key, heads in (("model.heads", m.heads), ("model.vision_heads", m.vision_heads)):
         if heads % p.tp:
             raise ConfigError(
@@ -295,7 +309,8 @@ def validate(job: JobConfig) -> None:
         raise ConfigError(f"train.max_steps={t.max_steps} must be >= 1")
     if not 0 <= o.warmup_steps <= t.max_steps:
         raise ConfigError(
-            f"optim.warmup_steps={o.warmup_steps} must lie in [0, train.max_steps={t.max_steps}]"
+            f"optim.warmup_steps={o.warmup_steps} must lie in [0, train.max_steps={t.max_steps}]; for a short "
+            f"run set e.g. optim.warmup_steps={max(0, t.max_steps // 10)}"
         )
     if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.lr={o.lr} must be > 0 and optim.min_lr_ratio={o.min_lr_ratio} in [0, 1]")

@@ -33,7 +33,7 @@ from sysopt.train.checkpoint import (
     load_checkpoint,
     stage_checkpoint,
 )
-from sysopt.train.config import JobConfig, validate
+from sysopt.train.config import ConfigError, JobConfig, validate
 from sysopt.train.lr import warmup_cosine_lr
 from sysopt.train.metrics import MetricsLog, write_json_atomic
 from sysopt.train.parallel import ParallelVLM, tp_overlap_profile
@@ -57,6 +57,8 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not job.train.resume:
         _set_aside_previous_run(out_dir)
+    else:
+        _check_resumable(job, out_dir)
     (out_dir / "job.json").write_text(job.to_json())
     if job.parallel.tp > 1 and job.parallel.tp_overlap == "auto":  # the ranks read it from the cache
         tp_overlap_profile(job.parallel.tp, calibrate=True)
@@ -74,6 +76,49 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
 
 
 REPLACED_RUNS = "replaced_runs"  # where train.resume=false moves an earlier run's outputs
+RESUME_KEYS = (
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.vpp",
+)  # with the model's fields: what a checkpoint fixes
+
+
+def _check_resumable(job: JobConfig, out_dir: Path) -> None:
+    """Before any rank starts: a checkpoint in `out_dir` written by a job with another model or tp/pp/vpp
+    layout (its job.json says which) cannot resume into this one; say so, with both ways out. (dp may change:
+    every dp rank holds the same shards.) A changed precision recipe resumes, with a warning."""
+    start_over = (
+        f"or set train.resume=false to start over (the earlier run moves to {out_dir / REPLACED_RUNS}/)"
+    )
+    try:
+        found = latest_checkpoint(out_dir / "checkpoints")
+    except CheckpointError as exc:
+        raise ConfigError(f"{exc}; {start_over}") from exc
+    old_path = out_dir / "job.json"
+    if found is None or not old_path.exists():
+        return
+    try:
+        old = JobConfig.from_json(old_path.read_text())
+    except (ValueError, TypeError, KeyError):
+        return  # not a job this code wrote: the ranks' own checks name what does not match
+    flat = lambda j: {  # noqa: E731
+        **{f"model.{k}": v for k, v in dataclasses.asdict(j.model).items()},
+        **{k: getattr(j.parallel, k.split(".")[1]) for k in RESUME_KEYS},
+    }
+    before, now = flat(old), flat(job)
+    changed = [k for k in before if before[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"{out_dir} holds a checkpoint ({found.name}) of a run with "
+            f"{' '.join(f'{k}={before[k]}' for k in changed)}, but this job has "
+            f"{' '.join(f'{k}={now[k]}' for k in changed)}; resume with the earlier values, {start_over}"
+        )
+    if old.precision.recipe != job.precision.recipe:
+        warnings.warn(
+            f"resuming {found.name} of a run with precision.recipe={old.precision.recipe} as "
+            f"precision.recipe={job.precision.recipe}: the model is converted afresh",
+            stacklevel=3,
+        )
 
 
 def _set_aside_previous_run(out_dir: Path) -> Path | None:
