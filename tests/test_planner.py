@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 
 import pytest
 
@@ -1108,3 +1109,32 @@ def test_plan_refuses_to_measure_a_gpu_plan_with_the_cpu_trainer(capsys):
     for flag in (["--measure", "1"], ["--fit"]):
         assert plan.main(["--profile", str(path), *flag, "--top", "1"]) == 2
         assert "whose model runs on the CPU, but this plan is for 8 GPU(s)" in capsys.readouterr().err
+
+
+def test_plan_cli_names_bad_inputs_instead_of_planning_nothing(tmp_path, capsys):
+    """A missing or foreign --profile, an unknown --model, schedule or --where value, and a zero batch are
+    refused by name (they used to be tracebacks, or silently emptied the space: "no configuration fits", rc 0)."""
+    from pathlib import Path
+
+    from sysopt.cli import plan
+
+    h100 = str(Path(__file__).resolve().parents[1] / "bench" / "profiles" / "8xh100_nvlink.json")
+    (tmp_path / "foreign.json").write_text('{"foo": 1}')
+    cases = [
+        (["--profile", str(tmp_path / "nope.json")], r"nope.json: no such file"),
+        (["--profile", str(tmp_path / "foreign.json")], r"foreign.json is not a HardwareProfile JSON"),
+        (
+            ["--profile", h100, "--model", "nosuch"],
+            r"--model nosuch: no .*nosuch.yaml; use one of \[.*'vlm_small'",
+        ),
+        (["--profile", h100, "--schedules", "zbvv"], r"--schedules: \['zbvv'\] not among \[.*'zbv'"),
+        (["--profile", h100, "--where", "offload=hots"], r"--where 'offload=hots': \['hots'\] not among"),
+        (["--profile", h100, "--where", "schedule=zbvv"], r"\['zbvv'\] not among schedule's"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            plan.main(argv)
+        assert re.search(message, str(info.value)), (argv, info.value)
+    with pytest.raises(SystemExit):
+        plan.main(["--profile", h100, "--global-batch", "0"])
+    assert "--global-batch" in capsys.readouterr().err

@@ -48,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         help="devices to plan for (default: GPUs, or CPU cores)",
     )
     p.add_argument("--model", default="vlm_small", help="configs/model/<NAME>.yaml or a YAML path")
-    p.add_argument("--global-batch", type=int, default=64, help="sequences per step (default 64)")
+    p.add_argument(
+        "--global-batch",
+        type=_int_at_least(1, "sequences per step", "e.g. --global-batch 64"),
+        default=64,
+        help="sequences per step (default 64)",
+    )
     p.add_argument(
         "--precision",
         default="auto",
@@ -61,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         help="narrowest linear a recipe converts (default 64, as configs/precision/*.yaml)",
     )
     p.add_argument("--schedules", help="comma-separated pipeline schedules (default: all)")
-    p.add_argument("--max-microbatches", type=int, default=64)
+    p.add_argument(
+        "--max-microbatches",
+        type=_int_at_least(1, "microbatches per step", "e.g. --max-microbatches 16"),
+        default=64,
+    )
     p.add_argument(
         "--where",
         action="append",
@@ -139,6 +148,11 @@ def load_workload(args) -> tuple[Any, Any]:
         if args.model.endswith((".yaml", ".yml"))
         else configs / "model" / f"{args.model}.yaml"
     )
+    if not model_path.is_file():
+        known = sorted(p.stem for p in (configs / "model").glob("*.yaml"))
+        raise SystemExit(
+            f"sysopt-plan: --model {args.model}: no {model_path}; use one of {known} or a YAML path"
+        )
     base = {"model": _yaml(model_path), "data": _yaml(configs / "data" / "digits.yaml")}
     bad = [o for o in args.overrides if not o.startswith(("model.", "data.")) or "=" not in o]
     if bad:
@@ -187,7 +201,15 @@ def load_profile(args):
     from sysopt.hardware import HardwareProfile, load_or_calibrate
 
     if args.profile is not None:
-        profile = HardwareProfile.load(args.profile)
+        try:
+            profile = HardwareProfile.load(args.profile)
+        except FileNotFoundError:
+            raise SystemExit(f"sysopt-plan: --profile {args.profile}: no such file") from None
+        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a HardwareProfile's fields
+            raise SystemExit(
+                f"sysopt-plan: --profile {args.profile} is not a HardwareProfile JSON ({type(exc).__name__}: "
+                f"{exc}); write one with sysopt-probe --calibrate --json > PATH"
+            ) from None
         if profile.calibration is None:
             raise SystemExit(f"sysopt-plan: {args.profile} has no calibration; the planner needs one")
         return profile
@@ -228,6 +250,27 @@ def _where_value(item: str, key: str, kind: Any, text: str) -> Any:
         ) from None
 
 
+def _schedules() -> list[str]:
+    from sysopt.schedules import BUILDERS
+
+    return sorted(BUILDERS)
+
+
+def _offloads() -> list[str]:
+    from sysopt.offload.placement import STRATEGIES
+
+    return list(STRATEGIES)
+
+
+def _tp_overlaps() -> list[str]:
+    from sysopt.planner.space import TP_OVERLAPS
+
+    return list(TP_OVERLAPS)
+
+
+_ALLOWED = {"schedule": _schedules, "offload": _offloads, "tp_overlap": _tp_overlaps}  # string knobs' values
+
+
 def where_filter(items: list[str]):
     from sysopt.planner.space import PlanConfig
 
@@ -241,6 +284,11 @@ def where_filter(items: list[str]):
                 f"sysopt-plan: --where {item!r} must be KEY=VALUE with KEY one of {sorted(known)}"
             )
         wanted[key] = {_where_value(item, key, kinds[key], v.strip()) for v in value.split(",")}
+        allowed = _ALLOWED.get(key)
+        if allowed is not None and (unknown := sorted(str(v) for v in wanted[key] - set(allowed()))):
+            raise SystemExit(
+                f"sysopt-plan: --where {item!r}: {unknown} not among {key}'s {sorted(allowed())}"
+            )
 
     def keep(config) -> bool:
         return all(getattr(config, k) in values for k, values in wanted.items())
@@ -492,8 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         machine = dataclasses.replace(machine, kernel_backend=backend_for("cpu"))
     workload = Workload.from_data(model_cfg, data_cfg, args.global_batch)
     base_job = measuring.base_job_for(model_cfg, data_cfg, args.global_batch, args.steps)
+    schedules = tuple(s.strip() for s in args.schedules.split(",")) if args.schedules else None
+    if schedules and (unknown := sorted(set(schedules) - set(_schedules()))):
+        raise SystemExit(f"sysopt-plan: --schedules: {unknown} not among {_schedules()}")
     options = SpaceOptions(
-        schedules=tuple(args.schedules.split(",")) if args.schedules else SpaceOptions().schedules,
+        schedules=schedules or SpaceOptions().schedules,
         max_microbatches=args.max_microbatches,
         precisions=precisions(args.precision, profile),
     )
@@ -550,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             out["records"] = [r.to_dict() for r in records]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))
-    return 0
+    return 0 if ranking.ranked else 1  # nothing fits: a result, but not a plan to act on
 
 
 if __name__ == "__main__":
