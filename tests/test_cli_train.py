@@ -65,6 +65,8 @@ def test_default_config_is_valid_and_data_parallel():
         (["optim.betas=[0.9,1.0]"], r"optim.betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
         (["model.heads=3"], r"model.heads=3 must divide model.dim=128 .*; use a divisor of 128"),
         (["model.vision_heads=3"], r"model.vision_heads=3 must divide model.vision_dim=64"),
+        (["model.layers=0"], r"model.layers=0 must be >= 1"),
+        (["model.mlp_ratio=0"], r"model.mlp_ratio=0 must be >= 1"),
         (["model.patch_size=3"], r"model.patch_size=3 does not divide model.image_size=8; use 2 or 4"),
         (
             ["train.max_steps=10"],

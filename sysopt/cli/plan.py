@@ -35,7 +35,7 @@ def _int_at_least(minimum: int, meaning: str, fix: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sysopt-plan", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="sysopt-plan", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("overrides", nargs="*", help="model.KEY=VALUE or data.KEY=VALUE (e.g. model.dim=256)")
     p.add_argument("--profile", type=Path, help="HardwareProfile JSON (default: this machine, calibrated)")
     p.add_argument("--quick", action="store_true", help="calibrate this machine quickly if not cached")

@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         "--refresh", action="store_true", help="recalibrate, ignoring the cache (implies --calibrate)"
     )
     parser.add_argument(
-        "--cache", type=Path, default=None, help="cache file (default ~/.cache/sysopt/profile-<host>.json)"
+        "--cache",
+        type=Path,
+        default=None,
+        help="cache file (default ~/.cache/sysopt/profile-<host>-<device>-t<threads>-w<ranks>[-quick].json)",
     )
     args = parser.parse_args(argv)
     err = Console(stderr=True)  # progress and notes on stderr, so --json output stays clean

@@ -269,6 +269,12 @@ def validate(job: JobConfig) -> None:
                 f"{heads_key}={heads} must divide {dim_key}={width} (each head gets an equal share of the "
                 f"features); use a divisor of {width}, e.g. {heads_key}=4"
             )
+    for key, value, least in (("model.layers", m.layers, 1), ("model.vision_layers", m.vision_layers, 0),
+                              ("model.mlp_ratio", m.mlp_ratio, 1), ("model.dim", m.dim, 1)):  # fmt: skip
+        if value < least:
+            raise ConfigError(
+                f"{key}={value} must be >= {least} (a VLM with {key}={value} has nothing to train)"
+            )
     if m.image_size % m.patch_size:
         raise ConfigError(
             f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}; use 2 or 4"
