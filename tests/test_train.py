@@ -596,3 +596,11 @@ def test_pipeline_boundaries_count_the_sequence_parallel_blocks():
     resumed = job(None, tp=1)
     with pytest.raises(ValueError, match=r"the checkpoint's pipeline boundaries \[0, 4, 99\] do not cut"):
         ParallelVLM(resumed, None, sample, boundaries=(0, 4, 99))
+
+
+def test_resuming_a_checkpoint_past_max_steps_says_there_is_nothing_to_train(tmp_path):
+    job = small_job(max_steps=3, checkpoint_every=3)
+    run_training(job, tmp_path)
+    shorter = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=2))
+    with pytest.warns(UserWarning, match=r"at step 3 >= train.max_steps=2: nothing left to train"):
+        assert run_training(shorter, tmp_path)["resumed_from_step"] == 3

@@ -307,6 +307,12 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         _apply_job_optim_values(optimizer, job_values, found, warn=is_main)
         start_step = int(trainer_state["step"])
         torch.set_rng_state(trainer_state["rng"])
+        if start_step >= job.train.max_steps and is_main:
+            warnings.warn(
+                f"the checkpoint {found.name} is at step {start_step} >= train.max_steps={job.train.max_steps}: "
+                f"nothing left to train, the run only evaluates; raise train.max_steps to train on",
+                stacklevel=2,
+            )
     # the final loss worth comparing between runs is a mean over many batches, not the last one's loss;
     # the window travels in the checkpoint so that a resumed run reports what an uninterrupted one does
     tail_window = max(1, job.train.max_steps // 10)
