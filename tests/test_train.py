@@ -602,5 +602,5 @@ def test_resuming_a_checkpoint_past_max_steps_says_there_is_nothing_to_train(tmp
     job = small_job(max_steps=3, checkpoint_every=3)
     run_training(job, tmp_path)
     shorter = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=2))
-    with pytest.warns(UserWarning, match=r"at step 3 >= train.max_steps=2: nothing left to train"):
+    with pytest.warns(UserWarning, match=r"at step 3 > train.max_steps=2: nothing left to train"):
         assert run_training(shorter, tmp_path)["resumed_from_step"] == 3

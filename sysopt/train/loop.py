@@ -307,9 +307,9 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         _apply_job_optim_values(optimizer, job_values, found, warn=is_main)
         start_step = int(trainer_state["step"])
         torch.set_rng_state(trainer_state["rng"])
-        if start_step >= job.train.max_steps and is_main:
+        if start_step > job.train.max_steps and is_main:  # (equal: a finished run relaunched, as intended)
             warnings.warn(
-                f"the checkpoint {found.name} is at step {start_step} >= train.max_steps={job.train.max_steps}: "
+                f"the checkpoint {found.name} is at step {start_step} > train.max_steps={job.train.max_steps}: "
                 f"nothing left to train, the run only evaluates; raise train.max_steps to train on",
                 stacklevel=2,
             )
