@@ -270,6 +270,10 @@ def test_resuming_into_another_model_or_layout_fails_before_launch_with_both_way
         rf"model.dim={2 * job.model.dim}; resume with the earlier values, or set train.resume=false",
     ):
         run_training(wider, tmp_path)
+    reseeded = dataclasses.replace(
+        job, model=dataclasses.replace(job.model, seed=7), train=dataclasses.replace(job.train, max_steps=3)
+    )
+    assert run_training(reseeded, tmp_path)["resumed_from_step"] == 2  # how weights start: not a layout
     (tmp_path / "checkpoints" / "latest").write_text("step_00000099")
     with pytest.raises(
         ConfigError, match=r"names step_00000099, which does not exist .*; or set train.resume=false"

@@ -101,8 +101,9 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
         old = JobConfig.from_json(old_path.read_text())
     except (ValueError, TypeError, KeyError):
         return  # not a job this code wrote: the ranks' own checks name what does not match
+    init_only = ("seed", "init_std")  # how the weights started: a resumed run loads them instead
     flat = lambda j: {  # noqa: E731
-        **{f"model.{k}": v for k, v in dataclasses.asdict(j.model).items()},
+        **{f"model.{k}": v for k, v in dataclasses.asdict(j.model).items() if k not in init_only},
         **{k: getattr(j.parallel, k.split(".")[1]) for k in RESUME_KEYS},
     }
     before, now = flat(old), flat(job)
