@@ -250,25 +250,12 @@ def _where_value(item: str, key: str, kind: Any, text: str) -> Any:
         ) from None
 
 
-def _schedules() -> list[str]:
-    from sysopt.schedules import BUILDERS
+def _allowed(key: str) -> tuple | None:
+    """The values a string knob may take (SpaceOptions' defaults: every one that exists), or None."""
+    from sysopt.planner import SpaceOptions
 
-    return sorted(BUILDERS)
-
-
-def _offloads() -> list[str]:
-    from sysopt.offload.placement import STRATEGIES
-
-    return list(STRATEGIES)
-
-
-def _tp_overlaps() -> list[str]:
-    from sysopt.planner.space import TP_OVERLAPS
-
-    return list(TP_OVERLAPS)
-
-
-_ALLOWED = {"schedule": _schedules, "offload": _offloads, "tp_overlap": _tp_overlaps}  # string knobs' values
+    field = {"schedule": "schedules", "offload": "offloads", "tp_overlap": "tp_overlaps"}.get(key)
+    return None if field is None else getattr(SpaceOptions(), field)
 
 
 def where_filter(items: list[str]):
@@ -284,11 +271,9 @@ def where_filter(items: list[str]):
                 f"sysopt-plan: --where {item!r} must be KEY=VALUE with KEY one of {sorted(known)}"
             )
         wanted[key] = {_where_value(item, key, kinds[key], v.strip()) for v in value.split(",")}
-        allowed = _ALLOWED.get(key)
-        if allowed is not None and (unknown := sorted(str(v) for v in wanted[key] - set(allowed()))):
-            raise SystemExit(
-                f"sysopt-plan: --where {item!r}: {unknown} not among {key}'s {sorted(allowed())}"
-            )
+        allowed = _allowed(key)
+        if allowed is not None and (unknown := sorted(str(v) for v in wanted[key] - set(allowed))):
+            raise SystemExit(f"sysopt-plan: --where {item!r}: {unknown} not among {key}'s {sorted(allowed)}")
 
     def keep(config) -> bool:
         return all(getattr(config, k) in values for k, values in wanted.items())
@@ -541,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload.from_data(model_cfg, data_cfg, args.global_batch)
     base_job = measuring.base_job_for(model_cfg, data_cfg, args.global_batch, args.steps)
     schedules = tuple(s.strip() for s in args.schedules.split(",")) if args.schedules else None
-    if schedules and (unknown := sorted(set(schedules) - set(_schedules()))):
-        raise SystemExit(f"sysopt-plan: --schedules: {unknown} not among {_schedules()}")
+    if schedules and (unknown := sorted(set(schedules) - set(_allowed("schedule")))):
+        raise SystemExit(f"sysopt-plan: --schedules: {unknown} not among {sorted(_allowed('schedule'))}")
     options = SpaceOptions(
         schedules=schedules or SpaceOptions().schedules,
         max_microbatches=args.max_microbatches,
