@@ -76,8 +76,11 @@ def test_bad_topology_messages():
         Topology(tp=0)
     with pytest.raises(ValueError, match=r"parallel.vpp=2.*pp=1"):
         Topology(pp=1, vpp=2)
-    with pytest.raises(ValueError, match=r"does not equal the world size 4"):
+    with pytest.raises(ValueError, match=r"does not equal the world size 4; change parallel.dp to 1 "):
         Topology(tp=2, pp=2, dp=2).check_world(4)
+    # no dp makes 2*2*dp = 6: the message must not suggest one
+    with pytest.raises(ValueError, match=r"no parallel.dp fits, since 6 is not a multiple of tp\*pp = 4"):
+        Topology(tp=2, pp=2, dp=1).check_world(6)
 
 
 MEGATRON_SHAPES = [(2, 2), (2, 1), (1, 2), (4, 2), (1, 4), (8, 1)]  # (tp, pp) on 8 ranks

@@ -82,11 +82,17 @@ class Topology:
 
     def check_world(self, world_size: int) -> None:
         if self.world_size != world_size:
-            fitting_dp = max(1, world_size // (self.tp * self.pp))
+            model_parallel = self.tp * self.pp
+            if world_size % model_parallel == 0:
+                fix = f"change parallel.dp to {world_size // model_parallel} or launch {self.world_size} ranks"
+            else:  # no dp fits: the world must be a multiple of tp*pp
+                fix = (
+                    f"no parallel.dp fits, since {world_size} is not a multiple of tp*pp = {model_parallel}; "
+                    f"launch {self.world_size} ranks or change tp/pp so that tp*pp divides {world_size}"
+                )
             raise ValueError(
                 f"parallel.tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.world_size} does not equal "
-                f"the world size {world_size}; change parallel.dp to {fitting_dp} "
-                f"or launch {self.world_size} ranks"
+                f"the world size {world_size}; {fix}"
             )
 
     def to_json(self) -> str:
