@@ -26,13 +26,13 @@ def _qkv_rank_major(qkv: nn.Linear, tp: int) -> nn.Linear:
     nn.Module.__init__(out)
     out.in_features, out.out_features = dim, 3 * dim
     weight = qkv.weight.detach().view(3, tp, dim // tp, dim).transpose(0, 1).reshape(3 * dim, dim)
-    out.weight = nn.Parameter(weight)
+    out.weight = nn.Parameter(weight, requires_grad=qkv.weight.requires_grad)
     bias = (
         None
         if qkv.bias is None
         else qkv.bias.detach().view(3, tp, dim // tp).transpose(0, 1).reshape(3 * dim)
     )
-    out.bias = None if bias is None else nn.Parameter(bias)
+    out.bias = None if bias is None else nn.Parameter(bias, requires_grad=qkv.bias.requires_grad)
     return out
 
 

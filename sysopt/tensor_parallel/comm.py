@@ -116,7 +116,10 @@ def reduce_scatter(
     as the chunked GEMM+reduce-scatter adds it, so both give the same bits)."""
     tp = group_size(group)
     if x.shape[0] % tp:
-        raise ValueError(f"reduce_scatter: dim 0 of size {x.shape[0]} is not divisible by tp={tp}")
+        raise ValueError(
+            f"reduce_scatter: dim 0 of size {x.shape[0]} is not divisible by tp={tp}; every rank keeps an "
+            f"equal slice: pad dim 0 (the sequence) to a multiple of {tp}"
+        )
     x = x.contiguous()
     shape = (x.shape[0] // tp, *x.shape[1:])
     if out is None:
@@ -163,7 +166,10 @@ def exchange(
     if tp == 1:
         return Pending(None, x)
     if x.shape[0] % (tp - 1):
-        raise ValueError(f"exchange: dim 0 of size {x.shape[0]} is not divisible by tp-1={tp - 1}")
+        raise ValueError(
+            f"exchange: dim 0 of size {x.shape[0]} is not divisible by tp-1={tp - 1}; pass one equal block "
+            "per other rank, stacked along dim 0 (comm.to_every_other(x, tp) builds them from one block)"
+        )
     block = x.shape[0] // (tp - 1)
     splits = [0 if r == rank else block for r in range(tp)]
     out = torch.empty_like(x) if out is None else out
@@ -174,7 +180,10 @@ def exchange(
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, name: str = "all_reduce") -> Pending:
     """Sum `x` over ranks in place (`x` must be contiguous)."""
     if not x.is_contiguous():
-        raise ValueError("all_reduce: the tensor must be contiguous (it is reduced in place)")
+        raise ValueError(
+            f"all_reduce: a tensor of shape {tuple(x.shape)} with strides {x.stride()} is not contiguous and "
+            "is reduced in place; pass x.contiguous() (and read the result from the Pending)"
+        )
     if group_size(group) == 1:
         return Pending(None, x)
     done = runtime.comm_started(name)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from sysopt.tensor_parallel import comm, runtime
@@ -258,13 +259,17 @@ class _ParallelLinear(nn.Module):
         w = linear.weight.detach()
         part = w.shape[self.partition_dim] // self.tp_size
         shard = w.narrow(self.partition_dim, self.tp_rank * part, part)
-        self.weight = nn.Parameter(shard.clone())
+        # A frozen dense weight or bias stays frozen (requires_grad carried over, as for the block's norms).
+        self.weight = nn.Parameter(shard.clone(), requires_grad=linear.weight.requires_grad)
         if linear.bias is None:
             self.bias = None
         else:
             b = linear.bias.detach()
             self.bias = nn.Parameter(
-                (b[self.tp_rank * part : (self.tp_rank + 1) * part] if self.partition_dim == 0 else b).clone()
+                (
+                    b[self.tp_rank * part : (self.tp_rank + 1) * part] if self.partition_dim == 0 else b
+                ).clone(),
+                requires_grad=linear.bias.requires_grad,
             )
 
     def _ops(self, rows: int, dtype: str) -> tuple[GemmCollective | None, GemmCollective | None]:
@@ -294,6 +299,8 @@ class _ParallelLinear(nn.Module):
         dtype first (differentiably, so fp32 parameters get fp32 grads) and the function runs with autocast
         off: its GEMMs write into preallocated buffers, which autocast would not cast."""
         weight, bias, device = self.weight, self.bias, x.device.type
+        if x.numel() == 0:
+            return self._empty(x)
         if not torch.is_autocast_enabled(device):
             return function.apply(x, weight, bias, self._setup(x, local_rows))
         dtype = torch.get_autocast_dtype(device)
@@ -301,6 +308,12 @@ class _ParallelLinear(nn.Module):
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device, enabled=False):
             return function.apply(x, weight, bias, self._setup(x, local_rows))
+
+    def _empty(self, x: torch.Tensor) -> torch.Tensor:
+        """The output for an input with no rows (e.g. an expert that received no tokens), as nn.Linear gives
+        one: empty, of this layer's output shape, differentiable (zero weight gradients). Every rank of the
+        group holds the same sequence shape, so all of them skip the collectives together."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return (
@@ -329,9 +342,14 @@ class ColumnParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
-                f"ColumnParallelLinear: input last dim {x.shape[-1]} != in_features={self.in_features}"
+                f"ColumnParallelLinear: input last dim {x.shape[-1]} != in_features={self.in_features}; pass "
+                f"[sequence, batch, {self.in_features}] (the full hidden size: only the weight is sharded)"
             )
         return self._call(_ColumnParallel, x, x.numel() // x.shape[-1])
+
+    def _empty(self, x):
+        gathered = x.repeat(self.tp_size, *[1] * (x.dim() - 1)) if self.sequence_parallel else x
+        return F.linear(gathered, self.weight, self.bias)
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -366,6 +384,11 @@ class RowParallelLinear(_ParallelLinear):
                 )
             rows //= self.tp_size
         return self._call(_RowParallel, x, rows)
+
+    def _empty(self, x):
+        y = F.linear(x, self.weight)
+        y = y[: x.shape[0] // self.tp_size] if self.sequence_parallel else y
+        return y if self.bias is None else y + self.bias
 
 
 def overlap_plans(model: nn.Module) -> dict[str, dict[str, str]]:

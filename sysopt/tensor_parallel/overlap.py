@@ -124,6 +124,7 @@ class OverlapPolicy:
             "chunks": self.chunks,
             "max_chunks": self.max_chunks,
             "chunk_overhead_s": self.chunk_overhead_s,
+            "device": self.device,
         }
 
     @classmethod
@@ -133,6 +134,7 @@ class OverlapPolicy:
             int(d["chunks"]),
             int(d["max_chunks"]),
             None if d["chunk_overhead_s"] is None else float(d["chunk_overhead_s"]),
+            device=d.get("device"),  # absent in dicts written before the field existed
         )
 
 
