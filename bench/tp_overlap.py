@@ -83,6 +83,12 @@ def _records(
         )
         if strategy == "megatron":
             continue
+        if data.get("recorded_seconds"):  # the same steps recorded: what recording the spans costs
+            rec = data["recorded_seconds"]
+            records.append(
+                Record(f"{prefix}/recorded_step_s", statistics.median(rec), "s", len(rec), min(rec), max(rec),
+                       {**config, "what": "a recorded step right after each timed one (spans come from these)"})
+            )  # fmt: skip
         fields = (
             ("hidden_fraction", "fraction"),
             ("exposed_comm_s", "s"),

@@ -153,11 +153,13 @@ def _sublayer(strategy: str, shape: Shape, column: nn.Linear, row: nn.Linear, pr
 def measure_cases(
     shapes: dict[str, Shape], sweep: dict[str, tuple[int, ...]], repeats: int, profile_json: str
 ) -> dict:
-    """Every case of one tp size: {"<shape>/<mode>/<strategy>": {"seconds", "summaries", "spans",
-    "plans"}}. Every repeat runs each strategy once, so load drifts hit them all alike, in an order shuffled
-    afresh each round (seeded by the round, so every rank agrees): no strategy keeps the same neighbour (in a
-    fixed order `auto` always ran after chunked:16 and measured ~10% slower than chunked:1 with the same
-    plan; rotating the start of the round, as 7d356be did, keeps the neighbours and did not fix that)."""
+    """Every case of one tp size: {"<shape>/<mode>/<strategy>": {"seconds", "recorded_seconds", "summaries",
+    "spans", "plans"}}: "seconds" from steps run without recording, the spans (and "recorded_seconds") from
+    a recorded step right after each. Every repeat runs each strategy once, so load drifts hit them all
+    alike, in an order shuffled afresh each round (seeded by the round, so every rank agrees): no strategy
+    keeps the same neighbour (in a fixed order `auto` always ran after chunked:16 and measured ~10% slower
+    than chunked:1 with the same plan; rotating the start of the round, as 7d356be did, keeps the
+    neighbours and did not fix that)."""
     from megatron.core import parallel_state
 
     from sysopt.dist.megatron_shims import megatron_cpu_shims
@@ -198,6 +200,7 @@ def measure_cases(
                             step()  # a real step to learn every GEMM shape
                     gemms.measure(recorder.shapes)
                 seconds = {k: [] for k in steps}
+                recorded = {k: [] for k in steps}  # the recorded steps' seconds: recording's cost shows
                 spans = {k: [] for k in steps}
                 with use_compute(EmulatedCompute(gemms) if mode == "emulated" else TorchCompute()):
                     for step in steps.values():
@@ -206,8 +209,12 @@ def measure_cases(
                         order = list(steps.items())
                         random.Random(r).shuffle(order)
                         for strategy, step in order:
+                            # timed without recording (a span's timestamps, lock and gloo completion
+                            # callback, which takes the GIL, cost per chunk: chunked steps paid more of it
+                            # than `none`, and megatron paid none), then once more recorded for the spans
+                            seconds[strategy].append(_timed_step(step, record=False)[0])
                             t, s = _timed_step(step, record=strategy != "megatron")
-                            seconds[strategy].append(t)
+                            recorded[strategy].append(t)
                             spans[strategy].append(s)
                 for strategy in strategies:
                     plans = {}
@@ -217,9 +224,10 @@ def measure_cases(
                             ("row", models[strategy].row),
                         ):
                             plans.update({f"{name}.{k}": p.chunks for k, p in layer.last_plans.items()})
-                    middle = sorted(range(repeats), key=lambda i: seconds[strategy][i])[repeats // 2]
+                    middle = sorted(range(repeats), key=lambda i: recorded[strategy][i])[repeats // 2]
                     out[f"{shape_name}/{mode}/{strategy}"] = {
                         "seconds": seconds[strategy],
+                        "recorded_seconds": recorded[strategy],
                         "summaries": [summarize(s).to_dict() for s in spans[strategy]],
                         "spans": [s.to_dict() for s in spans[strategy][middle]],
                         "plans": plans,
