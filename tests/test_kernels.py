@@ -317,6 +317,17 @@ def test_scaled_mm_bf16_output_and_transposed_operand(impl):
     assert ((out.double() - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_reference_scaled_mm_accumulates_in_fp32_under_autocast(dtype):
+    """torch.autocast would run the fp8 reference's fp32 matmul in bf16: the result must not depend on it."""
+    a, a_scale = quantize_ref.quantize(_data((24, 64), seed=8), dtype, "rowwise")
+    b, b_scale = quantize_ref.quantize(_data((40, 64), seed=9), dtype, "tensorwise")
+    plain = gemm_ref.scaled_mm(a, a_scale, b, b_scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = gemm_ref.scaled_mm(a, a_scale, b, b_scale)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
 def test_int8_gemm_accumulates_exactly_in_int32():
     """K large enough that fp32 accumulation of int8 products would round: the int32 path must not."""
     k = 4096

@@ -262,6 +262,41 @@ def test_load_state_dict_with_assign_keeps_the_scaling_state_on_the_loaded_histo
     assert torch.equal(restored.state_dict()["amax_history"], layer.amax_history)  # recorded where saved
 
 
+def test_state_dict_loads_across_a_recipe_change():
+    """A resumed run may change its recipe: a current-scaling layer drops a saved history, a delayed one
+    loading a checkpoint without a history starts empty (quantising as a new delayed layer does), and a
+    history of another length keeps its most recent amaxes. All with strict loading."""
+    delayed, current = P.recipe("fp8_tensorwise_delayed"), P.recipe("fp8_rowwise")
+    src = _layer(delayed, 32, 16)
+    torch.manual_seed(1)
+    for a in (4.0, 1.0, 0.5):
+        src((torch.randn(8, 32) * a).requires_grad_()).sum().backward()
+    dst = _layer(current, 32, 16, seed=7)
+    dst.load_state_dict(src.state_dict())
+    assert torch.equal(dst.weight, src.weight)
+
+    used = _layer(delayed, 32, 16, seed=7)
+    used(torch.randn(8, 32) * 9.0)  # a history of its own, which the load must not keep
+    used.load_state_dict(dst.state_dict())
+    fresh = _layer(delayed, 32, 16, seed=7)
+    fresh.load_state_dict(dst.state_dict())
+    assert used.amax_history.abs().sum() == 0 and not any(used.scaling_state.seen.values())
+    for a in (0.25, 2.0):  # first use: current scaling; then the history both recorded alike
+        x = torch.randn(8, 32) * a
+        assert torch.equal(used(x), fresh(x))
+
+    longer = _layer(replace(delayed, amax_history_len=2 * delayed.amax_history_len), 32, 16, seed=7)
+    longer.load_state_dict(src.state_dict())
+    h = delayed.amax_history_len
+    assert (
+        torch.equal(longer.amax_history[:, :h], src.amax_history)
+        and longer.amax_history[:, h:].abs().sum() == 0
+    )
+    shorter = _layer(replace(delayed, amax_history_len=2), 32, 16, seed=7)
+    shorter.load_state_dict(src.state_dict())
+    assert torch.equal(shorter.amax_history, src.amax_history[:, :2])
+
+
 def test_nonfinite_forward_is_flagged_and_step_skipped(caplog):
     model = nn.Sequential(nn.Linear(8, 8), _layer(P.recipe("int8_rowwise"), 96, 80))
     x = torch.randn(4, 96)
@@ -330,14 +365,37 @@ def test_delayed_scaling_with_an_all_zero_history_uses_current_scaling():
     assert P.check_finite(layer)
 
 
-def test_autocast_runs_in_the_autocast_dtype():
-    layer = _layer(P.recipe("int8_rowwise"))
-    x = torch.randn(6, 96)
+@pytest.mark.parametrize("name", ["int8_rowwise", "fp8_rowwise"])
+@pytest.mark.parametrize("kind", ["dense", "column", "row"])
+def test_autocast_runs_in_the_autocast_dtype(name, kind):
+    """Under autocast(bf16) a low-precision layer (dense or tensor-parallel) computes exactly what it computes
+    on bf16 operands without autocast, fp32 accumulation included (the fp8 reference GEMM's fp32 matmul was
+    itself autocast to bf16), and its fp32 parameters get those gradients."""
+    from sysopt.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    recipe = P.recipe(name)
+
+    def make():
+        torch.manual_seed(0)
+        dense = nn.Linear(96, 64)
+        if kind == "dense":
+            return P.LowPrecisionLinear.from_linear(dense, recipe)
+        if kind == "column":
+            return P.LowPrecisionColumnParallelLinear.from_parallel(
+                ColumnParallelLinear.from_dense(dense), recipe
+            )
+        return P.LowPrecisionRowParallelLinear.from_parallel(RowParallelLinear.from_dense(dense), recipe)
+
+    layer, ref = make(), make().bfloat16()
+    x = torch.randn(6, 2, 96)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
+    y_ref = ref(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y.float().square().sum().backward()
+    y_ref.float().square().sum().backward()
     assert layer.weight.grad.dtype == torch.float32
+    assert torch.equal(layer.weight.grad, ref.weight.grad.float())
 
 
 def test_linear_on_triton_backend_matches_torch_backend(monkeypatch):
@@ -350,14 +408,20 @@ def test_linear_on_triton_backend_matches_torch_backend(monkeypatch):
         P.recipe("fp8_blockwise"), activation_block=(8, 32), weight_block=(32, 32)
     )  # fewer
     for recipe in (P.recipe("int8_rowwise"), small_blocks, P.recipe("fp8_tensorwise_delayed")):  # programs
+        # delayed scaling takes two steps: the first falls back to current scaling, the second scales from
+        # the history (kernels.quantize_with_amax)
+        steps = 2 if recipe.scaling == "delayed" else 1
         results = []
         for backend in ("torch", "triton"):
             monkeypatch.setenv("SYSOPT_KERNEL_BACKEND", backend)
             layer = _layer(recipe, 64, 48)
-            xg = x.clone().requires_grad_()
-            y = layer(xg)
-            y.backward(dy)
-            results.append((y, xg.grad, layer.weight.grad))
+            outs = []
+            for step in range(steps):
+                xg = (x * (0.5 + step)).requires_grad_()
+                y = layer(xg)
+                y.backward(dy)
+                outs += [y, xg.grad, layer.weight.grad.clone()]
+            results.append(outs)
         for got, want in zip(*results):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -378,6 +442,14 @@ def test_recipes_round_trip_json_and_validate():
         P.Recipe("x", forward="fp16")
     with pytest.raises(ValueError, match="named recipes"):
         P.recipe("fp4")
+    with pytest.raises(ValueError, match=r"Recipe forward=\('e4m3',\): give one format .* got 1"):
+        P.Recipe("x", forward=("e4m3",))
+    # the contraction dim's block sizes disagree: caught here, not at the first forward
+    with pytest.raises(
+        ValueError, match=r"activation_block=\(1, 64\) and weight_block=\(128, 128\).*\(1, 128\)"
+    ):
+        P.Recipe("x", granularity="blockwise", activation_block=(1, 64))
+    P.Recipe("x", granularity="blockwise", weight_granularity="rowwise", activation_block=(1, 64))  # no clash
 
 
 # ---- convert -----------------------------------------------------------------------------------------------

@@ -134,14 +134,17 @@ def test_crashed_run_resumes_bit_exactly(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(180)
-def test_delayed_scaling_run_resumes_bit_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dp", [1, 2])
+def test_delayed_scaling_run_resumes_bit_exactly(tmp_path, monkeypatch, dp):
     """A delayed-scaling recipe scales each step from amax histories kept in the model: the resumed run
-    must load them and go on exactly as the uninterrupted one (losses, eval and the histories)."""
+    must load them and go on exactly as the uninterrupted one (losses, eval and the histories). At dp=2
+    only dp rank 0 checkpoints them, so the replicas' histories must agree (the trainer MAX-reduces them)."""
     from sysopt.train.config import PrecisionConfig
 
     job = dataclasses.replace(
         small_job(max_steps=6, checkpoint_every=3),
         precision=PrecisionConfig("fp8_tensorwise_delayed", min_features=64),
+        parallel=ParallelConfig(dp=dp),
     )
     straight = _run_then_crash(job, tmp_path, monkeypatch, 4)
     assert straight["low_precision_layers"]
@@ -158,6 +161,25 @@ def test_delayed_scaling_run_resumes_bit_exactly(tmp_path, monkeypatch):
            for r in ("straight", "crashed")]  # fmt: skip
     histories = [k for k in got[0] if "amax_history" in k]
     assert histories and all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+
+
+@pytest.mark.timeout(180)
+def test_resume_may_change_the_recipe_to_and_from_delayed_scaling(tmp_path):
+    """The checkpoint of a delayed-scaling run holds amax histories; a current-scaling model has none. A
+    resumed run that changes the recipe, either way, goes on with a warning (the README promises it)."""
+    from sysopt.train.config import PrecisionConfig
+
+    def job(recipe: str, steps: int):
+        return dataclasses.replace(
+            small_job(max_steps=steps, checkpoint_every=2), precision=PrecisionConfig(recipe, min_features=64)
+        )
+
+    run_training(job("fp8_tensorwise_delayed", 2), tmp_path)
+    for recipe, steps in (("fp8_rowwise", 4), ("fp8_tensorwise_delayed", 6)):
+        with pytest.warns(UserWarning, match=f"as precision.recipe={recipe}"):
+            summary = run_training(job(recipe, steps), tmp_path)
+        assert summary["resumed_from_step"] == steps - 2 and summary["low_precision_layers"]
+        assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl"))
 
 
 def _cpu_profile(int8_flops: float):

@@ -39,7 +39,8 @@ def accumulate_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T in the accumulation type: int32 for int8 (int64 when K > INT32_SAFE_K, where int32 sums could
     overflow: the int32 sums of K chunks added in int64, exact), fp32 for fp8."""
     if a.dtype != torch.int8:
-        return a.float() @ b.float().t()
+        with torch.autocast(a.device.type, enabled=False):  # an fp32 accumulation, also under autocast
+            return a.float() @ b.float().t()
     k, step = a.shape[1], INT32_SAFE_K
     if k <= step:
         return _int32_mm(a, b)

@@ -133,10 +133,32 @@ class ScalingBuffers:
         self.scaling_state.recording = mode
         return super().train(mode)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Also across a change of recipe (a resumed run may change it): a history saved by a delayed-scaling
+        layer is dropped by a current-scaling one; a delayed layer loading a checkpoint without one starts
+        with an empty history (current scaling until it fills, as a new layer); a history of another length
+        keeps its most recent amaxes. (load_state_dict passes a copy of the dict: popping is local.)"""
+        key = prefix + "amax_history"
+        delayed = self.recipe.scaling == "delayed"
+        saved = state_dict.get(key)
+        if saved is not None and not delayed:
+            state_dict.pop(key)
+        elif saved is not None and saved.dim() == 2 and saved.shape != self.amax_history.shape:
+            resized = torch.zeros_like(self.amax_history)
+            n = min(saved.shape[1], resized.shape[1])
+            resized[: saved.shape[0], :n] = saved[: resized.shape[0], :n]  # column 0 is the latest amax
+            state_dict[key] = resized
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._bind_state()  # load_state_dict(assign=True) replaces the buffer objects
-        if prefix + "amax_history" in state_dict:
+        if delayed and saved is None and key in missing_keys:
+            missing_keys.remove(key)
+            with torch.no_grad():
+                self.amax_history.zero_()
+        if delayed:
             self.scaling_state.history_loaded()
 
 
@@ -161,30 +183,44 @@ class LowPrecisionLinear(ScalingBuffers, nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-            with torch.autocast(device_type, enabled=False):
-                return LowPrecisionLinearFunction.apply(x, weight, bias, self.scaling_state)
-        if x.dtype != weight.dtype:
+        if autocast_dtype(x) is None and x.dtype != self.weight.dtype:
             raise TypeError(
-                f"LowPrecisionLinear got input dtype {x.dtype} and weight dtype {weight.dtype}; cast the input "
-                "or run under torch.autocast"
+                f"LowPrecisionLinear got input dtype {x.dtype} and weight dtype {self.weight.dtype}; cast the "
+                "input or run under torch.autocast"
             )
-        return LowPrecisionLinearFunction.apply(x, weight, bias, self.scaling_state)
+        return low_precision_linear(x, self.weight, self.bias, self.scaling_state)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}"
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast computes linears in on x's device, or None when autocast is off there."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def low_precision_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: ScalingState
 ) -> torch.Tensor:
-    """Functional form (for layers that hold their own ScalingState, e.g. tensor-parallel linears)."""
-    return LowPrecisionLinearFunction.apply(x, weight, bias, state)
+    """Functional form (for layers that hold their own ScalingState, e.g. tensor-parallel linears).
+
+    Under torch.autocast the operands are cast to the autocast dtype (differentiably: fp32 parameters get
+    fp32 grads) and the function runs with autocast off, so the output has the dtype nn.Linear gives there
+    and the reference kernels' fp32 accumulations are not themselves autocast to 16 bits."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return LowPrecisionLinearFunction.apply(x, weight, bias, state)
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return LowPrecisionLinearFunction.apply(x, weight, bias, state)
 
 
-__all__ = ["LowPrecisionLinear", "LowPrecisionLinearFunction", "ScalingBuffers", "low_precision_linear"]
+__all__ = [
+    "LowPrecisionLinear",
+    "LowPrecisionLinearFunction",
+    "ScalingBuffers",
+    "autocast_dtype",
+    "low_precision_linear",
+]

@@ -20,8 +20,16 @@ GEMMS = ("forward", "grad_input", "grad_weight")
 _GRANULARITIES = ("tensorwise", "rowwise", "blockwise")
 
 
-def _pair(value: str | tuple[str, str] | list[str]) -> tuple[str, str]:
-    return (value, value) if isinstance(value, str) else tuple(value)
+def _pair(gemm: str, value: str | tuple[str, str] | list[str]) -> tuple[str, str]:
+    if isinstance(value, str):
+        return (value, value)
+    pair = tuple(value)
+    if len(pair) != 2:
+        raise ValueError(
+            f"Recipe {gemm}={value!r}: give one format for both operands (e.g. 'e4m3') or two, one per operand "
+            f"(e.g. ('e5m2', 'e4m3')); got {len(pair)}"
+        )
+    return pair
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for gemm in GEMMS:
-            object.__setattr__(self, gemm, _pair(getattr(self, gemm)))
+            object.__setattr__(self, gemm, _pair(gemm, getattr(self, gemm)))
         object.__setattr__(self, "activation_block", tuple(int(b) for b in self.activation_block))
         object.__setattr__(self, "weight_block", tuple(int(b) for b in self.weight_block))
         self._validate()
@@ -90,6 +98,17 @@ class Recipe:
                 raise ValueError(
                     f"recipe {self.name!r}: {attr}={block} must be two positive sizes (rows, cols)"
                 )
+        # both operands of a GEMM are blocked along its contraction dim (the blocks' cols): the sizes must agree
+        ab, wb = self.activation_block, self.weight_block
+        if (
+            self.granularity == "blockwise"
+            and self.weight_scaling_granularity == "blockwise"
+            and ab[1] != wb[1]
+        ):
+            raise ValueError(
+                f"recipe {self.name!r}: activation_block={ab} and weight_block={wb} block the contraction dim "
+                f"in {ab[1]} and {wb[1]}; the GEMMs need one size: e.g. activation_block={(ab[0], wb[1])}"
+            )
 
     @property
     def weight_scaling_granularity(self) -> str:

@@ -24,7 +24,7 @@ from sysopt.tensor_parallel import (
 )
 
 from .convert import register_swap
-from .linear import ScalingBuffers, low_precision_linear
+from .linear import ScalingBuffers, autocast_dtype, low_precision_linear
 from .recipe import Recipe
 
 
@@ -49,6 +49,10 @@ class LowPrecisionColumnParallelLinear(ScalingBuffers, ColumnParallelLinear):
             raise ValueError(
                 f"LowPrecisionColumnParallelLinear: input last dim {x.shape[-1]} != in_features={self.in_features}"
             )
+        dtype = autocast_dtype(x)
+        x = (
+            x if dtype is None else x.to(dtype)
+        )  # under autocast: gather 16-bit activations, as the GEMM takes
         if self.sequence_parallel:
             full = gather_from_sequence_parallel_region(x, self.group, reduce_grad=True)
         else:
@@ -84,6 +88,11 @@ class LowPrecisionRowParallelLinear(ScalingBuffers, RowParallelLinear):
         else:
             out = reduce_from_tensor_parallel_region(partial, self.group)
             bias = self.bias
+        dtype = autocast_dtype(x)
+        if (
+            bias is not None and dtype is not None
+        ):  # the partial sums came out in the autocast dtype: so does y
+            bias = bias.to(dtype)
         return out if bias is None else out + bias
 
     def extra_repr(self) -> str:

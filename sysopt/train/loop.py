@@ -356,6 +356,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
         global_batch = sampler.global_batch(step)
         normalizer = global_batch.answer_token_count().clamp(min=1.0)
         loss_sum = runtime.forward_backward(global_batch.shard(dp_rank, dp_size), normalizer)
+        _sync_amax_histories(runtime, groups)
         # with clipping off (grad_clip=0) the norm is still measured: the finiteness check and the log need it
         grad_norm = runtime.clip_grad_norm_(o.grad_clip)
         if _all_finite(runtime, grad_norm, groups):
@@ -449,6 +450,29 @@ def _summary_timing(path: Path) -> dict[str, float] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return timing if all(math.isfinite(v) for v in timing.values()) else None
+
+
+def _sync_amax_histories(runtime: ParallelVLM, groups: ParallelGroups | None) -> None:
+    """Delayed scaling under data parallelism: every replica's amax histories become their elementwise max over
+    the dp group (each replica pushed one amax per quantisation, in the same order), i.e. the amaxes of the
+    global batch. Replicas then scale alike, and the histories dp rank 0 checkpoints are every replica's: a
+    resumed run goes on as the uninterrupted one did. One all-reduce a step, of all histories together."""
+    if groups is None or groups.topology.dp == 1:
+        return
+    from sysopt.precision.linear import ScalingBuffers
+
+    histories = [
+        m.amax_history
+        for m in runtime.modules.modules()  # this rank's stages (what it checkpoints)
+        if isinstance(m, ScalingBuffers) and m.recipe.scaling == "delayed"
+    ]
+    if not histories:
+        return
+    flat = torch.cat([h.flatten() for h in histories])
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=groups.dp_group)
+    with torch.no_grad():
+        for h, synced in zip(histories, flat.split([h.numel() for h in histories])):
+            h.copy_(synced.view_as(h))
 
 
 def _all_finite(runtime: ParallelVLM, grad_norm: torch.Tensor, groups: ParallelGroups | None) -> bool:
