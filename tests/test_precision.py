@@ -365,6 +365,18 @@ def test_delayed_scaling_with_an_all_zero_history_uses_current_scaling():
     assert P.check_finite(layer)
 
 
+def test_low_precision_tp_layers_name_the_fix_for_a_wrong_width():
+    from sysopt.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    recipe = P.recipe("int8_rowwise")
+    col = P.LowPrecisionColumnParallelLinear.from_parallel(ColumnParallelLinear(96, 64), recipe)
+    row = P.LowPrecisionRowParallelLinear.from_parallel(RowParallelLinear(96, 64), recipe)
+    with pytest.raises(ValueError, match="full hidden size"):
+        col(torch.randn(4, 2, 95))
+    with pytest.raises(ValueError, match="this rank's shard"):
+        row(torch.randn(4, 2, 95))
+
+
 @pytest.mark.parametrize("name", ["int8_rowwise", "fp8_rowwise"])
 @pytest.mark.parametrize("kind", ["dense", "column", "row"])
 def test_autocast_runs_in_the_autocast_dtype(name, kind):

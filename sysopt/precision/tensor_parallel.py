@@ -47,7 +47,8 @@ class LowPrecisionColumnParallelLinear(ScalingBuffers, ColumnParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
-                f"LowPrecisionColumnParallelLinear: input last dim {x.shape[-1]} != in_features={self.in_features}"
+                f"LowPrecisionColumnParallelLinear: input last dim {x.shape[-1]} != in_features={self.in_features}; "
+                f"pass [sequence, batch, {self.in_features}] (the full hidden size: only the weight is sharded)"
             )
         dtype = autocast_dtype(x)
         x = (
@@ -74,7 +75,8 @@ class LowPrecisionRowParallelLinear(ScalingBuffers, RowParallelLinear):
         if x.shape[-1] * self.tp_size != self.in_features:
             raise ValueError(
                 f"LowPrecisionRowParallelLinear: input last dim {x.shape[-1]} should be in_features/tp = "
-                f"{self.in_features}/{self.tp_size}"
+                f"{self.in_features}/{self.tp_size}; pass this rank's shard of the features (the output of a "
+                "column-parallel layer)"
             )
         partial = low_precision_linear(x, self.weight, None, self.scaling_state)
         if self.sequence_parallel:
