@@ -207,12 +207,17 @@ def test_bf16_parameters_with_fp32_master_match_adamw_on_fp32_copies(strategy):
         assert torch.equal(a, b)
 
 
-def test_external_parameter_write_refreshes_host_master():
-    """module.load_state_dict between steps must win over the host's fp32 master copy."""
+@pytest.mark.parametrize("attached", [False, True])
+def test_external_parameter_write_refreshes_host_master(attached, slow_copies_back):
+    """module.load_state_dict between steps must win over the host's fp32 master copy, also in attached mode,
+    where the (slow) copies back are still in flight when the load comes: it waits for them, and the write
+    must not be taken for the optimizer's own."""
     xs = batches(4)
     ref_model = make_model()
     ref_opt = torch.optim.AdamW(param_groups(ref_model), lr=1e-3, fused=True)
     model, opt, _ = offload("host")
+    if attached:
+        opt.attach(model)
     new_weights = {k: v + 0.25 for k, v in make_model().state_dict().items()}
     for i, x in enumerate(xs):
         for m, o in ((ref_model, ref_opt), (model, opt)):
@@ -221,6 +226,7 @@ def test_external_parameter_write_refreshes_host_master():
             o.zero_grad()
             m(x).pow(2).mean().backward()
             o.step()
+    opt.wait_for_params()  # attached: the last step's copies back are still in flight
     assert_params_equal(ref_model, model)
 
 
@@ -256,6 +262,30 @@ def test_gradient_writes_that_skip_the_version_counter_are_not_missed(write):
         if name == "host":
             assert opt.stats.grad_copies_stale_unversioned > 0
     assert_params_equal(results["torch"], results["host"])
+
+
+def test_unversioned_write_to_a_sparse_gradient_is_not_missed():
+    """An embedding whose batch touches one row: its gradient is zero at every sampled element, so only the
+    sum of |grad| shows that an unscale rescaled it after the early copy."""
+    results = {}
+    for name in ("torch", "host"):
+        torch.manual_seed(0)
+        emb = nn.Embedding(1000, 8)
+        if name == "torch":
+            opt = torch.optim.AdamW([emb.weight], lr=1e-3, fused=True)
+        else:
+            opt = OffloadAdamW([emb.weight], lr=1e-3, strategy="host", subgroup_bytes=SUBGROUP_BYTES)
+        for _ in range(3):
+            opt.zero_grad()
+            emb(torch.full((4,), 1)).pow(2).sum().backward()
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [emb.weight.grad], torch.zeros(1), torch.full((1,), 0.5)
+            )
+            opt.step()
+        results[name] = emb.weight.detach().clone()
+        if name == "host":
+            assert opt.stats.grad_copies_stale_unversioned == 3
+    assert torch.equal(results["torch"], results["host"])
 
 
 def test_param_group_added_later_is_partitioned_and_planned():

@@ -66,6 +66,13 @@ class _GradCopy:
     grad: torch.Tensor
     version: int
     handle: Any  # None when the copy was synchronous
+    l1: torch.Tensor | None = None  # sum |grad| on the device when the copy started (early copies only)
+
+
+def _l1(g: torch.Tensor) -> torch.Tensor:
+    """sum |g| in fp32 on g's device (no host sync): a fingerprint that a rescaling changes (GradScaler's
+    unscale, a .data.mul_, an all-reduce over ranks) unless g is all zeros, which the rescaling leaves alone."""
+    return torch.linalg.vector_norm(g, 1, dtype=torch.float32)
 
 
 SAMPLE_ELEMENTS = 64  # elements of each early-copied gradient compared with its copy at step()
@@ -210,7 +217,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.defer_grad_copies = False
         self._copies_fenced_task: int | None = None  # the backward pass whose end waits for its copies
         self._param_version: dict[torch.Tensor, int] = {}
-        self._pending_params: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # not yet safe to read
+        # not yet safe to read: (copy handle, params, each param's version once our copy has written it)
+        self._pending_params: dict[int, tuple[Any, list[torch.Tensor], list[int]]] = {}
         self._inflight_params: dict[int, Any] = {}  # may still read the host master
         self._hooks: dict[torch.Tensor, Any] = {}
         self._attached = False
@@ -442,8 +450,9 @@ class OffloadAdamW(torch.optim.Optimizer):
             # a 16-bit parameter's copy back reads this very buffer: it must finish first (it has, unless the
             # parameter was used outside the forward of its attached module, e.g. a tied weight)
             self._transfers.wait_host(inflight)
+        l1 = _l1(g)  # before the copy is queued: both see the same gradient
         handle = self._transfers.d2h([self._host_grad[p]], [g])
-        self._grad_copies[p] = _GradCopy(g, g._version, handle)
+        self._grad_copies[p] = _GradCopy(g, g._version, handle, l1)
         self.stats.grad_copies_started += 1
         return True
 
@@ -464,9 +473,11 @@ class OffloadAdamW(torch.optim.Optimizer):
 
         The version counter misses some in-place writes: GradScaler's unscale, c10d collectives on
         p.grad (a hand-written data-parallel all-reduce), writes through .data. Each still-current copy is
-        compared with its gradient on SAMPLE_ELEMENTS evenly spaced elements (one batched read from the
-        device); a mismatch makes _host_grad_current copy again. Such writes change every element in
-        practice; a change that leaves all sampled elements as they were would go unnoticed."""
+        compared with its gradient on SAMPLE_ELEMENTS evenly spaced elements, and the gradient's sum of
+        absolute values now with the one taken when its copy started (one batched read from the device); a
+        mismatch makes _host_grad_current copy again. The samples alone miss a sparse gradient (an embedding
+        whose few touched rows fall between them); the sum catches every rescaling of a nonzero gradient.
+        A write that keeps both (e.g. a permutation of the values between the samples) goes unnoticed."""
         checks = []
         for p, rec in self._grad_copies.items():
             g = p.grad
@@ -479,15 +490,20 @@ class OffloadAdamW(torch.optim.Optimizer):
         if not checks:
             return
         cpu = torch.device("cpu")
-        # compared as bits (a NaN equals its own copy); float32 holds every 16-bit value exactly
-        device = torch.cat([g[_sample_index(g.numel(), g.device)].float() for _, g, _ in checks]).cpu()
-        host = torch.cat([h[_sample_index(h.numel(), cpu)].float() for _, _, h in checks])
-        device, host = device.view(torch.int32), host.view(torch.int32)
+        # compared as bits (a NaN equals its own copy); float32 holds every 16-bit value exactly; the last
+        # len(checks) entries are the sums of |grad| now, beside those taken when the copies started
+        n = len(checks)
+        samples = [g[_sample_index(g.numel(), g.device)].float() for _, g, _ in checks]
+        l1_now = torch.stack([_l1(g) for _, g, _ in checks])
+        l1_then = torch.stack([rec.l1 if rec.l1 is not None else _l1(g) for rec, g, _ in checks])
+        device = torch.cat([*samples, l1_now, l1_then]).cpu().view(torch.int32)  # one read from the device
+        host = torch.cat([h[_sample_index(h.numel(), cpu)].float() for _, _, h in checks]).view(torch.int32)
+        same_sum = device[-2 * n : -n] == device[-n:]
         start = 0
-        for rec, g, _ in checks:
+        for k, (rec, g, _) in enumerate(checks):
             idx = _sample_index(g.numel(), cpu)
             stop = start + idx.numel()
-            if not torch.equal(device[start:stop], host[start:stop]):
+            if not (bool(same_sum[k]) and torch.equal(device[start:stop], host[start:stop])):
                 rec.version = -1  # never equal to a real version: _host_grad_current copies again
                 self.stats.grad_copies_stale_unversioned += 1
             start = stop
@@ -514,6 +530,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         host = []
         for p, rec in current.items():
             rec.version = p.grad._version
+            rec.l1 = _l1(p.grad)  # the scaled gradient's: the copy is scaled alike below
             host.append(self._host_grad[p])
         if host:
             torch._foreach_mul_(host, coef.to(host[0].device))
@@ -529,13 +546,15 @@ class OffloadAdamW(torch.optim.Optimizer):
     # ----------------------------------------------------------------- forward side
 
     def attach(self, *modules: nn.Module) -> None:
-        """Wait for each module's updated parameters right before its forward (and its state_dict), instead
-        of for all of them at the end of step(), so parameter copies overlap the next forward.
+        """Wait for each module's updated parameters right before its forward (and its state_dict and
+        load_state_dict), instead of for all of them at the end of step(), so parameter copies overlap the
+        next forward.
 
         Assumes a module's forward reads only its own parameters (recurse=False) plus those of modules that
-        ran before it. Anything else that reads parameters between step() and the next forward (an EMA,
-        weight logging, functional_call) must call wait_for_params() first. Calls add up (attach(a) then
-        attach(b) covers both); add_param_group while attached hooks the new parameters' modules too."""
+        ran before it. Anything else that reads or writes parameters between step() and the next forward (an
+        EMA, weight logging, functional_call, p.copy_) must call wait_for_params() first. Calls add up
+        (attach(a) then attach(b) covers both); add_param_group while attached hooks the new parameters'
+        modules too."""
         for h in self._module_hooks:
             h.remove()
         self._module_hooks.clear()
@@ -553,6 +572,8 @@ class OffloadAdamW(torch.optim.Optimizer):
                     wait = lambda *_, own=own: _before_forward(ref, own)  # noqa: E731
                     self._module_hooks.append(m.register_forward_pre_hook(wait))
                     self._module_hooks.append(m.register_state_dict_pre_hook(wait))
+                    # a load must not race our copy into the same parameter (nor be overwritten by it)
+                    self._module_hooks.append(m.register_load_state_dict_pre_hook(wait))
         self._attached_to = tuple(attached)
         self._attached = True
 
@@ -567,10 +588,12 @@ class OffloadAdamW(torch.optim.Optimizer):
         pending = self._pending_params.pop(i, None)
         if pending is None:
             return
-        handle, params = pending
+        handle, params, versions = pending
         self._transfers.wait_device(handle)
-        for p in params:
-            self._param_version[p] = p._version
+        # The version our copy left, not the current one: a write between step() and this wait (e.g.
+        # module.load_state_dict in attached mode) then still counts as an outside write at the next step.
+        for p, version in zip(params, versions):
+            self._param_version[p] = version
         self.stats.param_waits += 1
 
     def _wait_params_of(self, params: list[torch.Tensor]) -> None:
@@ -670,8 +693,9 @@ class OffloadAdamW(torch.optim.Optimizer):
             else:
                 srcs.append(self._host_grad[p].copy_(master))
                 self._grad_copies.pop(p, None)  # the buffer no longer holds the gradient
+        versions = [p._version + 1 for p in params]  # copy_ bumps each once (on CUDA at issue, on CPU later)
         handle = self._transfers.h2d(params, srcs)
-        self._pending_params[i] = (handle, params)
+        self._pending_params[i] = (handle, params, versions)
         self._inflight_params[i] = handle
         self.stats.param_copies_started += 1
         return sum(p.numel() for p in params)
