@@ -3,6 +3,7 @@ across placements, budgets, hook timing, explicit parameter waits, re-planning, 
 
 from __future__ import annotations
 
+import copy
 import io
 import time
 
@@ -407,9 +408,28 @@ def test_state_dict_with_amsgrad_or_maximize_is_refused():
     sd = opt.state_dict()
     sd["param_groups"][1]["amsgrad"] = True
     with pytest.raises(
-        ValueError, match=r"param group 1 has amsgrad=True.*amsgrad=False, maximize=False only"
+        ValueError, match=r"state_dict param group 1 has amsgrad=True: .* use torch.optim.AdamW"
     ):
         opt.load_state_dict(sd)
+
+
+def test_adam_variants_and_float64_parameters_are_refused_not_run_as_adamw():
+    """torch.optim.Adam's L2 decay (decoupled_weight_decay=False), amsgrad in a group, float64 parameters
+    (trained at fp32 precision otherwise) and replan() on a fixed placement each get a clear error."""
+    model, opt, _ = offload("host")
+    ps = list(model.parameters())
+    adam = torch.optim.Adam(ps, weight_decay=0.1).state_dict()
+    adam["param_groups"] = [
+        {**adam["param_groups"][0], "params": ids} for ids in ([0, 1, 2, 3], [4, 5, 6, 7])
+    ]
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        opt.load_state_dict(adam)
+    with pytest.raises(ValueError, match="param group 0 has amsgrad=True"):
+        OffloadAdamW([{"params": ps, "amsgrad": True}], lr=1e-3, strategy="host")
+    with pytest.raises(ValueError, match=r"dtype torch.float64.*use torch.optim.AdamW"):
+        OffloadAdamW([nn.Parameter(torch.ones(4, dtype=torch.float64))], lr=1e-3, strategy="device")
+    with pytest.raises(ValueError, match=r"replan\(\) re-plans strategy='interleaved' only.*strategy='host'"):
+        opt.replan(force=True)
 
 
 @pytest.mark.parametrize("strategy", ["host", "device"])
@@ -696,6 +716,37 @@ def test_replans_when_measured_timings_drift_and_stays_exact():
     train(model, opt, sched, xs[4:])
     assert opt.stats.replans == 1
     assert_params_equal(ref, model)
+
+
+def test_bf16_interleaved_resume_keeps_the_replanned_placement():
+    """With bf16 host state the numbers follow the placement (host subgroups bf16 moments, device ones fp32):
+    an optimizer resumed after a re-plan must take the placement saved with the state, not its initial plan,
+    and then continue bit-exactly."""
+
+    def make():
+        return offload(
+            "interleaved", state_dtype=torch.bfloat16, replan_interval_steps=None, device_budget_bytes=10**6
+        )
+
+    xs = batches(6)
+    model, opt, sched = make()
+    start = opt.plan
+    train(model, opt, sched, xs[:2])
+    opt.observe(host_params_per_s=GPU_LIKE.host_params_per_s / 20, forward_s=0.01, backward_s=0.02)
+    assert opt.replan(force=True) and opt.plan.placements != start.placements
+    train(model, opt, sched, xs[2:3])
+    ckpt = copy.deepcopy(
+        {"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict()}
+    )
+    train(model, opt, sched, xs[3:])
+    model2, opt2, sched2 = make()
+    assert opt2.plan.placements == start.placements
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["optim"])
+    sched2.load_state_dict(ckpt["sched"])
+    assert opt2.plan.placements == opt.plan.placements and opt2.stats.steps == 3
+    train(model2, opt2, sched2, xs[3:])
+    assert_params_equal(model, model2)
 
 
 def test_self_measuring_optimizer_measures_and_stays_exact():

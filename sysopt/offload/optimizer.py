@@ -85,6 +85,19 @@ def _sample_index(numel: int, device: torch.device) -> torch.Tensor:
     return torch.linspace(0, numel - 1, min(numel, SAMPLE_ELEMENTS)).round().long().unique().to(device)
 
 
+def _check_group_flags(group: dict[str, Any], where: str) -> None:
+    """AdamW variants OffloadAdamW does not run: amsgrad, maximize, L2 (coupled) weight decay (torch.optim.Adam's
+    decoupled_weight_decay=False), differentiable. Refused, never silently run as plain AdamW."""
+    unsupported = {"amsgrad": True, "maximize": True, "decoupled_weight_decay": False, "differentiable": True}
+    found = {k: group[k] for k, bad in unsupported.items() if k in group and bool(group[k]) == bad}
+    if found:
+        raise ValueError(
+            f"{where} has {', '.join(f'{k}={v}' for k, v in found.items())}: OffloadAdamW runs AdamW with "
+            "amsgrad=False, maximize=False, decoupled weight decay and differentiable=False only; use "
+            "torch.optim.AdamW (or Adam) for this group"
+        )
+
+
 def _on_grad_ready(ref: weakref.ref, p: torch.Tensor) -> None:
     opt = ref()
     if opt is not None:
@@ -180,7 +193,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         all_params = [p for g in self.param_groups for p in g["params"]]
         devices = {p.device for p in all_params}
         if len(devices) != 1:
-            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+            raise ValueError(
+                f"all parameters must be on one device, got {sorted(map(str, devices))}; move the model to one "
+                "device, or give each device's parameters their own OffloadAdamW"
+            )
         self.device = devices.pop()
         self.strategy = strategy
         self.fraction = fraction
@@ -244,9 +260,15 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _build(self) -> None:
         """Partition the parameters, plan, place the state, hook the gradients."""
         self._wait_all_params()
-        for g in self.param_groups:
-            if g.get("amsgrad") or g.get("maximize"):
-                raise ValueError("OffloadAdamW supports amsgrad=False, maximize=False only")
+        for k, g in enumerate(self.param_groups):
+            _check_group_flags(g, f"param group {k}")
+            for j, p in enumerate(g["params"]):
+                if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    raise ValueError(
+                        f"param group {k}, parameter {j} has dtype {p.dtype}: OffloadAdamW keeps fp32 (or bf16) "
+                        "masters and moments, which would train it at lower precision; use torch.optim.AdamW for "
+                        f"{p.dtype} parameters, or cast the model to float32"
+                    )
         groups = [g["params"] for g in self.param_groups]
         self.subgroups: tuple[Subgroup, ...] = partition(
             groups, self.subgroup_bytes, self.state_dtype, self.master_dtype
@@ -763,6 +785,12 @@ class OffloadAdamW(torch.optim.Optimizer):
     def replan(self, force: bool = False) -> bool:
         """Re-plan from the measured inputs if they drifted beyond `replan_tolerance` (or `force`); move the
         subgroups whose placement changed. Returns whether the placement changed."""
+        if self.strategy != "interleaved" or self._given_plan is not None:
+            what = "an explicit plan=" if self._given_plan is not None else f"strategy={self.strategy!r}"
+            raise ValueError(
+                f"replan() re-plans strategy='interleaved' only; this optimizer has {what}, whose placement is "
+                "fixed; build it with strategy='interleaved' to have the performance model place the subgroups"
+            )
         costs = self.measured.costs(self.costs)
         phases = self.measured.phases(self.phases)
         reasons = drifted(self.costs, self.phases, costs, phases, self.replan_tolerance)
@@ -810,11 +838,21 @@ class OffloadAdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         if self.state_dtype != torch.float32:
             sd["offload_rng_state"] = self._generator.get_state()
+        if self.strategy == "interleaved" and self._given_plan is None:  # the placement re-planning reached
+            sd["offload_placement"] = {
+                "placements": list(self.plan.placements),
+                "transfer_order": list(self.plan.transfer_order),
+                "steps": self.stats.steps,
+            }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Copy saved state into this optimizer's buffers, wherever its own plan puts them, so a checkpoint
-        from any strategy continues bit-exactly under any other."""
+        """Copy saved state into this optimizer's buffers, wherever its own plan puts them. With fp32 state
+        (the default) a checkpoint from any strategy continues bit-exactly under any other. With
+        state_dtype=bf16 the host subgroups keep bf16 moments and the device ones fp32, so the numbers follow
+        the placement: an interleaved optimizer first adopts the placement saved with the state (when it has
+        the same subgroups and the placement fits its budget), and then continues as the saved run did until
+        its next re-plan, which follows this run's own timings."""
         self._wait_all_params()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -832,11 +870,9 @@ class OffloadAdamW(torch.optim.Optimizer):
                     f"the optimizer {len(g['params'])}"
                 )
         for i, sg in enumerate(saved_groups):
-            if sg.get("amsgrad") or sg.get("maximize"):
-                raise ValueError(
-                    f"state_dict param group {i} has amsgrad={sg.get('amsgrad')}, maximize={sg.get('maximize')}: "
-                    "OffloadAdamW supports amsgrad=False, maximize=False only; load it into torch.optim.AdamW"
-                )
+            _check_group_flags(sg, f"state_dict param group {i}")
+        if (saved_plan := state_dict.get("offload_placement")) is not None:
+            self._adopt_placement(saved_plan)
         saved_state = state_dict["state"]
         with torch.no_grad():
             for g, sg in zip(self.param_groups, saved_groups):
@@ -849,6 +885,34 @@ class OffloadAdamW(torch.optim.Optimizer):
             self._generator.set_state(state_dict["offload_rng_state"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _adopt_placement(self, saved: dict[str, Any]) -> None:
+        """Take the placement an interleaved optimizer had re-planned to when it saved (see load_state_dict)."""
+        if self.strategy != "interleaved" or self._given_plan is not None:
+            return
+        placements = tuple(saved["placements"])
+        if len(placements) != len(self.subgroups):
+            warnings.warn(
+                f"the checkpoint's placement covers {len(placements)} subgroups, this optimizer has "
+                f"{len(self.subgroups)} (other parameters or subgroup_bytes): keeping this optimizer's own plan",
+                stacklevel=3,
+            )
+            return
+        plan = PlacementPlan(
+            "interleaved",
+            placements,
+            tuple(saved["transfer_order"]),
+            sum(s.device_state_bytes for s, where in zip(self.subgroups, placements) if where == DEVICE),
+        )
+        free = (free_device_bytes(self.device) + self.plan.device_state_bytes) if self._measure else None
+        try:
+            self._check(plan, free)
+        except ValueError as exc:
+            warnings.warn(f"the checkpoint's placement does not fit here ({exc}); keeping this optimizer's own plan",
+                          stacklevel=3)  # fmt: skip
+            return
+        self._apply_plan(plan)
+        self.stats.steps = int(saved["steps"])  # the re-plan interval counts on from the saved run
 
     def _load_param_state(self, p: torch.Tensor, saved: dict[str, Any] | None) -> None:
         st = self.state[p]
