@@ -289,6 +289,21 @@ def test_unversioned_write_to_a_sparse_gradient_is_not_missed():
     assert torch.equal(results["torch"], results["host"])
 
 
+def test_a_sparse_gradient_fails_the_step_before_anything_updates():
+    torch.manual_seed(0)
+    dense, emb = nn.Linear(4, 4), nn.Embedding(10, 4, sparse=True)
+    opt = OffloadAdamW(
+        [*dense.parameters(), emb.weight], lr=1e-3, strategy="host", subgroup_bytes=SUBGROUP_BYTES
+    )
+    before = [p.detach().clone() for p in dense.parameters()]
+    (dense(emb(torch.tensor([1, 2]))).sum()).backward()
+    with pytest.raises(
+        RuntimeError, match=r"param group 0, parameter 2 \(shape \(10, 4\)\) has a sparse gradient"
+    ):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, dense.parameters()))
+
+
 def test_param_group_added_later_is_partitioned_and_planned():
     xs = batches(4)
     ref_model = make_model()

@@ -660,8 +660,6 @@ class OffloadAdamW(torch.optim.Optimizer):
         for p in self._members[i]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("OffloadAdamW does not support sparse gradients")
             st, master = self.state[p], self._master(p)
             self._refresh_master(p, master)
             ps.append(master)
@@ -685,8 +683,6 @@ class OffloadAdamW(torch.optim.Optimizer):
         for p in self._members[i]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("OffloadAdamW does not support sparse gradients")
             st, master = self.state[p], self._master(p)
             self._refresh_master(p, master)
             g = self._host_grad_current(p)
@@ -728,6 +724,16 @@ class OffloadAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         start_s = time.perf_counter()
+        for k, g in enumerate(
+            self.param_groups
+        ):  # before any subgroup updates: a failed step changes nothing
+            for j, p in enumerate(g["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"param group {k}, parameter {j} (shape {tuple(p.shape)}) has a sparse gradient, which "
+                        "OffloadAdamW does not support: use nn.Embedding(sparse=False), or torch.optim.SparseAdam "
+                        "for that parameter"
+                    )
         self.wait_for_params()
         self._transfers.poll()
         with torch.no_grad():
