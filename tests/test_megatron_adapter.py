@@ -124,6 +124,13 @@ def _run():
         "megatron_scaled": run(megatron, loop, scale=8.0),
         "interleaved_scaled": run(make_forward_backward_func("interleaved_1f1b"), loop, scale=8.0),
         "megatron_seq6": run(megatron, loop, seq=6),
+        # boundary shapes given as a function of (stage, microbatch), as a vision tower's would be
+        "interleaved_shape_fn": run(
+            make_forward_backward_func(
+                "interleaved_1f1b", boundary_shape=lambda stage, mb: (SEQ, MBS, HIDDEN)
+            ),
+            loop,
+        ),
     }
     # one adapter function called again with another sequence length (its executors are cached per shape)
     again, same_chunks = make_forward_backward_func("interleaved_1f1b"), _chunks(loop)
@@ -144,6 +151,7 @@ def test_sysopt_schedules_match_megatron_core_interleaved():
         ("megatron_eval", "interleaved_eval"),
         ("megatron_scaled", "interleaved_scaled"),
         ("megatron_seq6", "interleaved_seq6"),
+        ("megatron", "interleaved_shape_fn"),
     ]
     for rank, results in enumerate(per_rank):
         for theirs, ours in pairs:

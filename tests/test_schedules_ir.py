@@ -289,8 +289,10 @@ def test_p2p_order_problem_flags_sends_out_of_the_receivers_order():
         for pp, vpp in ((2, 1), (2, 2), (4, 1), (4, 2)):
             try:
                 schedule = build(name, pp, vpp, 8)
-            except (ValueError, ScheduleError):
-                continue  # this builder takes another vpp
+            except ValueError as exc:  # this builder takes another vpp; an invalid schedule must fail here
+                if isinstance(exc, ScheduleError) or "vpp" not in str(exc):
+                    raise
+                continue
             for ahead in (1, None):
                 assert p2p_order_problem(schedule, ahead) is None, (name, pp, vpp, ahead)
     lowered = add_comms(build("gpipe", 2, 1, 2))
@@ -300,3 +302,11 @@ def test_p2p_order_problem_flags_sends_out_of_the_receivers_order():
         "rank 0's message 0 to rank 1 is the output of 0F1 but rank 1 posts its receive for the output of 0F0 "
         "there; order rank 0's SENDs as rank 1 posts its RECVs (or run on gloo, which matches by tag)"
     )
+
+
+@pytest.mark.parametrize("ahead", [0, True, 1.5])
+def test_executor_refuses_a_bad_receive_window_by_its_name(ahead):
+    from sysopt.schedules.executor import ScheduleExecutor
+
+    with pytest.raises(ValueError, match=rf"receive_ahead={ahead!r}: use an integer >= 1"):
+        ScheduleExecutor(build("1f1b", 2, 1, 2), {}, lambda y, t: y, boundary_shape=(1,), receive_ahead=ahead)

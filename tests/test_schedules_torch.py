@@ -192,3 +192,14 @@ def test_interleaved_order_follows_megatrons_table_and_warmup(pp, vpp, m, group)
             expected += [forwards[warmup + k], backwards[k]]
         expected += backwards[total - warmup :]
         assert [str(a) for a in ours.actions[rank]] == expected
+
+
+def test_from_torch_errors_name_the_fix():
+    with pytest.raises(ValueError, match="no forward or backward actions"):
+        from_torch({0: [], 1: []}, microbatches=1)
+    order = {
+        0: [ts._Action(0, ts._ComputationType.FORWARD, 0)],
+        1: [ts._Action(2, ts._ComputationType.FORWARD, 0)],
+    }
+    with pytest.raises(ValueError, match=r"stages \[1\] have no actions .* pass stage_to_rank="):
+        from_torch(order, microbatches=1)

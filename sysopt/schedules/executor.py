@@ -52,6 +52,12 @@ class ScheduleExecutor:
         loss_scale: float | None = None,
         receive_ahead: int | None = 1,
     ) -> None:
+        if receive_ahead is not None and (isinstance(receive_ahead, bool) or not isinstance(receive_ahead, int)
+                                          or receive_ahead < 1):  # fmt: skip
+            raise ValueError(
+                f"receive_ahead={receive_ahead!r}: use an integer >= 1 (receives posted that many compute actions "
+                "ahead of their consumer), or None to post every receive at the start of the step"
+            )
         self.schedule = validate(schedule if schedule.has_comms else add_comms(schedule))
         self.group = group
         self.rank = dist.get_rank(group)

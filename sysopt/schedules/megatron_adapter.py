@@ -132,7 +132,9 @@ def make_forward_backward_func(
             _, send_shapes = adjust_tensor_shapes_fn([shape], [shape])
             shape = tuple(send_shapes[0])
         # the boundary shape is part of the key: another seq_length needs receive buffers of its own size
-        key = (num_microbatches, tuple(id(c) for c in chunks), id(pp_group), tuple(boundary_shape or shape))
+        # (a function of (stage, microbatch) keys by identity: the same function gives the same shapes)
+        boundary_key = boundary_shape if callable(boundary_shape) else tuple(boundary_shape or shape)
+        key = (num_microbatches, tuple(id(c) for c in chunks), id(pp_group), boundary_key)
         if key not in executors:
             executors[key] = _executor(
                 schedule_name,

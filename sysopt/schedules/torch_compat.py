@@ -63,6 +63,17 @@ def from_torch(
                 actions[rank].append(Action(sub.stage_index, Kind(kind), sub.microbatch_index))
                 seen_on.setdefault(sub.stage_index, rank)
     if stage_to_rank is None:
+        if not seen_on:
+            raise ValueError(
+                "pipeline_order has no forward or backward actions on any rank: pass torch's "
+                "pipeline_order of a schedule with microbatches >= 1"
+            )
+        missing = [s for s in range(max(seen_on) + 1) if s not in seen_on]
+        if missing:
+            raise ValueError(
+                f"stages {missing} have no actions in pipeline_order, so their ranks are unknown: pass "
+                "stage_to_rank= (stage index -> rank) for every stage"
+            )
         placement = tuple(seen_on[s] for s in range(max(seen_on) + 1))
     elif isinstance(stage_to_rank, dict):
         placement = tuple(stage_to_rank[s] for s in range(len(stage_to_rank)))
