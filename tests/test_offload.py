@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -265,9 +266,11 @@ def test_gradient_writes_that_skip_the_version_counter_are_not_missed(write):
     assert_params_equal(results["torch"], results["host"])
 
 
-def test_unversioned_write_to_a_sparse_gradient_is_not_missed():
-    """An embedding whose batch touches one row: its gradient is zero at every sampled element, so only the
-    sum of |grad| shows that an unscale rescaled it after the early copy."""
+@pytest.mark.parametrize("clip", [False, True])
+def test_unversioned_write_to_a_sparse_gradient_is_not_missed(clip):
+    """An embedding whose batch touches one row: its gradient is zero at every sampled element, so only its
+    norm shows that an unscale rescaled it after the early copy, also when a clip (which rescales the
+    gradient and its copy alike) comes between the unscale and the step."""
     results = {}
     for name in ("torch", "host"):
         torch.manual_seed(0)
@@ -282,11 +285,71 @@ def test_unversioned_write_to_a_sparse_gradient_is_not_missed():
             torch._amp_foreach_non_finite_check_and_unscale_(
                 [emb.weight.grad], torch.zeros(1), torch.full((1,), 0.5)
             )
+            if clip and name == "torch":
+                torch.nn.utils.clip_grad_norm_([emb.weight], 1e-3)
+            elif clip:
+                opt.clip_grad_norm_(1e-3)
             opt.step()
         results[name] = emb.weight.detach().clone()
         if name == "host":
             assert opt.stats.grad_copies_stale_unversioned == 3
     assert torch.equal(results["torch"], results["host"])
+
+
+def test_attached_write_after_the_copy_landed_is_not_taken_for_the_optimizers(slow_copies_back):
+    """In attached mode the optimizer marks a parameter's copy done when a forward waits for it. A write that
+    comes after the copy landed but before that wait must still count as an outside write (the version the
+    copy left is what the wait records), so the next step starts from the written value."""
+    xs = batches(3)
+    ref_model = make_model()
+    ref_opt = torch.optim.AdamW(param_groups(ref_model), lr=1e-3, fused=True)
+    model, opt, _ = offload("host")
+    opt.attach(model)
+    new_weights = [p.detach() + 0.25 for p in make_model().parameters()]
+    for i, x in enumerate(xs):
+        for m, o in ((ref_model, ref_opt), (model, opt)):
+            if i == 1:
+                if o is opt:  # the copies land; the optimizer has not waited for them yet
+                    for handle, *_ in list(opt._pending_params.values()):
+                        opt._transfers.wait_host(handle)
+                with torch.no_grad():
+                    for p, w in zip(m.parameters(), new_weights):
+                        p.copy_(w)
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    opt.wait_for_params()
+    assert_params_equal(ref_model, model)
+
+
+def test_a_saved_placement_that_does_not_fit_is_not_adopted():
+    model, opt, sched = offload(
+        "interleaved", state_dtype=torch.bfloat16, replan_interval_steps=None, device_budget_bytes=10**6
+    )
+    train(model, opt, sched, batches(2))
+    opt.observe(host_params_per_s=GPU_LIKE.host_params_per_s / 20, forward_s=0.01, backward_s=0.02)
+    assert opt.replan(force=True)
+    saved = opt.state_dict()
+    need = opt.plan.device_state_bytes
+    _, small, _ = offload(
+        "interleaved", state_dtype=torch.bfloat16, replan_interval_steps=None, device_budget_bytes=10**6,
+        costs=replace(GPU_LIKE, free_device_bytes=need - 1),  # the budget allows it, free memory does not
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="does not fit here"):
+        small.load_state_dict(saved)
+    assert small.plan.device_state_bytes < need
+
+
+def test_a_plain_adam_checkpoint_without_weight_decay_loads():
+    """Without weight decay Adam and AdamW compute the same: its decoupled_weight_decay=False is no reason
+    to refuse."""
+    model, opt, _ = offload("host")
+    adam = torch.optim.Adam(list(model.parameters())).state_dict()
+    adam["param_groups"] = [
+        {**adam["param_groups"][0], "params": ids} for ids in ([0, 1, 2, 3], [4, 5, 6, 7])
+    ]
+    opt.load_state_dict(adam)
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups)
 
 
 def test_a_sparse_gradient_fails_the_step_before_anything_updates():

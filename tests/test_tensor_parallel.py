@@ -436,6 +436,18 @@ def test_bad_overlap_names_are_clear_errors(overlap, match):
         resolve_overlap(overlap)
 
 
+@pytest.mark.parametrize("sp", [False, True])
+def test_empty_input_under_autocast_gives_the_autocast_dtype(sp):
+    """As nn.Linear under autocast: an input with no rows still comes out in bf16 (the row layer's fp32 bias
+    must not promote it)."""
+    col = ColumnParallelLinear(IN, OUT, sequence_parallel=sp)
+    row = RowParallelLinear(OUT, IN, sequence_parallel=sp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = row(col(torch.randn(0, BATCH, IN)))
+        want = nn.Linear(IN, OUT)(torch.randn(0, BATCH, IN))
+    assert y.shape == (0, BATCH, IN) and y.dtype == want.dtype == torch.bfloat16
+
+
 def test_wrong_input_width_names_the_fix():
     with pytest.raises(ValueError, match="full hidden size"):
         ColumnParallelLinear(IN, OUT)(torch.randn(2, 2, IN + 1))

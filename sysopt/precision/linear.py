@@ -138,8 +138,10 @@ class ScalingBuffers:
     ):
         """Also across a change of recipe (a resumed run may change it): a history saved by a delayed-scaling
         layer is dropped by a current-scaling one; a delayed layer loading a checkpoint without one starts
-        with an empty history (current scaling until it fills, as a new layer); a history of another length
-        keeps its most recent amaxes. (load_state_dict passes a copy of the dict: popping is local.)"""
+        with an empty history, as a new layer does (each role's first quantisation uses current scaling and
+        records its amax; delayed scaling then works from what the history holds), and does not report
+        amax_history as missing, also under strict=False; a history of another length keeps its most recent
+        amaxes. (load_state_dict passes a copy of the dict: popping is local.)"""
         key = prefix + "amax_history"
         delayed = self.recipe.scaling == "delayed"
         saved = state_dict.get(key)

@@ -388,7 +388,9 @@ class RowParallelLinear(_ParallelLinear):
     def _empty(self, x):
         y = F.linear(x, self.weight)
         y = y[: x.shape[0] // self.tp_size] if self.sequence_parallel else y
-        return y if self.bias is None else y + self.bias
+        return (
+            y if self.bias is None else y + self.bias.to(y.dtype)
+        )  # under autocast y is 16-bit, as nn.Linear's
 
 
 def overlap_plans(model: nn.Module) -> dict[str, dict[str, str]]:
