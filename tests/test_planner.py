@@ -425,6 +425,16 @@ def test_doubling_tp_halves_gemm_time_and_adds_the_collectives():
     none = bandwidth_bound.layer_costs(8, 2, "none", 1, None)[i]
     chunked = bandwidth_bound.layer_costs(8, 2, "chunked", k, None)[i]
     assert k >= 1 and chunked.tp_forward_s < none.tp_forward_s and chunked.tp_backward_s < none.tp_backward_s
+    # the per-chunk host cost comes from the calibration, as the trainer's overlap='auto' reads it
+    by_overhead = {}
+    for overhead in (1e-7, 1e-1):
+        cal = dataclasses.replace(slow_link, tp_chunk_overhead_s=overhead)
+        m = cost_model(dataclasses.replace(slow, calibration=cal), devices=2)
+        by_overhead[overhead] = (
+            m.choose_tp_chunks(2, 8),
+            m.layer_costs(8, 2, "chunked", 4, None)[i].tp_forward_s,
+        )
+    assert by_overhead[1e-1][0] < by_overhead[1e-7][0] and by_overhead[1e-1][1] > by_overhead[1e-7][1]
 
 
 def test_dp_allreduce_is_exposed_only_past_the_last_backward():
@@ -595,6 +605,10 @@ def test_measure_reports_configs_the_trainer_refuses_instead_of_crashing():
     assert not any(
         o.startswith(("offload.", "precision.", "schedule.")) for o in trainer_overrides(PlanConfig())
     )
+    # one chunk is the knob's neutral value only without overlap: chunked:1 must not run as the default 4
+    chunked1 = job_for(PlanConfig(tp=2, micro_batch_size=16, tp_overlap="chunked", tp_chunks=1), base)
+    assert (chunked1.parallel.tp_overlap, chunked1.parallel.tp_chunks) == ("chunked", 1)
+    assert job_for(PlanConfig(tp=2, micro_batch_size=16), base).parallel.tp_chunks is None
 
 
 def write_profile(tmp_path, profile) -> str:

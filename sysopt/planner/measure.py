@@ -97,7 +97,10 @@ def trainer_overrides(
     for item in config.to_overrides(min_features, boundaries):
         key, _, value = item.partition("=")
         if key in NEUTRAL and parse_value(value) == NEUTRAL[key]:
-            continue
+            # one chunk is "off" only without overlap: chunked with tp_chunks=1 (the GEMM on this rank's
+            # rows under the other ranks' transfer) must reach the trainer, whose default count is 4
+            if not (key == "parallel.tp_chunks" and config.tp_overlap != "none"):
+                continue
         if key.startswith("schedule.") and config.pp == 1 and config.microbatches == 1:
             continue
         keep.append(item)

@@ -26,6 +26,7 @@ from sysopt.schedules.partition import chunk_costs, even_boundaries, min_max_bou
 from sysopt.schedules.simulate import step_time
 from sysopt.tensor_parallel.chunk_model import (
     GemmCollective,
+    chunk_overhead_s,
     collective_time_s,
     pipeline_time_s,
     profile_costs,
@@ -253,7 +254,9 @@ class CostModel:
     def exposed_collective_s(self, op: GemmCollective, overlap: str, chunks: int) -> float:
         """Collective time not hidden behind the GEMM: all of it without overlap; with 'chunked', the
         chunk pipeline's time beyond the unchunked GEMM (chunk_model.pipeline_time_s)."""
-        costs = profile_costs(self.profile, op)
+        costs = profile_costs(
+            self.profile, op, chunk_overhead_s(self.profile)
+        )  # as the trainer's `auto` reads it
         compute_s, comm_s, local_s = costs(1)
         if overlap == "none":
             return comm_s

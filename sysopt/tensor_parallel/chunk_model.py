@@ -125,6 +125,12 @@ def collective_time_s(profile: HardwareProfile, kind: str, nbytes: float, tp: in
     return steps * step_latency_s + steps * nbytes / tp * link_s_per_byte
 
 
+def chunk_overhead_s(profile: HardwareProfile) -> float:
+    """Host seconds one more chunk costs: the profile's calibrated figure, else CHUNK_OVERHEAD_S."""
+    calibrated = profile.calibration.tp_chunk_overhead_s if profile.calibration is not None else None
+    return CHUNK_OVERHEAD_S if calibrated is None else calibrated
+
+
 def profile_costs(
     profile: HardwareProfile, op: GemmCollective, chunk_overhead_s: float = CHUNK_OVERHEAD_S
 ) -> ChunkCosts:

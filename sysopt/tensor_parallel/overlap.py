@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from sysopt.hardware.profile import HardwareProfile
 from sysopt.tensor_parallel import comm, runtime
-from sysopt.tensor_parallel.chunk_model import CHUNK_OVERHEAD_S, GemmCollective, choose_chunks_for
+from sysopt.tensor_parallel.chunk_model import GemmCollective, choose_chunks_for, chunk_overhead_s
 
 STRATEGIES = ("none", "chunked", "auto")
 
@@ -91,10 +91,7 @@ class OverlapPolicy:
         if (cached := self._auto_plans.get(op)) is not None:
             return cached
         profile = self._profile()
-        overhead = self.chunk_overhead_s
-        if overhead is None:
-            calibrated = profile.calibration.tp_chunk_overhead_s if profile.calibration is not None else None
-            overhead = CHUNK_OVERHEAD_S if calibrated is None else calibrated
+        overhead = self.chunk_overhead_s if self.chunk_overhead_s is not None else chunk_overhead_s(profile)
         choice = choose_chunks_for(profile, op, self.max_chunks, overhead)
         plan = ChunkPlan(
             overlap=True, chunks=choice.chunks, predicted_s=choice.predicted_s, serial_s=choice.serial_s
