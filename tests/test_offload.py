@@ -1018,3 +1018,34 @@ def test_backward_ends_only_after_the_gradient_copies_it_started(monkeypatch):
         p.grad.data.mul_(0.5)
     opt.step()
     assert opt.stats.grad_copies_stale_unversioned == 4  # caught by the samples, copied again
+
+
+def _replicas_plan(use_group: bool):
+    """One data-parallel replica: the same model, data and gradients as the other, but its own timings
+    (rank 1's host update measured 20x slower)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    model = make_model()
+    opt = OffloadAdamW(param_groups(model), lr=1e-3, strategy="interleaved", state_dtype=torch.bfloat16,
+                       subgroup_bytes=SUBGROUP_BYTES, costs=GPU_LIKE, measure=False, device_budget_bytes=10**6,
+                       replan_interval_steps=1, plan_group=dist.group.WORLD if use_group else None)  # fmt: skip
+    for x in batches(4):
+        slow = 20 if rank == 1 else 1
+        opt.observe(host_params_per_s=GPU_LIKE.host_params_per_s / slow, forward_s=0.01, backward_s=0.02)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    return opt.plan.placements, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.timeout(90)
+def test_data_parallel_replicas_with_a_plan_group_place_and_step_alike():
+    from sysopt.dist import launch
+
+    apart = launch(_replicas_plan, 2, (False,), backend="gloo", timeout_s=60)
+    assert apart[0][0] != apart[1][0]  # without the group their own timings place them differently
+    together = launch(_replicas_plan, 2, (True,), backend="gloo", timeout_s=60)
+    assert together[0][0] == together[1][0] == apart[0][0]  # rank 0's plan, on both
+    assert all(torch.equal(a, b) for a, b in zip(together[0][1], together[1][1]))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sysopt.offload.costs import (
@@ -135,6 +136,11 @@ class OffloadAdamW(torch.optim.Optimizer):
     them as 0, i.e. assumes no gradient copy hides under backward: a conservative first plan. They are measured
     from the gradient hooks' host clock on a CPU device only; on CUDA (kernel launches, not GPU time) they
     come from observe().
+    plan_group: a process group of data-parallel replicas (each with its own OffloadAdamW over the same
+    parameters) that must place alike: every interleaved plan, the first and each re-plan, is made on the
+    group's first rank from its measurements and broadcast. Without it each replica plans from its own timings,
+    and where placements differ so can the numbers (bf16 host state against fp32 device state; a CPU and a
+    CUDA fused kernel), so the replicas' weights drift apart. All ranks of the group must step alike.
     """
 
     def __init__(
@@ -158,6 +164,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         replan_tolerance: float = 0.25,
         measure: bool = True,
         seed: int = 0,
+        plan_group: Any = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr={lr} must be >= 0")
@@ -213,6 +220,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.measured = Measurements()
         self._measure = measure
         self._given_plan = plan
+        self.plan_group = plan_group
         self._transfers = make_transfers(self.device)
         self._generator = torch.Generator().manual_seed(seed)
         self.costs = self._resolve_costs(costs, profile)
@@ -302,6 +310,7 @@ class OffloadAdamW(torch.optim.Optimizer):
                 phases=self.phases,
                 device_fraction=self.fraction,
             )
+            plan = self._from_first_rank(plan)
         self._check(plan, self._free_device_bytes)
         self._apply_plan(plan)
         ref = weakref.ref(self)
@@ -817,19 +826,23 @@ class OffloadAdamW(torch.optim.Optimizer):
         host_order = tuple(i for i in self._ready_order if self.plan.placements[i] == HOST)
         if host_order != self.plan.transfer_order:
             reasons.append("ready_order")
-        if not (reasons or force):
+        plan = None
+        if reasons or force:
+            in_use = self.plan.device_state_bytes
+            free = (free_device_bytes(self.device) + in_use) if self._measure else self._free_device_bytes
+            plan = make_plan(
+                self.strategy,
+                self.subgroups,
+                device_budget_bytes=min(self._budget_limit, free),
+                costs=costs,
+                phases=phases,
+                device_fraction=self.fraction,
+                ready_order=self._ready_order,
+            )
+        # data-parallel replicas take the first rank's decision (whether, and where), inputs included
+        plan, costs, phases, reasons = self._from_first_rank((plan, costs, phases, reasons))
+        if plan is None:
             return False
-        in_use = self.plan.device_state_bytes
-        free = (free_device_bytes(self.device) + in_use) if self._measure else self._free_device_bytes
-        plan = make_plan(
-            self.strategy,
-            self.subgroups,
-            device_budget_bytes=min(self._budget_limit, free),
-            costs=costs,
-            phases=phases,
-            device_fraction=self.fraction,
-            ready_order=self._ready_order,
-        )
         self.costs, self.phases = costs, phases
         changed = (plan.placements, plan.transfer_order) != (self.plan.placements, self.plan.transfer_order)
         if changed:
@@ -839,6 +852,15 @@ class OffloadAdamW(torch.optim.Optimizer):
         else:
             self.plan = plan
         return changed
+
+    def _from_first_rank(self, obj: Any) -> Any:
+        """`obj` as the first rank of plan_group has it (broadcast), or as is without a group."""
+        group = self.plan_group
+        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        return box[0]
 
     def predict(self) -> float:
         """The performance model's iteration time for the current plan and the measured inputs (where a

@@ -193,20 +193,25 @@ def evaluate_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any]:
     return {"step": int(state["trainer"]["step"]), "eval_accuracy": accuracy, "eval_loss": eval_loss}
 
 
-def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(
+    job: JobConfig, params: list[torch.nn.Parameter], groups: ParallelGroups | None = None
+) -> torch.optim.Optimizer:
     """AdamW (torch's fused kernel), or sysopt's OffloadAdamW when offload.strategy is set; weight decay
-    on matrices only."""
+    on matrices only. Under data parallelism (`groups` with dp > 1) the replicas of an OffloadAdamW plan
+    together (plan_group): placements made from each rank's own timings would differ, and with them the
+    numbers."""
+    dp_group = groups.dp_group if groups is not None and groups.topology.dp > 1 else None
     o, off = job.optim, job.offload
-    groups = [
+    param_groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     if off.strategy == "none":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+        return torch.optim.AdamW(param_groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
     from sysopt.offload import OffloadAdamW
 
     return OffloadAdamW(
-        groups,
+        param_groups,
         lr=o.lr,
         betas=o.betas,
         eps=o.eps,
@@ -217,6 +222,7 @@ def make_optimizer(job: JobConfig, params: list[torch.nn.Parameter]) -> torch.op
         state_dtype=torch.bfloat16 if off.state_dtype == "bf16" else torch.float32,
         master_dtype=torch.bfloat16 if off.master_dtype == "bf16" else torch.float32,
         seed=job.train.seed,  # the stochastic rounding of bf16 state (the same on every dp replica)
+        plan_group=dp_group,
     )
 
 
@@ -291,7 +297,7 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     runtime = ParallelVLM(
         job, groups, sampler.global_batch(0).shard(dp_rank, dp_size), saved_boundaries, saved_plan
     )
-    optimizer = make_optimizer(job, runtime.params)
+    optimizer = make_optimizer(job, runtime.params, groups)
     connect_grad_copies(runtime, optimizer)
     shard = _shard_name(job, groups)
     if found is not None:
