@@ -206,3 +206,52 @@ def test_data_parallel_offload_copies_each_gradient_once_after_its_reduction():
     for rank in range(2):
         assert new[rank]["started"] == old[rank]["started"] and new[rank]["redone"] == 0
         assert all(torch.equal(a, b) for a, b in zip(new[rank]["params"], old[rank]["params"]))
+
+
+def _torchrun_rank(rank: int, port: int, job_json: str, out_dir: str, results) -> None:
+    """One rank as torchrun starts it (RANK, WORLD_SIZE, MASTER_* in the environment) calling run_training,
+    each with its own out_dir as Hydra's per-process ${now:...} run dirs can differ."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    try:
+        run_training(JobConfig.from_json(job_json), out_dir)
+        results.put((rank, "ok"))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        results.put((rank, f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_ranks_prepare_once_and_train_in_rank0s_run_dir(tmp_path):
+    """Under torchrun every rank calls run_training: only rank 0 may set the earlier run aside, and both
+    ranks must write the run (pp=2: one model shard each) into rank 0's directory, or the checkpoint rank 0
+    commits lacks rank 1's shard."""
+    import multiprocessing as mp
+
+    from sysopt.dist import free_port
+
+    job = base_job(max_steps=2, checkpoint_every=2, resume=False)
+    job = dataclasses.replace(job, parallel=ParallelConfig(pp=2), schedule=ScheduleConfig("1f1b", 2))
+    dirs = [tmp_path / "run_rank0", tmp_path / "run_rank1"]
+    for d in dirs:  # an earlier run in each, which train.resume=false sets aside
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("{}\n")
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [
+        ctx.Process(target=_torchrun_rank, args=(r, port, job.to_json(), str(dirs[r]), results))
+        for r in (0, 1)
+    ]
+    for p in procs:
+        p.start()
+    outcome = dict(results.get(timeout=150) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert outcome == {0: "ok", 1: "ok"}
+    assert [p.name for p in (dirs[0] / "replaced_runs").iterdir()] == ["1"]
+    assert (dirs[1] / "metrics.jsonl").exists() and not (dirs[1] / "replaced_runs").exists()  # untouched
+    found = latest_checkpoint(dirs[0] / "checkpoints")
+    shards = load_checkpoint(found, ["model_tp0_pp0", "model_tp0_pp1"])
+    assert set(shards) == {"model_tp0_pp0", "model_tp0_pp1"}

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from sysopt.data import TASKS, BatchSampler, DigitsDataset, eval_batches
-from sysopt.dist import ParallelGroups, build_groups, launch
+from sysopt.dist import ParallelGroups, build_groups, env_world, launch
 from sysopt.tensor_parallel import overlap_plans
 from sysopt.train.checkpoint import (
     CheckpointError,
@@ -51,17 +51,18 @@ def _injected_fault() -> tuple[int, int | None, bool]:
 
 
 def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Train `job`, writing metrics.jsonl, summary.json and checkpoints/ under out_dir."""
+    """Train `job`, writing metrics.jsonl, summary.json and checkpoints/ under out_dir.
+
+    Spawned ranks (the default) share the directory this process prepared. Under torchrun or srun every
+    rank calls this: rank 0 prepares (sets an earlier run aside, checks resumability, writes job.json)
+    while the others wait, and every rank writes to rank 0's `out_dir` (Hydra's default run dir carries the
+    time each process started, which can differ by a second between ranks)."""
     validate(job)  # in this process, before any rank starts
+    if job.world_size > 1 and env_world() is not None:
+        return launch(_env_rank_training, job.world_size, args=(job.to_json(), str(out_dir)), backend="gloo",
+                      timeout_s=job.train.timeout_s)[0]  # fmt: skip
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not job.train.resume:
-        _set_aside_previous_run(out_dir)
-    else:
-        _check_resumable(job, out_dir)
-    (out_dir / "job.json").write_text(job.to_json())
-    if job.parallel.tp > 1 and job.parallel.tp_overlap == "auto":  # the ranks read it from the cache
-        tp_overlap_profile(job.parallel.tp, calibrate=True)
+    _prepare_run_dir(job, out_dir)
     if job.world_size == 1:
         return train_rank(job.to_json(), str(out_dir))
     results = launch(
@@ -73,6 +74,40 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
         log_dir=out_dir / "logs",
     )
     return results[0]
+
+
+def _prepare_run_dir(job: JobConfig, out_dir: Path) -> None:
+    """Before any rank trains: set an earlier run aside (train.resume=false) or check that its checkpoint
+    can resume into this job, write job.json, and calibrate what tp_overlap=auto reads."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not job.train.resume:
+        _set_aside_previous_run(out_dir)
+    else:
+        _check_resumable(job, out_dir)
+    write_json_atomic(out_dir / "job.json", json.loads(job.to_json()))
+    if job.parallel.tp > 1 and job.parallel.tp_overlap == "auto":  # the ranks read it from the cache
+        tp_overlap_profile(job.parallel.tp, calibrate=True)
+
+
+def _env_rank_training(job_json: str, out_dir: str) -> dict[str, Any]:
+    """One rank started by torchrun or srun: rank 0 prepares its run dir, which every rank then trains in."""
+    job = JobConfig.from_json(job_json)
+    box: list[Any] = [out_dir]
+    dist.broadcast_object_list(box, src=0)
+    out_dir = box[0]
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            _prepare_run_dir(job, Path(out_dir))
+        except Exception as exc:  # every rank must learn of it, or the others wait for rank 0 forever
+            failure = exc
+    box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        raise ConfigError(f"rank 0 could not prepare the run directory {out_dir}: {box[0]}")
+    return train_rank(job_json, out_dir)
 
 
 REPLACED_RUNS = "replaced_runs"  # where train.resume=false moves an earlier run's outputs
