@@ -413,3 +413,12 @@ def test_trainer_and_block_timing_launch_over_gloo_even_with_cuda_visible(monkey
     base = base_job_for(job.model, job.data, global_batch=16, steps=2)
     measure_layer_times(base, [(None, 2, "none", 1, 8)], rounds=1, progress=False)
     assert seen == ["gloo", "gloo"]  # the tp=2 block timing too
+
+
+def test_a_rank_that_exits_with_status_1_is_not_called_a_native_crash():
+    from sysopt.dist.launch import _death_error
+
+    message = str(_death_error(_no_collectives, 1, 1))
+    assert "exit code 1" in message and "define fn in an importable module" in message
+    assert "native code" not in message
+    assert "signal 9: killed, out of memory, or preempted" in str(_death_error(_no_collectives, 0, -9))

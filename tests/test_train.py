@@ -306,6 +306,30 @@ def test_resuming_into_another_model_or_layout_fails_before_launch_with_both_way
         assert run_training(fresh, tmp_path)["resumed_from_step"] == 0  # the way out works: from step 0
 
 
+def test_resume_check_covers_stage_placement_and_sequence_parallel(tmp_path):
+    """A V schedule (zbv) places stages on ranks otherwise than a loop one (interleaved_1f1b), and at tp > 1
+    sequence parallelism adds blocks: either change between save and resume is refused before launch."""
+    from sysopt.train import ConfigError
+    from sysopt.train.loop import _check_resumable
+
+    save_checkpoint(tmp_path / "checkpoints", 2, {"trainer": {"step": 2}})
+    looped = dataclasses.replace(small_job(), parallel=ParallelConfig(pp=2, vpp=2),
+                                 schedule=ScheduleConfig("interleaved_1f1b", 4))  # fmt: skip
+    (tmp_path / "job.json").write_text(looped.to_json())
+    _check_resumable(dataclasses.replace(looped, schedule=ScheduleConfig("zb_h1", 4)), tmp_path)  # loop too
+    with pytest.raises(ConfigError, match=r"stage placement\)=loop, but this job has .*placement\)=V"):
+        _check_resumable(dataclasses.replace(looped, schedule=ScheduleConfig("zbv", 4)), tmp_path)
+    sharded = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
+    (tmp_path / "job.json").write_text(sharded.to_json())
+    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel=True, but this job has .*=False"):
+        _check_resumable(dataclasses.replace(sharded, parallel=ParallelConfig(tp=2, sequence_parallel=False)),
+                         tmp_path)  # fmt: skip
+    (tmp_path / "job.json").write_text(small_job().to_json())  # at tp=1 the flag changes nothing
+    _check_resumable(
+        dataclasses.replace(small_job(), parallel=ParallelConfig(sequence_parallel=False)), tmp_path
+    )
+
+
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     root = tmp_path / "ckpt"
     save_checkpoint(root, 3, {"model": {"w": torch.ones(2)}, "trainer": {"step": 3}})
@@ -630,3 +654,29 @@ def test_resuming_a_checkpoint_past_max_steps_says_there_is_nothing_to_train(tmp
     shorter = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=2))
     with pytest.warns(UserWarning, match=r"at step 3 > train.max_steps=2: nothing left to train"):
         assert run_training(shorter, tmp_path)["resumed_from_step"] == 3
+
+
+def test_metrics_rewrite_on_resume_never_loses_the_history(tmp_path, monkeypatch):
+    """Resuming rewrites metrics.jsonl without the steps after the checkpoint: a failure mid-rewrite (a kill,
+    a full disk) must leave the old file whole."""
+    import pathlib
+
+    from sysopt.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(4)))
+    before = path.read_text()
+    real_write = pathlib.Path.write_text
+
+    def failing_write(self, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            raise OSError("disk full")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        MetricsLog(path, resume_step=2)
+    assert path.read_text() == before
+    monkeypatch.setattr(pathlib.Path, "write_text", real_write)
+    MetricsLog(path, resume_step=2)
+    assert [r["step"] for r in read_metrics(path)] == [0, 1]

@@ -97,3 +97,25 @@ def test_megatron_pipeline_gradients_with_fixed_and_variable_p2p_shapes():
                 torch.testing.assert_close(grad, ref_grads[name].grad, msg=name)
             seen |= set(grads)
         assert seen == set(ref_grads)  # the two ranks together hold every parameter
+
+
+def test_megatron_groups_give_up_when_the_trainers_do(monkeypatch):
+    """megatron-core's process groups default to a 30-minute timeout: they get train.timeout_s instead."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state as ps
+
+    from sysopt.dist.topology import Topology
+    from sysopt.train.megatron_baseline import init_megatron_parallel_state
+
+    seen = {}
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(ps, "model_parallel_is_initialized", lambda: False)
+    monkeypatch.setattr(ps, "initialize_model_parallel", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        init_megatron_parallel_state(SimpleNamespace(topology=Topology(pp=2)), timeout_s=290.0)
+    assert seen["distributed_timeout_minutes"] == 5

@@ -240,10 +240,18 @@ def _died_silently(procs: list, values: dict, reported: int | None = None) -> li
 
 
 def _death_error(fn: Callable[..., Any], rank: int, exitcode: int | None, extra: str = "") -> LaunchError:
-    how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else "a crash in native code"
+    if exitcode == 1:  # Python's status for an exception outside the worker's own reporting
+        why = (
+            "Python failed in the rank before it could run or report: most often fn cannot be imported there "
+            "(defined in __main__ of `python -c`, a notebook or a script without an `if __name__ == "
+            "'__main__':` guard); define fn in an importable module. The rank's stderr (log_dir) has the "
+            "traceback"
+        )
+    else:
+        how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else "a crash in native code"
+        why = f"{how}: killed, out of memory, or preempted"
     return LaunchError(
-        f"rank {rank} of {fn.__name__} died with exit code {exitcode} before reporting ({how}: killed, "
-        f"out of memory, or preempted){extra}",
+        f"rank {rank} of {fn.__name__} died with exit code {exitcode} before reporting ({why}){extra}",
         rank=rank,
     )
 

@@ -140,6 +140,10 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
     flat = lambda j: {  # noqa: E731
         **{f"model.{k}": v for k, v in dataclasses.asdict(j.model).items() if k not in init_only},
         **{k: getattr(j.parallel, k.split(".")[1]) for k in RESUME_KEYS},
+        # at tp > 1 sequence parallelism adds scatter/gather blocks, which shifts every block's index
+        "parallel.sequence_parallel": j.parallel.sequence_parallel if j.parallel.tp > 1 else None,
+        # which rank holds which stage: a V schedule (zbv, dualpipev) places them otherwise than a loop
+        "schedule.name (stage placement)": _stage_placement(j),
     }
     before, now = flat(old), flat(job)
     changed = [k for k in before if before[k] != now[k]]
@@ -155,6 +159,23 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
             f"precision.recipe={job.precision.recipe}: the model is converted afresh",
             stacklevel=3,
         )
+
+
+def _stage_placement(job: JobConfig) -> str | None:
+    """'loop' or 'V': how the job's pipeline schedule places stages on ranks (None without a pipeline, or
+    where the schedule cannot be built: the ranks' own checks then say why)."""
+    p, s = job.parallel, job.schedule
+    if p.pp == 1:
+        return None
+    from sysopt.schedules import ScheduleError, build
+    from sysopt.schedules.builders import loop_placement
+
+    name = ("interleaved_1f1b" if p.vpp > 1 else "1f1b") if s.name == "megatron_interleaved" else s.name
+    try:
+        placement = build(name, p.pp, p.vpp, s.microbatches or 2 * p.pp).stage_to_rank
+    except (ValueError, ScheduleError, KeyError):
+        return None
+    return "loop" if placement == loop_placement(p.pp, p.vpp) else "V"
 
 
 def _set_aside_previous_run(out_dir: Path) -> Path | None:

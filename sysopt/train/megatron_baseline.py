@@ -7,6 +7,7 @@ is imported only here, lazily, and runs under the CPU shims (sysopt.dist.megatro
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -35,7 +36,7 @@ class MegatronChunk(nn.Module):
         return self.chunk(self.input_tensor, batch).contiguous()
 
 
-def init_megatron_parallel_state(groups: ParallelGroups) -> None:
+def init_megatron_parallel_state(groups: ParallelGroups, timeout_s: float = 1800.0) -> None:
     """megatron-core's parallel_state for the trainer's tp x pp x dp grid (vpp chunks per pipeline rank),
     checked to put this rank in the same pipeline group at the same place as sysopt's topology."""
     from megatron.core import parallel_state as ps
@@ -48,6 +49,8 @@ def init_megatron_parallel_state(groups: ParallelGroups) -> None:
             pipeline_model_parallel_size=t.pp,
             virtual_pipeline_model_parallel_size=vpp,
             create_gloo_process_groups=False,
+            # its groups' collectives give up when sysopt's do (train.timeout_s), not after its default 30 min
+            distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
         )
     theirs = torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
     if (
@@ -88,6 +91,7 @@ class MegatronPipeline:
         microbatches: int,
         hidden_size: int,
         num_attention_heads: int,
+        timeout_s: float = 1800.0,
     ) -> None:
         from megatron.core.enums import ModelType
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -102,7 +106,7 @@ class MegatronPipeline:
                 f"stages {expected} there (stage s on rank s % pp); place the chunks with the "
                 f"interleaved_1f1b (vpp > 1) or 1f1b layout"
             )
-        init_megatron_parallel_state(groups)
+        init_megatron_parallel_state(groups, timeout_s)
         self.config = TransformerConfig(
             num_layers=t.pp * t.vpp,
             hidden_size=hidden_size,

@@ -47,7 +47,9 @@ class MetricsLog:
                     f"{self.path}: dropped a torn last line ({torn[:60]!r}), left by a writer killed mid-line",
                     stacklevel=2,
                 )
-        self.path.write_text("".join(line + "\n" for line in kept))
+        tmp = self.path.with_name(self.path.name + ".tmp")  # a kill mid-rewrite must not lose the history
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
