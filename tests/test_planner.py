@@ -138,6 +138,8 @@ def test_enumeration_equals_brute_force_over_the_rules():
         (PlanConfig(dp=2, micro_batch_size=8, offload="disk"), 2, "offload='disk' is not one of"),
         (PlanConfig(dp=2, micro_batch_size=8, precision="fp4"), 2, "precision='fp4' is not a recipe"),
         (PlanConfig(dp=0), 2, "dp=0 must be >= 1"),
+        (PlanConfig(tp=2, pp=2, dp=2, microbatches=2, micro_batch_size=2), 6, "no dp fits, since 6 is not a"),
+        (PlanConfig(dp=2, micro_batch_size=4), 2, "global batch 16; use micro_batch_size=8"),
     ],
 )
 def test_every_rule_rejects_its_case(config, devices, fragment):
@@ -517,6 +519,17 @@ def test_fit_reproduces_the_measured_step():
     fast = fit_op_overhead(workload, machine, config, 0.9 * base)
     assert fast.op_overhead_s == 0 and fast.gemm_scale < 1
     assert CostModel(workload, machine, fast).predict(config).step_s == pytest.approx(0.9 * base, rel=1e-4)
+    # a step faster than the model's non-GEMM costs alone: no gemm_scale reproduces it, and the fit says so
+    with pytest.raises(ValueError, match=r"with GEMMs taking no time at all"):
+        fit_op_overhead(workload, machine, config, 1e-9)
+
+
+def test_a_missing_calibration_file_is_an_error_not_an_uncalibrated_plan(tmp_path, capsys):
+    from sysopt.cli import plan
+
+    args = ["--profile", write_profile(tmp_path, cpu_profile()), "--devices", "2", "--global-batch", "16"]
+    with pytest.raises(SystemExit, match=r"--calibration .*nope.json does not exist"):
+        plan.main([*args, "--calibration", str(tmp_path / "nope.json")])
 
 
 def test_joint_fit_recovers_known_overheads_from_several_runs():

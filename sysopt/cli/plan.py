@@ -295,6 +295,11 @@ def resolve_calibration(args, profile, machine, workload=None):
     from sysopt.planner import PlannerCalibration, default_calibration_path
 
     calibration = PlannerCalibration()
+    if args.calibration is not None and not args.no_calibration and not args.calibration.is_file():
+        raise SystemExit(
+            f"sysopt-plan: --calibration {args.calibration} does not exist; give the JSON a --fit run wrote "
+            "(by default under ~/.cache/sysopt), or leave --calibration out"
+        )
     path = args.calibration or (default_calibration_path() if args.profile is None else None)
     if not args.no_calibration and path is not None and path.is_file():
         found = PlannerCalibration.load(path)

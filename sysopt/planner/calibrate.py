@@ -65,6 +65,14 @@ def fit_op_overhead(
         else:
             hi = mid
     value = (lo + hi) / 2
+    if field == "gemm_scale" and value < 1e-3:  # even free GEMMs predict more than was measured
+        raise ValueError(
+            f"cannot fit {config.label()} measured at {measured_step_s * 1e3:.2f} ms: the model predicts "
+            f"{predicted_step_s(workload, machine, dataclasses.replace(base, gemm_scale=0.0), config) * 1e3:.2f} "
+            "ms for it with GEMMs taking no time at all, so its other costs (optimizer, copies, collectives, "
+            "elementwise) are too high for this machine; calibrate the profile here (sysopt-probe "
+            "--calibrate) or fit with a configuration whose GEMMs dominate"
+        )
     source = (
         f"{field}={value:.6g} fitted to {config.label()} measured at {measured_step_s * 1e3:.2f} ms "
         f"(uncalibrated prediction {zero_s * 1e3:.2f} ms), profile of {machine.profile.created}"

@@ -132,14 +132,25 @@ def violations(
     if out:
         return out
     if c.world_size != devices:
+        model_parallel = c.tp * c.pp
+        fix = (
+            f"change dp to {devices // model_parallel} or the parallel sizes"
+            if devices % model_parallel == 0
+            else f"no dp fits, since {devices} is not a multiple of tp*pp = {model_parallel}; change tp or pp"
+        )
         out.append(
-            f"tp*pp*dp = {c.tp}*{c.pp}*{c.dp} = {c.world_size} must equal the {devices} devices; "
-            f"change dp to {devices // (c.tp * c.pp) or 1} or the parallel sizes"
+            f"tp*pp*dp = {c.tp}*{c.pp}*{c.dp} = {c.world_size} must equal the {devices} devices; {fix}"
         )
     if c.global_batch != global_batch:
+        per_rank, rest = divmod(global_batch, c.dp * c.microbatches)
+        fix = (
+            f"use micro_batch_size={per_rank}"
+            if rest == 0 and per_rank >= 1
+            else f"choose dp*microbatches dividing {global_batch}"
+        )
         out.append(
             f"dp*microbatches*micro_batch_size = {c.dp}*{c.microbatches}*{c.micro_batch_size} = "
-            f"{c.global_batch} must equal the global batch {global_batch}"
+            f"{c.global_batch} must equal the global batch {global_batch}; {fix}"
         )
     for key, heads in (("heads", model.heads), ("vision_heads", model.vision_heads)):
         if heads % c.tp:
