@@ -410,8 +410,8 @@ def test_quick_calibration_matmul_time_scales_with_size(calibrated):
 # ---- cache ------------------------------------------------------------------------------------
 
 
-def measured_as_asked(threads=None, world_size=2, device=None, **_) -> HardwareProfile:
-    """handmade_profile() as calibrate(threads=, world_size=, device=) would measure it here."""
+def measured_as_asked(threads=None, world_size=2, device=None, quick=False, **_) -> HardwareProfile:
+    """handmade_profile() as calibrate(threads=, world_size=, device=, quick=) would measure it here."""
     import torch
 
     p = handmade_profile()
@@ -420,6 +420,7 @@ def measured_as_asked(threads=None, world_size=2, device=None, **_) -> HardwareP
         device=str(device or calibration_module.default_device()),
         threads=threads or torch.get_num_threads(),
         collective_world_size=world_size,
+        quick=quick,
     )
     return dataclasses.replace(p, calibration=cal)
 
@@ -441,8 +442,22 @@ def test_cache_is_used_on_second_call(tmp_path, monkeypatch):
     assert len(calls) == 2
     path.write_text("{not json")  # a corrupt cache is recalibrated, with a warning
     with pytest.warns(UserWarning, match="unreadable profile cache"):
-        assert load_or_calibrate(path) == first
+        assert load_or_calibrate(path, quick=True) == first
     assert len(calls) == 3
+
+
+def test_a_quick_calibration_at_an_explicit_path_does_not_stand_in_for_a_full_one(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
+    path = tmp_path / "p.json"
+    load_or_calibrate(path, quick=True)
+    with pytest.warns(UserWarning, match="a quick calibration, and a full one was asked for"):
+        full = load_or_calibrate(path, quick=False)
+    assert [c["quick"] for c in calls] == [True, False] and full.calibration.quick is False
+    assert (
+        load_or_calibrate(path, quick=True) == full and len(calls) == 2
+    )  # a full one serves a quick request
+    assert HardwareProfile.from_json(full.to_json()).calibration.quick is False  # kept in the JSON
 
 
 def test_a_calibration_whose_collectives_failed_is_not_cached(tmp_path, monkeypatch):
@@ -558,7 +573,7 @@ def test_probe_cli_json_and_cached_calibration(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "p.json"
     for argv in (["--calibrate", "--json"], ["--calibrate", "--json"], ["--refresh", "--json"]):
         assert probe_cli.main([*argv, "--quick", "--cache", str(cache)]) == 0
-        assert HardwareProfile.from_json(capsys.readouterr().out) == measured_as_asked()
+        assert HardwareProfile.from_json(capsys.readouterr().out) == measured_as_asked(quick=True)
     assert len(calls) == 2  # the second run used the cache; --refresh recalibrated
 
 

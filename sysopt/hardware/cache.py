@@ -202,6 +202,8 @@ def load_or_calibrate(
             stale.append(f"{path} (fingerprint {cached.calibration.code or 'none'})")
         elif (why := request.mismatch(cached)) is not None:
             other.append(f"{path} ({why})")
+        elif not quick and cached.calibration.quick:  # a quick calibration never stands in for a full one
+            other.append(f"{path} (a quick calibration, and a full one was asked for)")
         else:
             return cached
     if stale:

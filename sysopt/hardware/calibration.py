@@ -262,5 +262,6 @@ def _calibrate(profile, quick, world_size, device, repeats, progress, samples) -
         tp_collectives=tp_collectives,
         tp_chunk_overhead_s=chunk_overhead,
         threads=torch.get_num_threads(),  # inside intraop_threads: what every figure was measured with
+        quick=quick,
     )
     return dataclasses.replace(profile, calibration=calibration)

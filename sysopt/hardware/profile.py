@@ -124,6 +124,7 @@ class Calibration:
     tp_collectives: dict[str, LinkFit] = field(default_factory=dict)
     tp_chunk_overhead_s: float | None = None  # host seconds one more chunk costs a chunked TP layer
     threads: int | None = None  # torch intra-op threads the figures were measured with; None = not known
+    quick: bool | None = None  # measured by calibrate(quick=True) (fewer sizes and repeats); None = not known
     # fingerprint of the code that measured it (sysopt.hardware.cache.calibrating_code); "" = unknown.
     # Not part of equality: it says which code measured the figures, not what they are
     code: str = field(default="", compare=False)
@@ -143,6 +144,7 @@ class Calibration:
             "tp_collectives": {k: v.to_dict() for k, v in self.tp_collectives.items()},
             "tp_chunk_overhead_s": self.tp_chunk_overhead_s,
             "threads": self.threads,
+            "quick": self.quick,
             "code": self.code,
         }
 
@@ -162,6 +164,7 @@ class Calibration:
             tp_collectives={k: LinkFit.from_dict(v) for k, v in d.get("tp_collectives", {}).items()},
             tp_chunk_overhead_s=d.get("tp_chunk_overhead_s"),
             threads=None if d.get("threads") is None else int(d["threads"]),
+            quick=d.get("quick"),
             code=d.get("code", ""),
         )
 
