@@ -580,8 +580,17 @@ def test_the_cached_fit_serves_only_the_model_and_data_it_was_fitted_to(tmp_path
     assert fitted.workload_key == workload.key() and fitted.profile_created == profile.created
     path = fitted.save(tmp_path / "planner.json")
     monkeypatch.setattr("sysopt.planner.default_calibration_path", lambda: path)
-    args = argparse.Namespace(calibration=None, no_calibration=False, op_overhead_s=None, profile=None)
+    args = argparse.Namespace(
+        calibration=None, no_calibration=False, op_overhead_s=None, profile=None, min_features=64
+    )
     assert resolve_calibration(args, profile, machine, workload) == fitted
+    # nor with another --min-features: its low-precision blocks convert other linears
+    dataclasses.replace(fitted, min_features=256).save(path)
+    assert resolve_calibration(args, profile, machine, workload).source == "uncalibrated"
+    assert "fitted with --min-features 256, this plan uses 64" in capsys.readouterr().err
+    dataclasses.replace(fitted, min_features=64).save(path)
+    assert resolve_calibration(args, profile, machine, workload).min_features == 64
+    fitted.save(path)
     wider = Workload.from_data(dataclasses.replace(MODEL, dim=256), DATA, 16)
     packed = Workload.from_data(MODEL, dataclasses.replace(DATA, pack_len=32), 16)
     for other in (wider, packed, None):

@@ -304,6 +304,8 @@ def resolve_calibration(args, profile, machine, workload=None):
     if not args.no_calibration and path is not None and path.is_file():
         found = PlannerCalibration.load(path)
         same_workload = workload is not None and found.workload_key == workload.key()
+        # low-precision block times depend on which linears were converted
+        other_min_features = found.min_features not in (None, args.min_features)
         if args.calibration is not None:
             calibration = found
             if not same_workload:
@@ -312,6 +314,18 @@ def resolve_calibration(args, profile, machine, workload=None):
                     "block times are that model's (run --fit to fit this one)",
                     file=sys.stderr,
                 )
+            if other_min_features:
+                print(
+                    f"sysopt-plan: note: {path} was fitted with --min-features {found.min_features}, this plan "
+                    f"uses {args.min_features}; its low-precision block times convert other linears",
+                    file=sys.stderr,
+                )
+        elif other_min_features:
+            print(
+                f"sysopt-plan: ignoring {path}: fitted with --min-features {found.min_features}, this plan uses "
+                f"{args.min_features}; run --fit",
+                file=sys.stderr,
+            )
         elif found.profile_created != profile.created:
             print(f"sysopt-plan: ignoring {path}: fitted to another profile; run --fit", file=sys.stderr)
         elif not same_workload:
@@ -419,6 +433,7 @@ def _fit_and_save(args, workload, machine, records: list, inputs: FitInputs):
             )
         runs.append((record.config, record.measured_step_s, record.boundaries))
     calibration = fit_calibration(workload, machine, runs, layer_times=inputs.layer_times)
+    calibration = dataclasses.replace(calibration, min_features=args.min_features)
     target = calibration.save(args.calibration or default_calibration_path())
     print(f"calibration: {calibration.source}\n  saved to {target}")
     return calibration

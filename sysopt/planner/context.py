@@ -148,6 +148,9 @@ class PlannerCalibration:
     source: str = "uncalibrated"
     profile_created: str = ""  # the HardwareProfile (its `created`) the fit was made against
     workload_key: str = ""  # the Workload (its key(): model and rows) the fit was made for; "" = unknown
+    # precision.min_features the fit's low-precision block times were measured with (which linears were
+    # converted); None = unknown
+    min_features: int | None = None
     # measured per-block forward/backward seconds: where they cover a case, the model uses them instead
     # of GEMM rates and op counts (gemm_scale and op_overhead_s then apply only to uncovered cases)
     layer_times: LayerTimes | None = None
