@@ -680,3 +680,29 @@ def test_metrics_rewrite_on_resume_never_loses_the_history(tmp_path, monkeypatch
     monkeypatch.setattr(pathlib.Path, "write_text", real_write)
     MetricsLog(path, resume_step=2)
     assert [r["step"] for r in read_metrics(path)] == [0, 1]
+
+
+def test_a_second_run_in_a_live_runs_directory_is_refused(tmp_path):
+    """run.lock: a run started in a directory another live run holds is refused, naming it; a lock whose
+    run is gone (a crash, a kill) is taken over, and a finished run leaves none."""
+    import socket
+    import subprocess
+    import sys
+
+    from sysopt.train.checkpoint import RUN_LOCK, RunDirectoryBusy, _process_start
+
+    job = small_job(max_steps=2)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"host": socket.gethostname(), "pid": other.pid, "started": _process_start(other.pid)}
+        (tmp_path / RUN_LOCK).write_text(json.dumps({**holder, "since": "earlier"}))
+        with pytest.raises(
+            RunDirectoryBusy, match=rf"in use by another run \(pid {other.pid} on .*hydra.run.dir"
+        ):
+            run_training(job, tmp_path)
+        assert not (tmp_path / "metrics.jsonl").exists()  # nothing of the live run's was touched
+    finally:
+        other.kill()
+        other.wait()
+    assert run_training(job, tmp_path)["resumed_from_step"] == 0  # its run is gone: taken over
+    assert not (tmp_path / RUN_LOCK).exists()

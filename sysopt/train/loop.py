@@ -31,6 +31,7 @@ from sysopt.train.checkpoint import (
     commit_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    run_lock,
     stage_checkpoint,
 )
 from sysopt.train.config import ConfigError, JobConfig, validate
@@ -62,18 +63,19 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
         return launch(_env_rank_training, job.world_size, args=(job.to_json(), str(out_dir)), backend="gloo",
                       timeout_s=job.train.timeout_s)[0]  # fmt: skip
     out_dir = Path(out_dir)
-    _prepare_run_dir(job, out_dir)
-    if job.world_size == 1:
-        return train_rank(job.to_json(), str(out_dir))
-    results = launch(
-        train_rank,
-        job.world_size,
-        args=(job.to_json(), str(out_dir)),
-        backend="gloo",  # the trainer's model and collectives are on the CPU, GPUs present or not
-        timeout_s=job.train.timeout_s,
-        log_dir=out_dir / "logs",
-    )
-    return results[0]
+    with run_lock(out_dir):  # one run per directory (run.lock; a dead run's lock is taken over)
+        _prepare_run_dir(job, out_dir)
+        if job.world_size == 1:
+            return train_rank(job.to_json(), str(out_dir))
+        results = launch(
+            train_rank,
+            job.world_size,
+            args=(job.to_json(), str(out_dir)),
+            backend="gloo",  # the trainer's model and collectives are on the CPU, GPUs present or not
+            timeout_s=job.train.timeout_s,
+            log_dir=out_dir / "logs",
+        )
+        return results[0]
 
 
 def _prepare_run_dir(job: JobConfig, out_dir: Path) -> None:
@@ -95,19 +97,24 @@ def _env_rank_training(job_json: str, out_dir: str) -> dict[str, Any]:
     box: list[Any] = [out_dir]
     dist.broadcast_object_list(box, src=0)
     out_dir = box[0]
-    failure = None
+    failure, lock = None, None
     if dist.get_rank() == 0:
         try:
+            lock = run_lock(out_dir).__enter__()
             _prepare_run_dir(job, Path(out_dir))
         except Exception as exc:  # every rank must learn of it, or the others wait for rank 0 forever
             failure = exc
     box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
     dist.broadcast_object_list(box, src=0)
-    if failure is not None:
-        raise failure
-    if box[0] is not None:
-        raise ConfigError(f"rank 0 could not prepare the run directory {out_dir}: {box[0]}")
-    return train_rank(job_json, out_dir)
+    try:
+        if failure is not None:
+            raise failure
+        if box[0] is not None:
+            raise ConfigError(f"rank 0 could not prepare the run directory {out_dir}: {box[0]}")
+        return train_rank(job_json, out_dir)
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 REPLACED_RUNS = "replaced_runs"  # where train.resume=false moves an earlier run's outputs
