@@ -577,6 +577,20 @@ def test_probe_cli_json_and_cached_calibration(tmp_path, monkeypatch, capsys):
     assert len(calls) == 2  # the second run used the cache; --refresh recalibrated
 
 
+def test_probe_cli_calibrates_with_the_given_threads_world_size_and_device(tmp_path, monkeypatch, capsys):
+    from sysopt.cli import probe as probe_cli
+
+    calls = []
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
+    argv = ["--calibrate", "--json", "--quick", "--threads", "1", "--world-size", "3", "--device", "cpu"]
+    assert probe_cli.main([*argv, "--cache", str(tmp_path / "p.json")]) == 0
+    assert (calls[0]["threads"], calls[0]["world_size"], calls[0]["device"]) == (1, 3, "cpu")
+    cal = HardwareProfile.from_json(capsys.readouterr().out).calibration
+    assert (cal.threads, cal.collective_world_size) == (1, 3)
+    with pytest.raises(SystemExit):
+        probe_cli.main(["--calibrate", "--world-size", "0"])
+
+
 def test_probe_cli_table_shows_gpus_and_calibration():
     from rich.console import Console
 

@@ -656,6 +656,21 @@ def test_resuming_a_checkpoint_past_max_steps_says_there_is_nothing_to_train(tmp
         assert run_training(shorter, tmp_path)["resumed_from_step"] == 3
 
 
+def test_tp_overlap_auto_under_torchrun_needs_a_cached_calibration(tmp_path, monkeypatch):
+    """Under torchrun the run dir is prepared inside the job's process group, where the calibration's own
+    launch cannot run: without a cached one the job is refused at once with the command that makes it."""
+    import sysopt.train.loop as loop
+    from sysopt.train import ConfigError
+
+    monkeypatch.setattr(loop, "tp_overlap_profile", lambda tp, calibrate=False: None)
+    job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2, tp_overlap="auto"))
+    with pytest.raises(
+        ConfigError, match=r"sysopt-probe --calibrate --quick --device cpu --threads 1 --world-size 2"
+    ):
+        loop._prepare_run_dir(job, tmp_path, calibrate=False)
+    assert not (tmp_path / "job.json").exists()
+
+
 def test_metrics_rewrite_on_resume_never_loses_the_history(tmp_path, monkeypatch):
     """Resuming rewrites metrics.jsonl without the steps after the checkpoint: a failure mid-rewrite (a kill,
     a full disk) must leave the old file whole."""
@@ -683,19 +698,28 @@ def test_metrics_rewrite_on_resume_never_loses_the_history(tmp_path, monkeypatch
 
 
 def test_a_second_run_in_a_live_runs_directory_is_refused(tmp_path):
-    """run.lock: a run started in a directory another live run holds is refused, naming it; a lock whose
-    run is gone (a crash, a kill) is taken over, and a finished run leaves none."""
-    import socket
+    """run.lock: a run started in a directory another live run holds (its flock) is refused, naming it; once
+    that process is gone (the kernel drops its lock) the directory is free, and a leftover lock file (a
+    crash, a half-written one) holds nothing."""
     import subprocess
     import sys
 
-    from sysopt.train.checkpoint import RUN_LOCK, RunDirectoryBusy, _process_start
+    from sysopt.train.checkpoint import RUN_LOCK, RunDirectoryBusy, run_lock
 
     job = small_job(max_steps=2)
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = (
+        "import fcntl, json, os, socket, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.pwrite(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'since': 'then'}).encode(), 0)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", holder, str(tmp_path / RUN_LOCK)], stdout=subprocess.PIPE, text=True
+    )
     try:
-        holder = {"host": socket.gethostname(), "pid": other.pid, "started": _process_start(other.pid)}
-        (tmp_path / RUN_LOCK).write_text(json.dumps({**holder, "since": "earlier"}))
+        assert other.stdout.readline().strip() == "locked"
         with pytest.raises(
             RunDirectoryBusy, match=rf"in use by another run \(pid {other.pid} on .*hydra.run.dir"
         ):
@@ -704,5 +728,8 @@ def test_a_second_run_in_a_live_runs_directory_is_refused(tmp_path):
     finally:
         other.kill()
         other.wait()
-    assert run_training(job, tmp_path)["resumed_from_step"] == 0  # its run is gone: taken over
-    assert not (tmp_path / RUN_LOCK).exists()
+    assert run_training(job, tmp_path)["resumed_from_step"] == 0  # its holder is gone: free
+    (tmp_path / RUN_LOCK).write_text("")  # a lock file nobody holds: no obstacle
+    with run_lock(tmp_path):
+        with pytest.raises(RunDirectoryBusy):  # held, also against this process's own second attempt
+            run_lock(tmp_path).__enter__()

@@ -432,7 +432,10 @@ def _fit_and_save(args, workload, machine, records: list, inputs: FitInputs):
                 f"sysopt-plan: fitting run {record.config.label()} failed: {record.status}: {record.detail}"
             )
         runs.append((record.config, record.measured_step_s, record.boundaries))
-    calibration = fit_calibration(workload, machine, runs, layer_times=inputs.layer_times)
+    try:
+        calibration = fit_calibration(workload, machine, runs, layer_times=inputs.layer_times)
+    except ValueError as exc:  # e.g. a step faster than the model's non-GEMM costs alone
+        raise SystemExit(f"sysopt-plan: the fit failed: {exc}") from None
     calibration = dataclasses.replace(calibration, min_features=args.min_features)
     target = calibration.save(args.calibration or default_calibration_path())
     print(f"calibration: {calibration.source}\n  saved to {target}")

@@ -91,14 +91,33 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="cache file (default ~/.cache/sysopt/profile-<host>-<device>-t<threads>-w<ranks>[-quick].json)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads to calibrate with (default: current)",
+    )
+    parser.add_argument(
+        "--world-size", type=int, default=2, help="ranks the collectives are calibrated over (default 2)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="device to calibrate compute on, e.g. cpu (default: a GPU if present)"
+    )
     args = parser.parse_args(argv)
+    for name in ("threads", "world_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}={value} must be >= 1")
     err = Console(stderr=True)  # progress and notes on stderr, so --json output stays clean
     if args.calibrate or args.refresh:
 
         def progress(steps, description):
             return track(list(steps), description=description, console=err, transient=True)
 
-        profile = load_or_calibrate(args.cache, quick=args.quick, refresh=args.refresh, progress=progress)
+        profile = load_or_calibrate(
+            args.cache, quick=args.quick, refresh=args.refresh, progress=progress,
+            threads=args.threads, world_size=args.world_size, device=args.device,
+        )  # fmt: skip
     else:
         profile = probe()
     if args.json:

@@ -244,8 +244,8 @@ def _death_error(fn: Callable[..., Any], rank: int, exitcode: int | None, extra:
         why = (
             "Python failed in the rank before it could run or report: most often fn cannot be imported there "
             "(defined in __main__ of `python -c`, a notebook or a script without an `if __name__ == "
-            "'__main__':` guard); define fn in an importable module. The rank's stderr (log_dir) has the "
-            "traceback"
+            "'__main__':` guard); define fn in an importable module. The traceback went to this process's "
+            "stderr (the rank fails before it sends its output to log_dir)"
         )
     else:
         how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else "a crash in native code"

@@ -156,75 +156,48 @@ class RunDirectoryBusy(CheckpointError):
     """Another live run holds the run directory."""
 
 
-def _process_start(pid: int) -> str | None:
-    """The start time (clock ticks since boot) of process `pid` from /proc, None where it cannot be read:
-    with the pid it tells a live holder from a recycled pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
-
-
-def _holder_alive(holder: dict[str, Any]) -> bool:
-    """Whether the run that wrote this lock still runs: only decidable on its host (another host's lock
-    counts as stale: a job requeued elsewhere after its node died must be able to resume)."""
-    import socket
-
-    if holder.get("host") != socket.gethostname():
-        return False
-    pid = int(holder.get("pid", -1))
-    if pid <= 0 or pid == os.getpid():
-        return False
-    started = _process_start(pid)
-    if started is not None or holder.get("started") is not None:
-        return started is not None and started == holder.get("started")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class run_lock:  # noqa: N801 - used as a context manager: `with run_lock(out_dir):`
     """Hold `out_dir` for one run: a second run started on the same directory (a double submit, a requeue
-    while the first still runs) would truncate its metrics and clear its checkpoint staging. A lock left by
-    a run that died (its process gone, or on another host) is taken over."""
+    while the first still runs) would truncate its metrics and clear its checkpoint staging.
+
+    An exclusive flock on `<out_dir>/run.lock`, held until exit: the kernel drops it when the holding process
+    dies, so a crashed run's lock never needs taking over. Across hosts it holds where the shared filesystem
+    supports flock (NFSv4, Lustre mounted with flock); elsewhere it guards one host's runs only. The file
+    names the holder (host, pid, since) for the message a refused run prints."""
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
         self.path = Path(out_dir) / RUN_LOCK
+        self._fd: int | None = None
 
     def __enter__(self) -> run_lock:
+        import fcntl
         import json
         import socket
         import time
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
-        for _ in range(2):
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    holder = {}
-                if _holder_alive(holder):
-                    raise RunDirectoryBusy(
-                        f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
-                        f"{holder.get('host')}, since {holder.get('since')}): two runs in one directory "
-                        f"overwrite each other's metrics and checkpoints; wait for it to end, stop it, or "
-                        f"give this run another hydra.run.dir"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its run is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return self
-        raise RunDirectoryBusy(f"could not take {self.path}: another run keeps creating it; retry")
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            raise RunDirectoryBusy(
+                f"{self.path.parent} is in use by another run (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, since {holder.get('since', '?')}): two runs in one directory "
+                f"overwrite each other's metrics and checkpoints; wait for it to end, stop it, or give this "
+                f"run another hydra.run.dir"
+            ) from None
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._fd = fd
+        return self
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock; the file stays (it names the last holder)
+            self._fd = None

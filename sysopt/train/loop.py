@@ -78,9 +78,19 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
         return results[0]
 
 
-def _prepare_run_dir(job: JobConfig, out_dir: Path) -> None:
+def _prepare_run_dir(job: JobConfig, out_dir: Path, *, calibrate: bool = True) -> None:
     """Before any rank trains: set an earlier run aside (train.resume=false) or check that its checkpoint
-    can resume into this job, write job.json, and calibrate what tp_overlap=auto reads."""
+    can resume into this job, write job.json, and calibrate what tp_overlap=auto reads (without
+    `calibrate`, refuse when it is not cached: under torchrun the calibration's own launch would run inside
+    the job's process group)."""
+    if job.parallel.tp > 1 and job.parallel.tp_overlap == "auto" and not calibrate:
+        if tp_overlap_profile(job.parallel.tp) is None:
+            raise ConfigError(
+                f"parallel.tp_overlap=auto needs a CPU calibration with {job.parallel.tp}-rank collectives, and "
+                "none is cached; under torchrun/srun it cannot be measured inside the job: run "
+                f"`sysopt-probe --calibrate --quick --device cpu --threads 1 --world-size {job.parallel.tp}` once "
+                "on this machine (or use parallel.tp_overlap=chunked)"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     if not job.train.resume:
         _set_aside_previous_run(out_dir)
@@ -101,7 +111,7 @@ def _env_rank_training(job_json: str, out_dir: str) -> dict[str, Any]:
     if dist.get_rank() == 0:
         try:
             lock = run_lock(out_dir).__enter__()
-            _prepare_run_dir(job, Path(out_dir))
+            _prepare_run_dir(job, Path(out_dir), calibrate=False)
         except Exception as exc:  # every rank must learn of it, or the others wait for rank 0 forever
             failure = exc
     box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
