@@ -1020,16 +1020,18 @@ def test_backward_ends_only_after_the_gradient_copies_it_started(monkeypatch):
     assert opt.stats.grad_copies_stale_unversioned == 4  # caught by the samples, copied again
 
 
-def _replicas_plan(use_group: bool):
+def _replicas_plan(use_group: bool, free_per_rank: tuple[int, int] | None = None):
     """One data-parallel replica: the same model, data and gradients as the other, but its own timings
-    (rank 1's host update measured 20x slower)."""
+    (rank 1's host update measured 20x slower) and, with `free_per_rank`, its own free device memory."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     rank = dist.get_rank()
     model = make_model()
+    costs = GPU_LIKE if free_per_rank is None else replace(GPU_LIKE, free_device_bytes=free_per_rank[rank])
+    budget = 10**6 if free_per_rank is None else None  # planned against free memory alone
     opt = OffloadAdamW(param_groups(model), lr=1e-3, strategy="interleaved", state_dtype=torch.bfloat16,
-                       subgroup_bytes=SUBGROUP_BYTES, costs=GPU_LIKE, measure=False, device_budget_bytes=10**6,
+                       subgroup_bytes=SUBGROUP_BYTES, costs=costs, measure=False, device_budget_bytes=budget,
                        replan_interval_steps=1, plan_group=dist.group.WORLD if use_group else None)  # fmt: skip
     for x in batches(4):
         slow = 20 if rank == 1 else 1
@@ -1037,7 +1039,7 @@ def _replicas_plan(use_group: bool):
         opt.zero_grad()
         model(x).pow(2).mean().backward()
         opt.step()
-    return opt.plan.placements, [p.detach().clone() for p in model.parameters()]
+    return opt.plan.placements, [p.detach().clone() for p in model.parameters()], opt.plan.device_state_bytes
 
 
 @pytest.mark.timeout(90)
@@ -1049,3 +1051,6 @@ def test_data_parallel_replicas_with_a_plan_group_place_and_step_alike():
     together = launch(_replicas_plan, 2, (True,), backend="gloo", timeout_s=60)
     assert together[0][0] == together[1][0] == apart[0][0]  # rank 0's plan, on both
     assert all(torch.equal(a, b) for a, b in zip(together[0][1], together[1][1]))
+    # replicas with different free device memory plan for the one with the least (rank 1's card here)
+    tight = launch(_replicas_plan, 2, (True, (10**6, 2000)), backend="gloo", timeout_s=60)
+    assert tight[0][0] == tight[1][0] and tight[0][2] <= 2000

@@ -293,7 +293,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         else:
             budget = self._budget_limit
             if self.strategy == "interleaved":  # plans within what is free; fixed strategies fail loudly
-                budget = min(budget, self._free_device_bytes)
+                budget = min(budget, self._agreed_min(self._free_device_bytes))  # what every replica has
                 if self.device_budget_bytes is None and self.device.type == "cuda":
                     warnings.warn(
                         f"OffloadAdamW(strategy='interleaved') without device_budget_bytes plans against all "
@@ -826,10 +826,11 @@ class OffloadAdamW(torch.optim.Optimizer):
         host_order = tuple(i for i in self._ready_order if self.plan.placements[i] == HOST)
         if host_order != self.plan.transfer_order:
             reasons.append("ready_order")
+        in_use = self.plan.device_state_bytes
+        free = (free_device_bytes(self.device) + in_use) if self._measure else self._free_device_bytes
+        free = self._agreed_min(free)  # every replica reaches this point: no collective behind a condition
         plan = None
         if reasons or force:
-            in_use = self.plan.device_state_bytes
-            free = (free_device_bytes(self.device) + in_use) if self._measure else self._free_device_bytes
             plan = make_plan(
                 self.strategy,
                 self.subgroups,
@@ -852,6 +853,16 @@ class OffloadAdamW(torch.optim.Optimizer):
         else:
             self.plan = plan
         return changed
+
+    def _agreed_min(self, value: int) -> int:
+        """The least `value` over plan_group (e.g. free device bytes, which differ from card to card), so a
+        plan made from it fits every replica; `value` itself without a group."""
+        group = self.plan_group
+        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return value
+        values: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(values, value, group=group)
+        return min(values)
 
     def _from_first_rank(self, obj: Any) -> Any:
         """`obj` as the first rank of plan_group has it (broadcast), or as is without a group."""
@@ -948,8 +959,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         )
         in_use = self.plan.device_state_bytes
         free = (free_device_bytes(self.device) + in_use) if self._measure else self._free_device_bytes
-        try:
-            self._check(plan, free)
+        try:  # against what every replica has free: the replicas adopt it all or none
+            self._check(plan, self._agreed_min(free))
         except ValueError as exc:
             warnings.warn(f"the checkpoint's placement does not fit here ({exc}); keeping this optimizer's own plan",
                           stacklevel=3)  # fmt: skip
