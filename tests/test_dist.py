@@ -422,3 +422,36 @@ def test_a_rank_that_exits_with_status_1_is_not_called_a_native_crash():
     assert "exit code 1" in message and "define fn in an importable module" in message
     assert "native code" not in message
     assert "signal 9: killed, out of memory, or preempted" in str(_death_error(_no_collectives, 0, -9))
+
+
+class _KilledWhileSent:
+    """A result that SIGKILLs its own rank 0.6 s after it starts being pickled: past the pickling of its
+    256 MiB (~0.1 s), while it is on its way to the parent (or just after it arrived)."""
+
+    def __init__(self) -> None:
+        self.data = bytes(256 << 20)
+
+    def __reduce__(self):
+        import signal
+        import threading
+
+        threading.Timer(0.6, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+        return (bytes, (self.data,))
+
+
+def _big_result_then_killed():
+    return _KilledWhileSent()
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_killed_while_sending_a_large_result_never_hangs_the_launch():
+    """The result crosses as a file and the queue carries only its path. A rank killed part-way fails the
+    launch at once (or, where its result had arrived, the launch returns it). It used to leave the parent
+    blocked reading the rest of a message, past timeout_s (the old code hung here)."""
+    start = time.monotonic()
+    try:
+        out = launch(_big_result_then_killed, 2, backend="gloo", timeout_s=30)
+        assert [len(b) for b in out] == [256 << 20] * 2
+    except LaunchError as exc:
+        assert "died with exit code -9" in str(exc)
+    assert time.monotonic() - start < 30

@@ -12,8 +12,10 @@ import os
 import pickle
 import queue
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -193,6 +195,7 @@ def _worker(
     console_rank: int | None,
     results: Any,
     parent_env: dict[str, str],
+    result_dir: str,
 ) -> None:
     os.environ.clear()  # a forkserver child has the server's old environment: take the caller's
     os.environ.update(parent_env)
@@ -221,15 +224,27 @@ def _worker(
             payload = pickle.dumps(value)
         except Exception as exc:  # report instead of dying in the queue's feeder thread
             raise TypeError(f"rank {rank}: return value of {fn.__name__} is not picklable: {exc}") from exc
-        results.put((rank, "ok", payload))
+        results.put((rank, "ok", _deposit(result_dir, rank, payload)))
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
-        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        results.put((rank, "error", _deposit(result_dir, rank, text.encode())))
     finally:
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _deposit(result_dir: str, rank: int, payload: bytes) -> str:
+    """Write a rank's result to a file and return its path, which is all the queue carries: a short message
+    reaches the pipe in one write, whole or not at all. A large one went through the pipe in pieces, and a
+    rank killed midway left the parent blocked reading the rest, past any timeout."""
+    path = Path(result_dir) / f"rank{rank}.result"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+    return str(path)
 
 
 def _died_silently(procs: list, values: dict, reported: int | None = None) -> list[int]:
@@ -307,15 +322,18 @@ def launch(
             init_process_group(rank, world_size, backend=backend, timeout_s=timeout_s, local_rank=local_rank)
         return [fn(*args)]
 
-    if backend == "nccl" and world_size > torch.cuda.device_count():  # spawned here: all share this node's GPUs
+    if (
+        backend == "nccl" and world_size > torch.cuda.device_count()
+    ):  # spawned here: all share this node's GPUs
         raise ValueError(
             f"world_size={world_size} NCCL ranks on this node, which has {torch.cuda.device_count()} GPU(s): two "
-            "ranks on one GPU fail in NCCL (\"Duplicate GPU detected\"); use at most one rank per GPU, or "
+            'ranks on one GPU fail in NCCL ("Duplicate GPU detected"); use at most one rank per GPU, or '
             "backend='gloo' for CPU tensors"
         )
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
+    result_dir = tempfile.mkdtemp(prefix="sysopt-launch-")
     procs = []
     for rank in range(world_size):
         p = ctx.Process(
@@ -333,6 +351,7 @@ def launch(
                 console_rank,
                 results,
                 dict(os.environ),
+                result_dir,
             ),
             daemon=True,
         )
@@ -352,13 +371,15 @@ def launch(
                     f"work is genuinely longer"
                 )
             try:
-                rank, status, payload = results.get(timeout=min(remaining, 0.5))
+                rank, status, path = results.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 dead = _died_silently(procs, values)
                 if dead:
                     raise _death_error(fn, dead[0], procs[dead[0]].exitcode) from None
                 continue
+            payload = Path(path).read_bytes()
             if status == "error":
+                payload = payload.decode(errors="replace")
                 # a peer's death shows up on the survivors as a connection error: give the dead rank a
                 # moment to be noticed and report it as the cause, with the survivor's error beside it
                 grace_end = time.monotonic() + 2.0
@@ -381,4 +402,5 @@ def launch(
                 p.kill()
                 p.join(timeout=5.0)
         results.close()
+        shutil.rmtree(result_dir, ignore_errors=True)
     return [values[r] for r in range(world_size)]
