@@ -1054,3 +1054,51 @@ def test_data_parallel_replicas_with_a_plan_group_place_and_step_alike():
     # replicas with different free device memory plan for the one with the least (rank 1's card here)
     tight = launch(_replicas_plan, 2, (True, (10**6, 2000)), backend="gloo", timeout_s=60)
     assert tight[0][0] == tight[1][0] and tight[0][2] <= 2000
+
+
+def test_frozen_parameters_get_state_only_once_they_train():
+    """As torch allocates AdamW state lazily: a parameter frozen when the optimizer is built gets no state
+    and takes no budget; unfrozen later, it gets both at its first step; a checkpoint holding its state
+    loads it back even while it is frozen again. Parameters equal torch's throughout."""
+    xs = batches(6)
+    models, opts = {}, {}
+    for name in ("torch", "offload"):
+        model = models[name] = make_model()
+        model.layers[0].requires_grad_(False)
+        if name == "torch":
+            opts[name] = torch.optim.AdamW(param_groups(model), lr=1e-3, fused=True)
+        else:
+            opts[name] = OffloadAdamW(
+                param_groups(model), lr=1e-3, strategy="device", subgroup_bytes=SUBGROUP_BYTES
+            )
+    trainable = sum(p.numel() for p in models["offload"].parameters() if p.requires_grad)
+    everything = sum(p.numel() for p in models["offload"].parameters())
+    assert opts["offload"].plan.device_state_bytes == 8 * trainable  # the frozen take no budget
+
+    def steps(batch_list):
+        for x in batch_list:
+            for name in ("torch", "offload"):
+                opts[name].zero_grad()
+                models[name](x).pow(2).mean().backward()
+                opts[name].step()
+
+    frozen = list(models["offload"].layers[0].parameters())
+    steps(xs[:2])
+    assert all(not opts["offload"].state.get(p) for p in frozen)
+    assert_params_equal(models["torch"], models["offload"])
+    for name in models:
+        models[name].layers[0].requires_grad_(True)
+    steps(xs[2:4])  # the first of these gives them state
+    assert all(opts["offload"].state[p]["step"].item() == 2 for p in frozen)
+    assert opts["offload"].plan.device_state_bytes == 8 * everything
+    assert_params_equal(models["torch"], models["offload"])
+    saved = copy.deepcopy(opts["offload"].state_dict())
+    model2 = copy.deepcopy(models["offload"])
+    model2.layers[0].requires_grad_(False)
+    opt2 = OffloadAdamW(param_groups(model2), lr=1e-3, strategy="device", subgroup_bytes=SUBGROUP_BYTES)
+    opt2.load_state_dict(saved)
+    frozen2 = list(model2.layers[0].parameters())
+    assert all(
+        torch.equal(opt2.state[p]["exp_avg"], opts["offload"].state[q]["exp_avg"])
+        for p, q in zip(frozen2, frozen)
+    )

@@ -233,6 +233,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._budget_limit = sys.maxsize if device_budget_bytes is None else device_budget_bytes
         self.phases = PhaseTimes()
         self._where: dict[torch.Tensor, str] = {}
+        self._loaded_frozen: set[torch.Tensor] = set()  # frozen, but a loaded checkpoint holds their state
         self._host_master: dict[torch.Tensor, torch.Tensor] = {}  # fp32 params: host master_dtype copy
         self._host_grad: dict[torch.Tensor, torch.Tensor] = {}
         self._grad_copies: dict[torch.Tensor, _GradCopy] = {}
@@ -282,9 +283,12 @@ class OffloadAdamW(torch.optim.Optimizer):
                         f"{p.dtype} parameters, or cast the model to float32"
                     )
         groups = [g["params"] for g in self.param_groups]
+        # as torch allocates AdamW state lazily: none for a parameter frozen now (it gets its state once it
+        # has a gradient, step() rebuilding then); one that has state keeps it (torch's does too)
         self.subgroups: tuple[Subgroup, ...] = partition(
-            groups, self.subgroup_bytes, self.state_dtype, self.master_dtype
-        )
+            groups, self.subgroup_bytes, self.state_dtype, self.master_dtype,
+            include=lambda p: p.requires_grad or p in self._where or p in self._loaded_frozen,
+        )  # fmt: skip
         self._members = [[groups[s.group_index][j] for j in s.param_indices] for s in self.subgroups]
         self._subgroup_of = {p: s.index for s, ps in zip(self.subgroups, self._members) for p in ps}
         self._ready_order = list(range(len(self.subgroups)))
@@ -747,16 +751,21 @@ class OffloadAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         start_s = time.perf_counter()
-        for k, g in enumerate(
-            self.param_groups
-        ):  # before any subgroup updates: a failed step changes nothing
+        stateless = False  # a parameter frozen when the subgroups were made that has a gradient now
+        # checked before any subgroup updates: a failed step changes nothing
+        for k, g in enumerate(self.param_groups):
             for j, p in enumerate(g["params"]):
+                stateless |= p.grad is not None and p not in self._subgroup_of
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(
                         f"param group {k}, parameter {j} (shape {tuple(p.shape)}) has a sparse gradient, which "
                         "OffloadAdamW does not support: use nn.Embedding(sparse=False), or torch.optim.SparseAdam "
                         "for that parameter"
                     )
+        if stateless:  # unfrozen since: give it state and a subgroup (existing state keeps its values)
+            self._build()
+            if self._attached:
+                self.attach()
         self.wait_for_params()
         self._transfers.poll()
         with torch.no_grad():
@@ -924,9 +933,18 @@ class OffloadAdamW(torch.optim.Optimizer):
                 )
         for i, sg in enumerate(saved_groups):
             _check_group_flags(sg, f"state_dict param group {i}")
+        saved_state = state_dict["state"]
+        frozen_with_state = [  # torch's optimizer would hold their state: so do we (as it was saved)
+            p
+            for g, sg in zip(self.param_groups, saved_groups)
+            for saved_id, p in zip(sg["params"], g["params"])
+            if p not in self._subgroup_of and saved_state.get(saved_id)
+        ]
+        if frozen_with_state:
+            self._loaded_frozen.update(frozen_with_state)
+            self._build()
         if (saved_plan := state_dict.get("offload_placement")) is not None:
             self._adopt_placement(saved_plan)
-        saved_state = state_dict["state"]
         with torch.no_grad():
             for g, sg in zip(self.param_groups, saved_groups):
                 for saved_id, p in zip(sg["params"], g["params"]):
@@ -969,6 +987,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.stats.steps = int(saved["steps"])  # the re-plan interval counts on from the saved run
 
     def _load_param_state(self, p: torch.Tensor, saved: dict[str, Any] | None) -> None:
+        if p not in self._subgroup_of:  # frozen, without state (load_state_dict included those saved with it)
+            return
         st = self.state[p]
         if saved is None:
             for k in ("step", "exp_avg", "exp_avg_sq"):

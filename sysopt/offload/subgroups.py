@@ -4,7 +4,7 @@ copied and updated together. Subgroups come in the order gradients become ready 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -71,13 +71,15 @@ def partition(
     subgroup_bytes: int = DEFAULT_SUBGROUP_BYTES,
     state_dtype: torch.dtype = torch.float32,
     master_dtype: torch.dtype = torch.float32,
+    include: Callable[[torch.Tensor], bool] | None = None,
 ) -> tuple[Subgroup, ...]:
     """Cut parameters into subgroups of about `subgroup_bytes` of device optimizer state.
 
     Parameters are walked in reverse (last group's last parameter first): with parameters registered in
     forward order that is the order backward produces their gradients. A subgroup never spans two param
     groups (one update call uses one lr/weight decay); a parameter larger than `subgroup_bytes` gets a
-    subgroup of its own."""
+    subgroup of its own.
+    `include(p)` False leaves a parameter out (no state, no subgroup; its index is skipped)."""
     if subgroup_bytes <= 0:
         raise ValueError(f"subgroup_bytes={subgroup_bytes} must be positive; try {DEFAULT_SUBGROUP_BYTES}")
     subgroups: list[Subgroup] = []
@@ -87,6 +89,8 @@ def partition(
         current_bytes = 0
         for param_index in reversed(range(len(params))):
             p = params[param_index]
+            if include is not None and not include(p):
+                continue
             if not p.is_floating_point():
                 raise ValueError(
                     f"param_groups[{group_index}] parameter {param_index} has dtype {p.dtype}; "
