@@ -863,11 +863,18 @@ class OffloadAdamW(torch.optim.Optimizer):
             self.plan = plan
         return changed
 
+    def _replica_group(self) -> Any:
+        """plan_group when there are other replicas to agree with, else None."""
+        group = self.plan_group
+        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return None
+        return group
+
     def _agreed_min(self, value: int) -> int:
         """The least `value` over plan_group (e.g. free device bytes, which differ from card to card), so a
         plan made from it fits every replica; `value` itself without a group."""
-        group = self.plan_group
-        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        group = self._replica_group()
+        if group is None:
             return value
         values: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(values, value, group=group)
@@ -875,8 +882,8 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     def _from_first_rank(self, obj: Any) -> Any:
         """`obj` as the first rank of plan_group has it (broadcast), or as is without a group."""
-        group = self.plan_group
-        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        group = self._replica_group()
+        if group is None:
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
