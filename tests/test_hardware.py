@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -408,6 +409,38 @@ def test_quick_calibration_matmul_time_scales_with_size(calibrated):
 
 
 # ---- cache ------------------------------------------------------------------------------------
+
+
+def _chunk_overhead_with_a_late_peer(delay_s: float) -> float | None:
+    """Under launch: rank 1 sleeps `delay_s` before each collective of the chunked TP layer, so rank 0
+    waits that long per chunk; rank 0 returns the calibrated per-chunk overhead."""
+    import torch
+    import torch.distributed as dist
+
+    from sysopt.hardware.collectives import _chunk_overhead_s
+    from sysopt.tensor_parallel import comm
+
+    if dist.get_rank() == 1:
+        exchange = comm.exchange
+
+        def late_exchange(*args, **kwargs):
+            time.sleep(delay_s)
+            return exchange(*args, **kwargs)
+
+        comm.exchange = late_exchange
+    overhead = _chunk_overhead_s(repeats=5, warmup=1, device=torch.device("cpu"))
+    return overhead if dist.get_rank() == 0 else None
+
+
+@pytest.mark.timeout(120)
+def test_chunk_overhead_is_host_work_not_the_wait_for_a_late_peer():
+    # the old estimator (wall time of 8 chunks minus 1, per extra chunk) read the peer's 5 ms delay per
+    # collective as ~5 ms of overhead per chunk, and auto then refused to split; a chunk costs this rank
+    # its slicing and launching only (the collective's latency is charged on the communication side)
+    from sysopt.dist import launch
+
+    overhead = launch(_chunk_overhead_with_a_late_peer, 2, args=(5e-3,), timeout_s=100)[0]
+    assert 0 <= overhead < 1e-3
 
 
 def measured_as_asked(threads=None, world_size=2, device=None, quick=False, **_) -> HardwareProfile:

@@ -69,27 +69,34 @@ def _tp_burst_s(kind: str, full: torch.Tensor, ops: int) -> float:
 
 def _chunk_overhead_s(repeats: int, warmup: int, device: torch.device, many: int = 8) -> float:
     """Host cost of one more chunk in a chunked tensor-parallel layer: a sequence-parallel column linear
-    on a tiny input (GEMMs and bytes negligible) timed with 1 and `many` chunks; (t_many - t_1)/(many - 1).
-    It covers what a chunk costs beyond its GEMM and bytes: slicing, launching, waiting, bookkeeping."""
+    on a tiny input (GEMMs and bytes negligible) run with 1 and `many` chunks; the difference in the CPU time
+    of the calling thread, per extra chunk: slicing, launching, bookkeeping, what a chunk costs the compute
+    stream. Not wall time: a tiny layer's wall time also counts each chunk's collective latency, which the
+    chunk model already charges on the communication side (the burst fits), and the wait for the peer rank,
+    which on a shared 2-core host swung the estimate 5x between calibrations (160-740 us per chunk at tp=2,
+    0.4-1.6 ms at tp=4, where the thread's CPU time gave 50-120 us). Blocked in a gloo wait the thread uses no
+    CPU; on CUDA the layer call only launches work, and the device sync sits outside the timed span."""
     from sysopt.tensor_parallel import ColumnParallelLinear
 
     world = dist.get_world_size()
     x = torch.randn(8 * many, 1, 16, device=device)
-    times = {}
-    for chunks in (1, many):
-        layer = ColumnParallelLinear(
+    layers = {
+        chunks: ColumnParallelLinear(
             16, 16 * world, bias=False, sequence_parallel=True, overlap=f"chunked:{chunks}"
-        )
-        layer = layer.to(device)
-        runs = []
-        for _ in range(warmup + repeats):
+        ).to(device)
+        for chunks in (1, many)
+    }
+    times: dict[int, list[float]] = {chunks: [] for chunks in layers}
+    for i in range(warmup + repeats):
+        for chunks, layer in layers.items():  # alternated, so a drift in the machine's speed hits both
             dist.barrier()
-            start = time.perf_counter()
+            start = time.thread_time()
             layer(x)
+            spent = time.thread_time() - start
             _sync(device)
-            runs.append(time.perf_counter() - start)
-        times[chunks] = median(runs[warmup:])
-    return max(0.0, (times[many] - times[1]) / (many - 1))
+            if i >= warmup:
+                times[chunks].append(spent)
+    return max(0.0, (median(times[many]) - median(times[1])) / (many - 1))
 
 
 def collective_worker(sizes_bytes: tuple[int, ...], repeats: int, warmup: int) -> dict | None:
