@@ -411,6 +411,31 @@ def test_quick_calibration_matmul_time_scales_with_size(calibrated):
 # ---- cache ------------------------------------------------------------------------------------
 
 
+def test_a_cpu_profile_on_a_gpu_node_measures_its_collectives_over_gloo(monkeypatch):
+    # a node with 8 GPUs: a CPU calibration used to time NCCL on the GPUs and file the figures as the CPU's
+    import torch
+
+    import sysopt.dist
+    from sysopt.hardware import collectives
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    asked = []
+
+    def fake_launch(fn, world_size, args=(), backend=None, timeout_s=None):
+        asked.append(backend)
+        raise RuntimeError("not launched in this test")
+
+    monkeypatch.setattr(sysopt.dist, "launch", fake_launch)
+    for device, world_size in ((None, 2), ("cpu", 2), ("cuda", 2), ("cuda", 16)):
+        with pytest.warns(UserWarning, match="not launched"):
+            got = collectives.calibrate_collectives(
+                world_size, quick=True, repeats=1, device=None if device is None else torch.device(device)
+            )
+        assert got[2] == asked[-1]
+    assert asked == ["gloo", "gloo", "nccl", "gloo"]
+
+
 def _chunk_overhead_with_a_late_peer(delay_s: float) -> float | None:
     """Under launch: rank 1 sleeps `delay_s` before each collective of the chunked TP layer, so rank 0
     waits that long per chunk; rank 0 returns the calibrated per-chunk overhead."""

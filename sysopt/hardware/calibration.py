@@ -241,7 +241,9 @@ def _calibrate(profile, quick, world_size, device, repeats, progress, samples) -
         ("copy", lambda: calibrate_copy(dev, quick=quick, repeats=repeats, samples=samples)),
         (
             "collectives",
-            lambda: calibrate_collectives(world_size, quick=quick, repeats=repeats, samples=samples),
+            lambda: calibrate_collectives(
+                world_size, quick=quick, repeats=repeats, samples=samples, device=dev
+            ),
         ),
         ("optimizer", optimizer_rates),
     ]

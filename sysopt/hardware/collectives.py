@@ -134,15 +134,31 @@ def fit_bursts(by_burst: dict[tuple[int, int], list[float]]) -> LinkFit:
     return fit_alpha_beta([p[0] for p in points], [p[1] for p in points])
 
 
+def collective_backend(device: torch.device, world_size: int) -> str:
+    """The backend a calibration of `device` measures its collectives with: NCCL for a CUDA device when
+    there is a GPU per rank, else gloo on host tensors (a CPU profile on a GPU node is measured over gloo,
+    as the CPU ranks that will use it communicate)."""
+    if device.type == "cuda" and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
 def calibrate_collectives(
-    world_size: int, *, quick: bool, repeats: int, warmup: int = 1, samples: list | None = None
+    world_size: int,
+    *,
+    quick: bool,
+    repeats: int,
+    warmup: int = 1,
+    samples: list | None = None,
+    device: torch.device | None = None,
 ) -> tuple[LinkFit | None, LinkFit | None, str, dict[str, LinkFit], float | None]:
     """(p2p fit, all-reduce fit, backend, {tensor-parallel collective: per-op fit}, host seconds per extra
-    chunk of a chunked TP layer). Fits are None (the dict empty) when world_size < 2 or the launch fails
-    (a warning says why): calibration of everything else still stands."""
+    chunk of a chunked TP layer) for the profile of `device` (default CPU; see collective_backend). Fits
+    are None (the dict empty) when world_size < 2 or the launch fails (a warning says why): calibration of
+    everything else still stands."""
     if world_size < 2:
         return None, None, "", {}, None
-    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    backend = collective_backend(device or torch.device("cpu"), world_size)
     sizes = QUICK_SIZES_BYTES if quick else FULL_SIZES_BYTES
     try:
         from sysopt.dist import launch
