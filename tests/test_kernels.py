@@ -98,6 +98,18 @@ def test_triton_quantize_launch_grids_fit_cuda_limits(monkeypatch):
     for grid in launches.grids:
         assert len(grid) <= 3 and grid[0] <= 2**31 - 1 and all(n <= 65535 for n in grid[1:]), grid
     monkeypatch.undo()
+
+
+def test_triton_gemm_launch_grid_fits_cuda_limits(monkeypatch):
+    """An output 2.2M columns wide (a vocabulary-sized projection's transpose) is 68750 column tiles of 32:
+    beyond the 65535 programs CUDA allows on grid axis 1, so the GEMM's tiles share axis 0."""
+    launches = _Launches()
+    monkeypatch.setattr(gemm_triton, "_scaled_mm_kernel", launches)
+    a = torch.zeros(1, 32, dtype=torch.int8)
+    b = torch.zeros(1, 32, dtype=torch.int8).expand(2_200_000, 32)  # strides (0, 1): no 70 MB allocated
+    gemm_triton.scaled_mm(a, torch.ones(()), b, torch.ones(()))
+    (grid,) = launches.grids
+    assert len(grid) == 1 and grid[0] == 2_200_000 // 32 and grid[0] <= 2**31 - 1
     x = _data((1, 3000)).reshape(-1)  # 1-D, several column tiles: the flattened grid covers them all
     for granularity, block, shaped in (("tensorwise", None, x), ("blockwise", (1, 128), x.view(1, -1)),
                                        ("blockwise", (3, 40), _data((7, 300)))):  # fmt: skip

@@ -8,6 +8,7 @@ imported only when first used, so `import sysopt.kernels` works where Triton is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -52,6 +53,12 @@ def backend_for(device: torch.device | str) -> str:
 
         return "cpp" if cpu.load() is not None else "torch"
     return "torch"
+
+
+def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """x's GPU as the current device while its kernels launch: Triton launches on the current device's
+    stream, so a tensor on cuda:1 with cuda:0 current would run on the wrong GPU. No-op off CUDA."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)

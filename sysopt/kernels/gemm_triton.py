@@ -14,11 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import on_device
 from .gemm_ref import INT32_SAFE_K
-from .scales import BLOCK, ROW, TENSOR, check_operands, k_block, scale_layout
+from .scales import BLOCK, MIN_BLOCK_K, ROW, TENSOR, check_operands, k_block, scale_layout
 
 _BLOCK_M, _BLOCK_N, _MAX_BLOCK_K = 32, 32, 64
-_MIN_BLOCK_K = 32  # tl.dot of 8-bit operands (int8, fp8) on NVIDIA GPUs needs K >= 32 per dot
+_MIN_BLOCK_K = MIN_BLOCK_K  # tl.dot of 8-bit operands (int8, fp8) on NVIDIA GPUs needs K >= 32 per dot
 _NO_UPCAST, _UPCAST_BF16, _UPCAST_FP32 = 0, 1, 2
 
 
@@ -30,8 +31,9 @@ def _scaled_mm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
                       OUT_BF16: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     # int64 indices, so element offsets (index * stride) do not wrap for operands spanning >= 2^31 elements
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid, tiles_n = tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK_N)  # a 1-D grid, row tiles major
+    rm = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = rm < M, rn < N
     blocked: tl.constexpr = (A_MODE == 2) or (B_MODE == 2)
     int_acc: tl.constexpr = IS_INT and not blocked
@@ -134,6 +136,11 @@ def scaled_mm(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton twin of gemm_ref.scaled_mm."""
+    with on_device(a):
+        return _scaled_mm(a, a_scale, b, b_scale, a_block, b_block, out_dtype, bias)
+
+
+def _scaled_mm(a, a_scale, b, b_scale, a_block, b_block, out_dtype, bias):
     check_operands(a, b)
     la = scale_layout("a", a, a_scale, a_block)
     lb = scale_layout("b", b, b_scale, b_block)
@@ -144,7 +151,16 @@ def scaled_mm(
         # slices that cannot (row and tensor scales do not vary along K) and add their dequantised results
         out = None
         for k0 in range(0, k, INT32_SAFE_K):
-            part = scaled_mm(a[:, k0 : k0 + INT32_SAFE_K], a_scale, b[:, k0 : k0 + INT32_SAFE_K], b_scale)
+            part = _scaled_mm(
+                a[:, k0 : k0 + INT32_SAFE_K],
+                a_scale,
+                b[:, k0 : k0 + INT32_SAFE_K],
+                b_scale,
+                None,
+                None,
+                torch.float32,
+                None,
+            )
             out = part if out is None else out.add_(part)
         if bias is not None:
             out.add_(bias.float())
@@ -157,7 +173,9 @@ def scaled_mm(
         b_scale = b_scale.reshape(n)
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     bias_arg = bias.contiguous() if bias is not None else out
-    grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(n, _BLOCK_N))
+    # one grid axis over all output tiles: CUDA allows 2^31 - 1 programs on axis 0 but 65535 on axis 1,
+    # which N > 65535 * _BLOCK_N columns would exceed
+    grid = (triton.cdiv(m, _BLOCK_M) * triton.cdiv(n, _BLOCK_N),)
     _scaled_mm_kernel[grid](
         a, b, out, a_scale, b_scale, bias_arg, m, n, k,
         *a.stride(), *b.stride(), *out.stride(), *_scale_strides(a_scale), *_scale_strides(b_scale),

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import quantize_ref
+from .dispatch import on_device
 from .formats import EPS, MANTISSA_BITS, MIN_NORMAL_EXP, blocks_of, check_dtype, check_granularity
 
 _TILE_M, _TILE_K = 16, 128
@@ -223,6 +224,11 @@ def quantize(
     power_of_two: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of quantize_ref.quantize: (q, scale) with x ~= q.float() * scale."""
+    with on_device(x):
+        return _quantize(x, dtype, granularity, block, power_of_two)
+
+
+def _quantize(x, dtype, granularity, block, power_of_two):
     qmax = check_dtype(dtype)
     block = check_granularity(granularity, block)
     if granularity == "tensorwise":
