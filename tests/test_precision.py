@@ -462,6 +462,11 @@ def test_recipes_round_trip_json_and_validate():
     ):
         P.Recipe("x", granularity="blockwise", activation_block=(1, 64))
     P.Recipe("x", granularity="blockwise", weight_granularity="rowwise", activation_block=(1, 64))  # no clash
+    # a contraction block the GPU's scaled GEMM cannot take: refused on every machine, not first on a GPU
+    with pytest.raises(ValueError, match=r"activation_block=\(1, 48\) .* multiple of 32.*\(1, 128\)"):
+        P.Recipe("x", granularity="blockwise", weight_granularity="rowwise", activation_block=(1, 48))
+    with pytest.raises(ValueError, match=r"weight_block=\(64, 80\) .* multiple of 32"):
+        P.Recipe("x", granularity="rowwise", weight_granularity="blockwise", weight_block=(64, 80))
 
 
 # ---- convert -----------------------------------------------------------------------------------------------

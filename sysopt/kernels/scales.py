@@ -9,6 +9,9 @@ import torch
 from .formats import blocks_of
 
 TENSOR, ROW, BLOCK = 0, 1, 2
+# a blockwise scale's contraction-dim block size must be a multiple of this: the Triton scaled GEMM scales each
+# K step's partial sum by one block's scale, and 8-bit tl.dot on NVIDIA GPUs needs K >= 32 per dot
+MIN_BLOCK_K = 32
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
+from sysopt.kernels.scales import MIN_BLOCK_K as BLOCK_K_MULTIPLE
+
 LOW_FORMATS = ("e4m3", "e5m2", "int8")
 HIGH_FORMATS = ("bf16", "high")
 FORMATS = LOW_FORMATS + HIGH_FORMATS
@@ -100,6 +102,15 @@ class Recipe:
                 )
         # both operands of a GEMM are blocked along its contraction dim (the blocks' cols): the sizes must agree
         ab, wb = self.activation_block, self.weight_block
+        blocked = [("activation_block", ab)] if self.granularity == "blockwise" else []
+        blocked += [("weight_block", wb)] if self.weight_scaling_granularity == "blockwise" else []
+        for attr, block in blocked:  # the CPU reference takes any size; the GPU kernel would refuse it later
+            if block[1] % BLOCK_K_MULTIPLE:
+                raise ValueError(
+                    f"recipe {self.name!r}: {attr}={block} blocks the contraction dim in {block[1]}, which must "
+                    f"be a multiple of {BLOCK_K_MULTIPLE} (the Triton scaled GEMM's K step: 8-bit tl.dot on "
+                    f"NVIDIA GPUs needs K >= {BLOCK_K_MULTIPLE}); use e.g. {(block[0], 128)}"
+                )
         if (
             self.granularity == "blockwise"
             and self.weight_scaling_granularity == "blockwise"
