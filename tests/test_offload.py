@@ -634,6 +634,49 @@ def test_cost_inputs_from_hardware_profile():
     assert c.free_device_bytes == 70 * 2**30 and not c.shared_processor
 
 
+def test_a_profile_gives_rates_but_not_the_free_memory_placement_checks_against():
+    # the profile's memory figure is from when it was probed (on CPU the host's total): placing against it
+    # refused a plan that fits (here) or, on a GPU, allowed one past what is free once the model is there
+    profile_mod = pytest.importorskip("sysopt.hardware.profile")
+    d = {
+        "cpu": {"model": "x", "cores": 2, "threads": 2, "isa": [], "host_memory_bytes": 1 << 10},
+        "gpus": [],
+        "calibration": {
+            "device": "cpu", "matmul": [], "matmul_flops_per_s": {"fp32": 1e11},
+            "copy": {"memcpy": {"latency_s": 1e-6, "bytes_per_s": 1e10}}, "p2p": None, "allreduce": None,
+            "collective_world_size": 1, "collective_backend": "", "created": "now",
+            "optimizer_params_per_s": {"host": 1e9, "device": 1e9},
+        },
+        "created": "now",
+    }  # fmt: skip
+    profile = profile_mod.HardwareProfile.from_dict(d)
+    assert cost_inputs_from_profile(profile, "cpu").free_device_bytes == 1 << 10  # the projection's figure
+    model = nn.Linear(64, 64)
+    opt = OffloadAdamW(model.parameters(), lr=1e-3, strategy="device", profile=profile)  # 33 KB of state
+    assert opt.costs.free_device_bytes > 1 << 20
+    assert opt.costs.host_params_per_s == 1e9  # the rates are still the profile's
+
+
+def test_a_consumed_gradient_is_not_kept_alive_after_step():
+    # fp32 parameters kept their gradient's copy record past step(), and with it the gradient itself, until
+    # the optimizer's own zero_grad: a loop that frees gradients through the model kept them through the
+    # next forward (on a GPU, the device memory offloading is meant to free)
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    fp32, bf16 = nn.Linear(32, 32), nn.Linear(32, 32).bfloat16()
+    opt = OffloadAdamW([*fp32.parameters(), *bf16.parameters()], lr=1e-3, strategy="host")
+    x = torch.randn(4, 32)
+    (fp32(x).sum() + bf16(x.bfloat16()).float().sum()).backward()
+    grads = [weakref.ref(p.grad) for m in (fp32, bf16) for p in m.parameters()]
+    opt.step()
+    fp32.zero_grad(set_to_none=True)  # the modules', not the optimizer's
+    bf16.zero_grad(set_to_none=True)
+    gc.collect()
+    assert [g() is None for g in grads] == [True] * 4
+
+
 def test_projection_for_gpu_node_from_profile_json_plans_without_a_gpu():
     """7e9 parameters in 256 MiB subgroups on the GPU defaults: the plan uses the budget and predicts."""
     params = [torch.empty(50_000_000, device="meta") for _ in range(140)]

@@ -4,6 +4,7 @@ hooks), update on the host with the fused CPU kernel, and copy parameters back b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -265,7 +266,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         if costs is not None:
             return costs
         if profile is not None and profile.calibration is not None:
-            return cost_inputs_from_profile(profile, self.device)
+            # the profile's rates, but the memory free now: its figure is from when it was probed (an idle
+            # device, or on CPU the host's total), not after the model, gradients and other state arrived
+            costs = cost_inputs_from_profile(profile, self.device)
+            return dataclasses.replace(costs, free_device_bytes=free_device_bytes(self.device))
         if self.strategy == "interleaved" or profile is not None:
             return measure_cost_inputs(self.device)
         return None
@@ -733,11 +737,11 @@ class OffloadAdamW(torch.optim.Optimizer):
         # into their now-consumed gradient buffer, so only their own bytes cross the link.
         srcs = []
         for p, master in zip(params, masters):
-            if p.dtype == torch.float32:
-                srcs.append(master)
-            else:
-                srcs.append(self._host_grad[p].copy_(master))
-                self._grad_copies.pop(p, None)  # the buffer no longer holds the gradient
+            srcs.append(master if p.dtype == torch.float32 else self._host_grad[p].copy_(master))
+            # the gradient is consumed (and a 16-bit one's buffer reused): its record goes, so it does not keep
+            # the old gradient alive on the device through the next forward once the caller drops it
+            # (model.zero_grad(), p.grad = None); a second step() without a backward copies it again
+            self._grad_copies.pop(p, None)
         versions = [p._version + 1 for p in params]  # copy_ bumps each once (on CUDA at issue, on CPU later)
         handle = self._transfers.h2d(params, srcs)
         self._pending_params[i] = (handle, params, versions)
