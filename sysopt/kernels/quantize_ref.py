@@ -24,10 +24,11 @@ def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
 
 def scale_from_amax(amax: torch.Tensor, qmax: float, power_of_two: bool) -> torch.Tensor:
     """Dequantisation scale from amax: max(amax, EPS) / qmax, optionally rounded up to a power of two.
-    qmax divides as a tensor: CUDA's division by a CPU scalar multiplies by its reciprocal instead, which is
-    one rounding off the correctly rounded quotient for about half of all amax values with qmax 448."""
+    On CUDA qmax divides as a tensor: CUDA's division by a CPU scalar multiplies by its reciprocal instead,
+    one rounding off the correctly rounded quotient for about half of all amax values with qmax 448 (the CPU
+    divides, and the Triton kernels use div_rn)."""
     a = amax.float().clamp(min=EPS)
-    scale = a / torch.full_like(a, qmax)
+    scale = a / (torch.full_like(a, qmax) if a.is_cuda else qmax)
     return round_up_pow2(scale) if power_of_two else scale
 
 
