@@ -26,7 +26,8 @@ def _load_average(result: SuiteResult) -> str:
 
 def suite_section(result: SuiteResult, json_name: str) -> str:
     """One suite: provenance, then its goals (value against target, met or not)."""
-    commit = (result.versions.get("git_commit") or "unknown")[:12]
+    full = result.versions.get("git_commit") or "unknown"
+    commit = full[:12] + ("-dirty" if full.endswith("-dirty") else "")
     lines = [
         f"### {result.suite}",
         "",

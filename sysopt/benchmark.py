@@ -218,8 +218,8 @@ _OUTPUTS = (":!bench/results", ":!bench/README.md")  # pathspecs of what the ben
 
 
 def git_commit(repo: Path | None = None) -> str | None:
-    """HEAD of the checkout holding sysopt (with '-dirty' when it has local changes), or None. The
-    benchmarks' own outputs (bench/results/, bench/README.md's table) do not count: a suite writing its
+    """HEAD of the checkout holding sysopt (with '-dirty' when it has local changes, untracked files
+    included: a new module not yet added runs too), or None. The benchmarks' own outputs (bench/results/, bench/README.md's table) do not count: a suite writing its
     plots before it is stamped would otherwise mark every run dirty."""
     import sysopt
 
@@ -234,7 +234,6 @@ def git_commit(repo: Path | None = None) -> str | None:
                 "--no-optional-locks",
                 "status",
                 "--porcelain",
-                "--untracked-files=no",
                 "--",
                 ".",
                 *_OUTPUTS,
@@ -243,6 +242,7 @@ def git_commit(repo: Path | None = None) -> str | None:
             capture_output=True,
             text=True,
             timeout=5,
+            check=True,  # a failed status is no stamp, not a clean one
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -259,6 +259,8 @@ def versions() -> dict[str, str | None]:
         "torch": _version("torch"),
         "triton": _version("triton"),
         "megatron-core": _version("megatron-core"),
+        "deepspeed": _version("deepspeed"),
+        "torchao": _version("torchao"),
         "numpy": _version("numpy"),
         "git_commit": git_commit(),
     }
@@ -277,6 +279,7 @@ class BenchContext:
     out_dir: Path = Path("bench/results")
     profile: Any = None
     show_progress: bool = False
+    started_commit: str | None = None  # git_commit() when the suite started (sysopt-bench sets it)
 
     def track(self, items: Iterable, description: str) -> Iterable:
         """Iterate `items`, with a progress bar when enabled and there are several steps."""
@@ -293,7 +296,13 @@ class BenchContext:
         """A SuiteResult stamped with now, versions() and the profile (`profile` overrides ctx's)."""
         profile = profile if profile is not None else self.profile
         profile_dict = profile.to_dict() if hasattr(profile, "to_dict") else dict(profile or {})
-        return SuiteResult(suite, now_iso(), profile_dict, versions(), tuple(records), tuple(goals))
+        stamp = versions()
+        if self.started_commit is not None and stamp["git_commit"] != self.started_commit:
+            # the code changed while the suite ran (an edit, a commit): the figures are of the code it started
+            # with, which no commit holds for certain: that one, marked dirty, and the one at the end beside it
+            stamp["git_commit_at_end"] = stamp["git_commit"]
+            stamp["git_commit"] = self.started_commit.removesuffix("-dirty") + "-dirty"
+        return SuiteResult(suite, now_iso(), profile_dict, stamp, tuple(records), tuple(goals))
 
 
 SuiteFn = Callable[[BenchContext], SuiteResult]

@@ -324,6 +324,30 @@ def test_git_commit_is_dirty_for_code_changes_not_for_benchmark_outputs(tmp_path
     assert git_commit(tmp_path) == clean  # a suite's own outputs
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path) == clean + "-dirty"
+    git("checkout", "-q", "--", "code.py")
+    (tmp_path / "new_module.py").write_text("y = 1\n")  # not yet added, but it runs
+    assert git_commit(tmp_path) == clean + "-dirty"
+
+
+def test_a_suite_whose_code_changed_while_it_ran_is_stamped_dirty():
+    from sysopt.benchmark import BenchContext, git_commit
+
+    now = git_commit()
+    if now is None:
+        pytest.skip("not a git checkout")
+    same = BenchContext(started_commit=now).result("s", [], [])
+    assert same.versions["git_commit"] == now and "git_commit_at_end" not in same.versions
+    moved = BenchContext(started_commit="0" * 40).result("s", [], [])  # another commit when it started
+    assert moved.versions["git_commit"] == "0" * 40 + "-dirty"
+    assert moved.versions["git_commit_at_end"] == now
+
+
+def test_readme_keeps_the_dirty_mark_of_a_shortened_commit():
+    from sysopt.bench_report import suite_section
+
+    result = SuiteResult("toy", "2025-01-02T00:00:00+00:00", {}, {"git_commit": "0123456789abcdef" * 2 + "-dirty"},
+                         (), ())  # fmt: skip
+    assert "commit `0123456789ab-dirty`" in suite_section(result, "toy.json")
 
 
 def test_cli_json_elsewhere_keeps_the_suites_artefacts_beside_it(tmp_path, monkeypatch):

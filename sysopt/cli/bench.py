@@ -9,6 +9,7 @@ into bench/results does that too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -83,7 +84,7 @@ def run_suite(
     name: str, folder: Path, ctx: benchmark.BenchContext, json_path: Path | None, console: Console
 ) -> Path:
     suite = load_suite(name, folder)
-    result = suite(ctx)
+    result = suite(dataclasses.replace(ctx, started_commit=benchmark.git_commit()))
     if result.suite != name:
         raise SystemExit(f"sysopt-bench: suite file {name}.py returned a result for suite {result.suite!r}")
     json_path = json_path or ctx.out_dir / f"{name}.json"
