@@ -178,7 +178,11 @@ def measure_size(size: int, repeats: int) -> tuple[list[Record], dict]:
         "torchao": info["torchao"],
         "kernel_backend": kernels.backend_for("cpu"),
     }
-    records += [_record(f"{key}/time_s", secs, config) for key, secs in times.items()]
+    torch_kernels = {**config, "kernel_backend": "torch"}  # TORCH_KERNELS ran them (see _kernel_backend)
+    records += [
+        _record(f"{key}/time_s", secs, torch_kernels if key.endswith(f"/{TORCH_KERNELS}") else config)
+        for key, secs in times.items()
+    ]
     return records, info
 
 

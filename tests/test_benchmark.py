@@ -302,6 +302,27 @@ def test_planner_suite_turns_the_plan_records_into_goals(tmp_path, monkeypatch):
     ).is_file()
 
 
+def test_planner_suite_does_not_take_the_runner_up_for_a_top_choice_that_did_not_run(tmp_path, monkeypatch):
+    from sysopt.cli import plan
+    from sysopt.hardware import probe
+
+    def fake_main(argv):
+        records = [
+            {"config": {"tp": 1}, "label": label, "predicted_step_s": 0.1, "measured_step_s": m,
+             "status": status, "times_s": None}
+            for label, m, status in (("top", None, "failed: out of memory"), ("b", 0.08, "measured"))
+        ]  # fmt: skip
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"ranking": [], "records": records}))
+        return 0
+
+    monkeypatch.setattr(plan, "main", fake_main)
+    monkeypatch.setattr("sysopt.hardware.load_or_calibrate", lambda **kw: probe())
+    suite = bench_cli.load_suite("planner", bench_cli.bench_dir())
+    result = suite(benchmark.BenchContext(repeats=3, out_dir=tmp_path))
+    (top,) = [g for g in result.goals if g.name.startswith("planner's top choice")]
+    assert not top.met and "did not run: failed: out of memory" in top.name  # b / b would read 1.0, met
+
+
 def test_git_commit_is_dirty_for_code_changes_not_for_benchmark_outputs(tmp_path):
     import subprocess
 
