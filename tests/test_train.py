@@ -20,6 +20,7 @@ from sysopt.train import (
     read_metrics,
     run_training,
     save_checkpoint,
+    validate,
     warmup_cosine_lr,
 )
 from sysopt.train.config import ParallelConfig, ScheduleConfig
@@ -306,13 +307,37 @@ def test_resuming_into_another_model_or_layout_fails_before_launch_with_both_way
         assert run_training(fresh, tmp_path)["resumed_from_step"] == 0  # the way out works: from step 0
 
 
+def _bare_checkpoint(run_dir: Path, step: int, tp: int = 2, pp: int = 2) -> Path:
+    """A checkpoint holding every file a resume of up to tp x pp shards looks for (the states left empty)."""
+    shards = {
+        f"{kind}_tp{t}_pp{s}": {} for kind in ("model", "optimizer") for t in range(tp) for s in range(pp)
+    }
+    return save_checkpoint(run_dir / "checkpoints", step, {"trainer": {"step": step}, **shards})
+
+
+def test_a_checkpoint_missing_a_shard_is_refused_before_launch(tmp_path):
+    # one rank would fail to load it while the others wait for it in a collective
+    from sysopt.train import ConfigError
+    from sysopt.train.loop import _check_resumable
+
+    job = dataclasses.replace(small_job(), parallel=ParallelConfig(pp=2), schedule=ScheduleConfig("1f1b", 4))
+    (tmp_path / "job.json").write_text(job.to_json())
+    found = _bare_checkpoint(tmp_path, 2, tp=1, pp=2)
+    _check_resumable(job, tmp_path)
+    (found / "optimizer_tp0_pp1.pt").unlink()
+    with pytest.raises(
+        ConfigError, match=r"step_00000002 lacks optimizer_tp0_pp1.pt; delete .* or set train.resume"
+    ):
+        _check_resumable(job, tmp_path)
+
+
 def test_resume_check_covers_stage_placement_and_sequence_parallel(tmp_path):
     """A V schedule (zbv) places stages on ranks otherwise than a loop one (interleaved_1f1b), and at tp > 1
     sequence parallelism adds blocks: either change between save and resume is refused before launch."""
     from sysopt.train import ConfigError
     from sysopt.train.loop import _check_resumable
 
-    save_checkpoint(tmp_path / "checkpoints", 2, {"trainer": {"step": 2}})
+    _bare_checkpoint(tmp_path, 2)
     looped = dataclasses.replace(small_job(), parallel=ParallelConfig(pp=2, vpp=2),
                                  schedule=ScheduleConfig("interleaved_1f1b", 4))  # fmt: skip
     (tmp_path / "job.json").write_text(looped.to_json())
@@ -389,6 +414,54 @@ def test_resaving_a_step_never_leaves_latest_naming_nothing(tmp_path, monkeypatc
     )
     save_checkpoint(root, 4, {"model": {"w": torch.full((2,), 4.0)}})  # the next save clears the leftover
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+
+
+def test_resume_refuses_another_data_stream_and_warns_of_another_lr_schedule(tmp_path):
+    """The batches a step draws are a function of the data config, the global batch and the step: another
+    one would skip or repeat samples, so it is refused before launch. Another LR schedule resumes, warned. The
+    job that wrote the checkpoint is kept beside the new job.json; an unreadable job.json is an error."""
+    from sysopt.train import ConfigError
+    from sysopt.train.loop import _check_resumable
+
+    _bare_checkpoint(tmp_path, 2)
+    job = small_job()
+    (tmp_path / "job.json").write_text(job.to_json())
+    _check_resumable(job, tmp_path)
+    assert not list(tmp_path.glob("job.step_*.json"))  # the same job: nothing to keep
+    doubled = dataclasses.replace(
+        job, train=dataclasses.replace(job.train, global_batch=2 * job.train.global_batch)
+    )
+    with pytest.raises(
+        ConfigError,
+        match=rf"train.global_batch={job.train.global_batch}, but this job has "
+        rf"train.global_batch={2 * job.train.global_batch}: .*skip or repeat",
+    ):
+        _check_resumable(doubled, tmp_path)
+    with pytest.raises(ConfigError, match=r"data.seed=0, but this job has data.seed=1"):
+        _check_resumable(dataclasses.replace(job, data=dataclasses.replace(job.data, seed=1)), tmp_path)
+    _check_resumable(
+        dataclasses.replace(job, data=dataclasses.replace(job.data, n_eval_per_task=7)), tmp_path
+    )
+    longer = dataclasses.replace(job, train=dataclasses.replace(job.train, max_steps=job.train.max_steps + 5))
+    with pytest.warns(
+        UserWarning, match=rf"train.max_steps {job.train.max_steps} -> {job.train.max_steps + 5}"
+    ):
+        _check_resumable(longer, tmp_path)
+    assert (tmp_path / "job.step_00000002.json").read_text() == job.to_json()
+    (tmp_path / "job.json").write_text("")  # a machine crash before its data reached the disk
+    with pytest.raises(
+        ConfigError, match=r"job.json is unreadable .* delete it to resume without that check"
+    ):
+        _check_resumable(job, tmp_path)
+
+
+def test_a_global_batch_larger_than_the_dataset_is_a_config_error():
+    from sysopt.train import ConfigError
+
+    job = small_job()
+    big = dataclasses.replace(job, train=dataclasses.replace(job.train, global_batch=job.data.n_train + 1))
+    with pytest.raises(ConfigError, match=rf"train.global_batch={job.data.n_train + 1} exceeds data.n_train"):
+        validate(big)
 
 
 def test_a_fresh_run_sets_the_earlier_run_aside_and_never_resumes_it(tmp_path, monkeypatch):
@@ -674,25 +747,23 @@ def test_tp_overlap_auto_under_torchrun_needs_a_cached_calibration(tmp_path, mon
 def test_metrics_rewrite_on_resume_never_loses_the_history(tmp_path, monkeypatch):
     """Resuming rewrites metrics.jsonl without the steps after the checkpoint: a failure mid-rewrite (a kill,
     a full disk) must leave the old file whole."""
-    import pathlib
+    import os
 
     from sysopt.train.metrics import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(4)))
     before = path.read_text()
-    real_write = pathlib.Path.write_text
+    real_fsync = os.fsync
 
-    def failing_write(self, *args, **kwargs):
-        if self.name.endswith(".tmp"):
-            raise OSError("disk full")
-        return real_write(self, *args, **kwargs)
+    def failing_fsync(fd):  # the rewrite's data does not reach the disk
+        raise OSError("disk full")
 
-    monkeypatch.setattr(pathlib.Path, "write_text", failing_write)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         MetricsLog(path, resume_step=2)
     assert path.read_text() == before
-    monkeypatch.setattr(pathlib.Path, "write_text", real_write)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     MetricsLog(path, resume_step=2)
     assert [r["step"] for r in read_metrics(path)] == [0, 1]
 

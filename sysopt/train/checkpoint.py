@@ -41,7 +41,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a crash (of the process or of the machine) leaves the old file or the
+    new one, never a torn or empty one: a temporary file, fsynced, renamed over `path`, the rename fsynced."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -101,7 +103,7 @@ def commit_checkpoint(root: str | os.PathLike, step: int) -> Path:
         os.replace(final, aside)
     os.replace(tmp, final)
     _fsync_dir(root)
-    _atomic_write_text(root / LATEST, final.name)
+    atomic_write_text(root / LATEST, final.name)
     shutil.rmtree(aside, ignore_errors=True)
     return final
 
@@ -138,7 +140,10 @@ def load_checkpoint(path: str | os.PathLike, names: list[str]) -> dict[str, Any]
     for name in names:
         file = Path(path) / f"{name}.pt"
         if not file.exists():
-            raise CheckpointError(f"checkpoint {path} has no {name}.pt; it is incomplete or from another job")
+            raise CheckpointError(
+                f"checkpoint {path} has no {name}.pt; it is incomplete or from another job: delete {Path(path)} "
+                "to resume from the checkpoint before it, if there is one, or set train.resume=false"
+            )
         try:
             out[name] = torch.load(file, weights_only=True, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file

@@ -286,6 +286,11 @@ def validate(job: JobConfig) -> None:
                 f"across tensor-parallel ranks: use a tp that divides {heads}"
             )
     _validate_ranges(job)
+    if t.global_batch > job.data.n_train:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} exceeds data.n_train={job.data.n_train}: a step draws that "
+            f"many training sequences without repeats; lower train.global_batch or raise data.n_train"
+        )
     microbatches = job.schedule.resolved_microbatches(p.pp)
     per_step = p.dp * microbatches
     if t.global_batch % per_step:

@@ -28,6 +28,7 @@ from sysopt.dist import ParallelGroups, build_groups, env_world, launch
 from sysopt.tensor_parallel import overlap_plans
 from sysopt.train.checkpoint import (
     CheckpointError,
+    atomic_write_text,
     commit_checkpoint,
     latest_checkpoint,
     load_checkpoint,
@@ -150,7 +151,19 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
     if found is None or not old_path.exists():
         return
     try:
-        old = JobConfig.from_json(old_path.read_text())
+        text = old_path.read_text()
+        json.loads(text)
+    except (
+        OSError,
+        ValueError,
+    ) as exc:  # empty or torn (a crash of the machine before its data reached disk)
+        raise ConfigError(
+            f"{old_path} is unreadable ({type(exc).__name__}: {exc}) beside the checkpoint {found}: it says which "
+            "model and layout wrote that checkpoint; put back a good copy, delete it to resume without that "
+            f"check, {start_over}"
+        ) from exc
+    try:
+        old = JobConfig.from_json(text)
     except (ValueError, TypeError, KeyError):
         return  # not a job this code wrote: the ranks' own checks name what does not match
     init_only = ("seed", "init_std")  # how the weights started: a resumed run loads them instead
@@ -170,12 +183,54 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
             f"{' '.join(f'{k}={before[k]}' for k in changed)}, but this job has "
             f"{' '.join(f'{k}={now[k]}' for k in changed)}; resume with the earlier values, {start_over}"
         )
+    # every rank loads its shard: one missing would fail that rank alone while the others wait in a collective
+    # (until train.timeout_s under a launcher that does not kill the job on the first failure)
+    p = job.parallel
+    wanted = ["trainer", *(f"{kind}_tp{t}_pp{s}" for kind in ("model", "optimizer")
+                           for t in range(p.tp) for s in range(p.pp))]  # fmt: skip
+    missing = [f"{name}.pt" for name in wanted if not (found / f"{name}.pt").is_file()]
+    if missing:
+        raise ConfigError(
+            f"checkpoint {found} lacks {', '.join(missing)}; delete {found} to resume from the checkpoint "
+            f"before it, if there is one, {start_over}"
+        )
+    # the training stream is a function of the data config, the global batch and the step: with another one
+    # the resumed run would skip or repeat samples (n_eval_per_task only sizes the held-out eval)
+    stream = lambda j: {  # noqa: E731
+        **{f"data.{k}": v for k, v in dataclasses.asdict(j.data).items() if k != "n_eval_per_task"},
+        "train.global_batch": j.train.global_batch,
+    }
+    before, now = stream(old), stream(job)
+    changed = [k for k in before if before[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"{out_dir} holds a checkpoint ({found.name}) of a run that drew its batches with "
+            f"{' '.join(f'{k}={before[k]}' for k in changed)}, but this job has "
+            f"{' '.join(f'{k}={now[k]}' for k in changed)}: resumed, it would skip or repeat training samples; "
+            f"resume with the earlier values, {start_over}"
+        )
     if old.precision.recipe != job.precision.recipe:
         warnings.warn(
             f"resuming {found.name} of a run with precision.recipe={old.precision.recipe} as "
             f"precision.recipe={job.precision.recipe}: the model is converted afresh",
             stacklevel=3,
         )
+    schedule = lambda j: {  # noqa: E731 - the learning-rate curve: warmup, then cosine to step max_steps
+        "optim.lr": j.optim.lr,
+        "optim.warmup_steps": j.optim.warmup_steps,
+        "optim.min_lr_ratio": j.optim.min_lr_ratio,
+        "train.max_steps": j.train.max_steps,
+    }
+    before, now = schedule(old), schedule(job)
+    changed = [f"{k} {before[k]} -> {now[k]}" for k in before if before[k] != now[k]]
+    if changed:
+        warnings.warn(
+            f"resuming {found.name} with another learning-rate schedule ({', '.join(changed)}): the LR curve "
+            "moves from the resumed step on, as if this job had run from the start",
+            stacklevel=3,
+        )
+    if old != job:  # keep the job that wrote the checkpoint: job.json becomes this one
+        atomic_write_text(out_dir / f"job.{found.name}.json", text)
 
 
 def _stage_placement(job: JobConfig) -> str | None:

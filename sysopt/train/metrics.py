@@ -8,6 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sysopt.train.checkpoint import atomic_write_text
+
 
 def _parse_lines(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
     """(line, record) for each line of metrics file `path`, and the torn last line, if any: a last line
@@ -47,9 +49,9 @@ class MetricsLog:
                     f"{self.path}: dropped a torn last line ({torn[:60]!r}), left by a writer killed mid-line",
                     stacklevel=2,
                 )
-        tmp = self.path.with_name(self.path.name + ".tmp")  # a kill mid-rewrite must not lose the history
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(
+            self.path, "".join(line + "\n" for line in kept)
+        )  # a crash must not lose the history
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -62,7 +64,4 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
