@@ -401,7 +401,9 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     """One rank's training loop (also the whole run when world size is 1)."""
     job = JobConfig.from_json(job_json)
     # the trainer's own randomness: torch's global generator (checkpointed, so a resume continues it) and
-    # the offloading optimizer's stochastic rounding; model.seed draws the weights, data.seed the data
+    # the offloading optimizer's stochastic rounding; model.seed draws the weights, data.seed the data. Every
+    # rank seeds alike and draws alike (nothing in a step draws per rank: no dropout), so the checkpoint keeps
+    # rank 0's generator and every rank restores it; a per-rank draw added later needs per-rank states saved
     torch.manual_seed(job.train.seed)
     # the groups' collectives wait as long as the launch does (a rank may be in a long eval or save)
     groups = (
