@@ -1174,3 +1174,30 @@ def test_plan_cli_names_bad_inputs_instead_of_planning_nothing(tmp_path, capsys)
     with pytest.raises(SystemExit):
         plan.main(["--profile", h100, "--global-batch", "0"])
     assert "--global-batch" in capsys.readouterr().err
+
+
+def test_block_times_are_scaled_to_add_up_to_the_chunk_a_stage_runs(monkeypatch):
+    """Each block timed alone pays a pass of its own: the planner scales the blocks after the first so they add
+    up to those blocks timed as one chunk (per kind: forward, backward, input grad, weight grad)."""
+    import types
+
+    from sysopt.planner import layer_times
+    from sysopt.planner.measure import base_job_for
+
+    a = ([1.0, 2.0, 2.0], [3.0, 4.0, 4.0], [1.0, 1.0, 3.0], [0.5, 0.0, 0.0])
+    b = ([3.0, 4.0, 4.0], [3.0, 4.0, 4.0], [1.0, 1.0, 3.0], [0.5, 0.0, 0.0])  # a slower moment of the machine
+    scaled = layer_times.as_one_chunk(
+        [a, b, a], [(3.0, 8.0, 2.0, 0.0), (6.0, 8.0, 2.0, 0.0), (4.0, 8.0, 2.0, 0.0)]
+    )
+    # per-block medians (a's), scaled by the median of the paired ratios: forward 3/4, 6/8, 4/4 -> 0.75
+    assert scaled == ([1.0, 1.5, 1.5], [3.0, 4.0, 4.0], [1.0, 0.5, 1.5], [0.5, 0.0, 0.0])
+    # wired into the timing of every case: a fake model whose chunk runs in half its blocks' summed time
+    import sysopt.train.parallel as parallel
+
+    monkeypatch.setattr(parallel, "time_blocks", lambda model, batch, repeats, split: ([1.0, 2.0, 6.0],) * 4)
+    monkeypatch.setattr(parallel, "time_chunk", lambda model, batch, repeats: (4.0,) * 4)
+    monkeypatch.setattr(parallel, "ParallelVLM", lambda job, groups, batch: types.SimpleNamespace(
+        model=None, _prepare=lambda b: b))  # fmt: skip
+    job = base_job_for(VLMConfig(), DigitsTaskConfig(), 16, 2)
+    for times in layer_times._time_blocks(job.to_json(), 4, 1, None):
+        assert times == [1.0, 1.0, 3.0]

@@ -94,20 +94,45 @@ def _neutral(tp: int, tp_overlap: str, tp_chunks: int) -> tuple[str, int]:
 def _time_blocks(job_json: str, micro_batch_size: int, repeats: int, groups) -> tuple[list[float], ...]:
     """Build the trainer's model for the job (on `groups`, or this process alone when None), time each block
     on TIMED_BATCHES sample batches (sysopt.train.parallel.time_blocks, split backward included) and average
-    the medians."""
+    the medians. The per-block figures after the first block are scaled so that they add up to those blocks
+    timed as one chunk (time_chunk), as a pipeline stage runs them: timed alone, each block pays a pass of its
+    own and starts with caches its own backward cooled. The two are timed in turn, and the scale per kind is
+    the median of their paired ratios (a shared host's speed drifts by 20-40% between separate timings): here
+    the summed blocks ran 10-20% slower than the chunk at 1-4 sequences a microbatch, 0-5% at 16, and the
+    planner overpredicted pipelines of many tiny microbatches (zb_greedy m64x1 +36%)."""
     from sysopt.data import BatchSampler, DigitsDataset
     from sysopt.train import JobConfig
-    from sysopt.train.parallel import ParallelVLM, time_blocks
+    from sysopt.train.parallel import ParallelVLM, time_blocks, time_chunk
 
     job = JobConfig.from_json(job_json)
     sampler = BatchSampler(DigitsDataset(job.data, "train"), micro_batch_size)
     runtime = ParallelVLM(job, groups, sampler.global_batch(0))
     time_blocks(runtime.model, runtime._prepare(sampler.global_batch(0)), 1, split=True)  # warm-up
-    runs = [
-        time_blocks(runtime.model, runtime._prepare(sampler.global_batch(i)), repeats, split=True)
-        for i in range(TIMED_BATCHES)
-    ]
+    runs = []
+    for i in range(TIMED_BATCHES):
+        batch = runtime._prepare(sampler.global_batch(i))
+        pairs = [
+            (time_blocks(runtime.model, batch, 1, split=True), time_chunk(runtime.model, batch, 1))
+            for _ in range(repeats)
+        ]
+        runs.append(as_one_chunk([per_block for per_block, _ in pairs], [chunk for _, chunk in pairs]))
     return tuple([statistics.fmean(col) for col in zip(*(run[k] for run in runs))] for k in range(4))
+
+
+def as_one_chunk(
+    per_block: list[tuple[list[float], ...]], chunk: list[tuple[float, ...]]
+) -> tuple[list[float], ...]:
+    """Paired timings, one pair per repeat: per-block (forward, backward, input grad, weight grad) seconds and
+    those of the blocks after the first run as one chunk. Returns the per-block medians with the blocks after
+    the first scaled, per kind, by the median of the pairs' chunk / summed-blocks ratios (the first block
+    stays as timed)."""
+    out = []
+    for k in range(4):
+        medians = [statistics.median(cell) for cell in zip(*(run[k] for run in per_block))]
+        ratios = [c[k] / sum(run[k][1:]) for run, c in zip(per_block, chunk) if sum(run[k][1:]) > 0]
+        scale = statistics.median(ratios) if ratios else 1.0
+        out.append([medians[0], *(t * scale for t in medians[1:])])
+    return tuple(out)
 
 
 def cases_of(configs: Iterable[PlanConfig]) -> list[tuple[str | None, int, str, int, int]]:

@@ -88,6 +88,44 @@ def time_blocks(
     return tuple([statistics.median(cell) for cell in row] for row in samples)
 
 
+def time_chunk(model: VLM, batch: Batch, repeats: int = 3) -> tuple[float, float, float, float]:
+    """Seconds of the blocks after the first run as one pipeline chunk, as the schedule executor runs a stage:
+    a forward through them all, then the backward in one autograd pass, or split (as time_blocks splits it)
+    into one pass w.r.t. the chunk's input (graph kept) and one w.r.t. its parameters. Medians of `repeats`:
+    (forward, backward, input gradient, weight gradient). Against the sum of time_blocks' per-block figures it
+    shows what timing each block alone adds (a pass per block, caches cooled by the block's own backward):
+    about a third at one sequence a microbatch here, nothing at sixteen."""
+    blocks = list(model.blocks)
+    with torch.no_grad():
+        x0 = blocks[0](None, batch)
+    params = [q for block in blocks[1:] for q in block.parameters() if q.requires_grad]
+    samples: list[list[float]] = [[] for _ in range(4)]
+    for _ in range(repeats):
+        for split in (False, True):
+            x_in = x0.detach().requires_grad_(True)
+            t0 = time.perf_counter()
+            out = x_in
+            for block in blocks[1:]:
+                out = block(out, batch)
+            forward_s = time.perf_counter() - t0
+            grad = torch.ones_like(out)
+            t0 = time.perf_counter()
+            if not split:
+                torch.autograd.backward(out, grad)
+                samples[0].append(forward_s)
+                samples[1].append(time.perf_counter() - t0)
+                continue
+            torch.autograd.backward(out, grad, inputs=[x_in], retain_graph=True)
+            t1 = time.perf_counter()
+            if params:
+                torch.autograd.backward(out, grad, inputs=params)
+            samples[2].append(t1 - t0)
+            samples[3].append(time.perf_counter() - t1)
+    model.zero_grad(set_to_none=True)
+    f, b, i, w = (statistics.median(s) for s in samples)
+    return f, b, i, w
+
+
 def measure_block_costs(model: VLM, batch: Batch, repeats: int = 3) -> tuple[list[float], list[float]]:
     """Forward and backward seconds of each block of `model` on `batch` (median of repeats)."""
     forward, backward = time_blocks(model, batch, repeats)
