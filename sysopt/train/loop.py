@@ -17,6 +17,7 @@ import shutil
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,13 +176,10 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
         # which rank holds which stage: a V schedule (zbv, dualpipev) places them otherwise than a loop
         "schedule.name (stage placement)": _stage_placement(j),
     }
-    before, now = flat(old), flat(job)
-    changed = [k for k in before if before[k] != now[k]]
-    if changed:
+    if diff := _differences(flat, old, job):
         raise ConfigError(
-            f"{out_dir} holds a checkpoint ({found.name}) of a run with "
-            f"{' '.join(f'{k}={before[k]}' for k in changed)}, but this job has "
-            f"{' '.join(f'{k}={now[k]}' for k in changed)}; resume with the earlier values, {start_over}"
+            f"{out_dir} holds a checkpoint ({found.name}) of a run with {diff[0]}, but this job has {diff[1]}; "
+            f"resume with the earlier values, {start_over}"
         )
     # every rank loads its shard: one missing would fail that rank alone while the others wait in a collective
     # (until train.timeout_s under a launcher that does not kill the job on the first failure)
@@ -200,14 +198,11 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
         **{f"data.{k}": v for k, v in dataclasses.asdict(j.data).items() if k != "n_eval_per_task"},
         "train.global_batch": j.train.global_batch,
     }
-    before, now = stream(old), stream(job)
-    changed = [k for k in before if before[k] != now[k]]
-    if changed:
+    if diff := _differences(stream, old, job):
         raise ConfigError(
-            f"{out_dir} holds a checkpoint ({found.name}) of a run that drew its batches with "
-            f"{' '.join(f'{k}={before[k]}' for k in changed)}, but this job has "
-            f"{' '.join(f'{k}={now[k]}' for k in changed)}: resumed, it would skip or repeat training samples; "
-            f"resume with the earlier values, {start_over}"
+            f"{out_dir} holds a checkpoint ({found.name}) of a run that drew its batches with {diff[0]}, but "
+            f"this job has {diff[1]}: resumed, it would skip or repeat training samples; resume with the "
+            f"earlier values, {start_over}"
         )
     if old.precision.recipe != job.precision.recipe:
         warnings.warn(
@@ -231,6 +226,15 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
         )
     if old != job:  # keep the job that wrote the checkpoint: job.json becomes this one
         atomic_write_text(out_dir / f"job.{found.name}.json", text)
+
+
+def _differences(view: Callable[[JobConfig], dict], old: JobConfig, new: JobConfig) -> tuple[str, str] | None:
+    """Where `view` of two jobs differs: ("key=old ...", "key=new ..."), or None where it agrees."""
+    before, now = view(old), view(new)
+    changed = [k for k in before if before[k] != now[k]]
+    if not changed:
+        return None
+    return " ".join(f"{k}={before[k]}" for k in changed), " ".join(f"{k}={now[k]}" for k in changed)
 
 
 def _stage_placement(job: JobConfig) -> str | None:

@@ -51,6 +51,26 @@ def pad_sequence(batch: Batch, multiple: int) -> Batch:
     )
 
 
+def _timed_pass(forward, x_in: torch.Tensor | None, params: list, split: bool) -> tuple:
+    """forward(x_in) and a backward of it with unit gradients: (output, forward s, backward s), or with
+    `split` (output, forward s, input-gradient s, weight-gradient s): a pass w.r.t. x_in (graph kept), then
+    one w.r.t. `params` (the graph walked again), as the schedule executor splits a backward."""
+    t0 = time.perf_counter()
+    out = forward(x_in)
+    forward_s = time.perf_counter() - t0
+    grad = torch.ones_like(out)
+    t0 = time.perf_counter()
+    if not split:
+        torch.autograd.backward(out, grad)
+        return out, forward_s, time.perf_counter() - t0
+    if x_in is not None:
+        torch.autograd.backward(out, grad, inputs=[x_in], retain_graph=True)
+    t1 = time.perf_counter()
+    if params:
+        torch.autograd.backward(out, grad, inputs=params)
+    return out, forward_s, t1 - t0, time.perf_counter() - t1
+
+
 def time_blocks(
     model: VLM, batch: Batch, repeats: int = 3, *, split: bool = False
 ) -> tuple[list[float], ...]:
@@ -66,23 +86,12 @@ def time_blocks(
             x_in = x.detach().requires_grad_(True) if x is not None else None
             params = [q for q in block.parameters() if q.requires_grad]
             for split_pass in (False, True) if split else (False,):
-                t0 = time.perf_counter()
-                out = block(x_in, batch)
-                forward_s = time.perf_counter() - t0
-                grad = torch.ones_like(out)
-                t0 = time.perf_counter()
-                if not split_pass:
-                    torch.autograd.backward(out, grad)
-                    samples[0][i].append(forward_s)
-                    samples[1][i].append(time.perf_counter() - t0)
-                    continue
-                if x_in is not None:
-                    torch.autograd.backward(out, grad, inputs=[x_in], retain_graph=True)
-                t1 = time.perf_counter()
-                if params:
-                    torch.autograd.backward(out, grad, inputs=params)
-                samples[2][i].append(t1 - t0)
-                samples[3][i].append(time.perf_counter() - t1)
+                out, *seconds = _timed_pass(
+                    lambda x_in, block=block: block(x_in, batch), x_in, params, split_pass
+                )
+                kinds = (2, 3) if split_pass else (0, 1)  # (input grad, weight grad) or (forward, backward)
+                for kind, s in zip(kinds, seconds[1:] if split_pass else seconds):
+                    samples[kind][i].append(s)
             x = out.detach()
     model.zero_grad(set_to_none=True)
     return tuple([statistics.median(cell) for cell in row] for row in samples)
@@ -100,27 +109,17 @@ def time_chunk(model: VLM, batch: Batch, repeats: int = 3) -> tuple[float, float
         x0 = blocks[0](None, batch)
     params = [q for block in blocks[1:] for q in block.parameters() if q.requires_grad]
     samples: list[list[float]] = [[] for _ in range(4)]
+
+    def chunk(x: torch.Tensor) -> torch.Tensor:
+        for block in blocks[1:]:
+            x = block(x, batch)
+        return x
+
     for _ in range(repeats):
         for split in (False, True):
-            x_in = x0.detach().requires_grad_(True)
-            t0 = time.perf_counter()
-            out = x_in
-            for block in blocks[1:]:
-                out = block(out, batch)
-            forward_s = time.perf_counter() - t0
-            grad = torch.ones_like(out)
-            t0 = time.perf_counter()
-            if not split:
-                torch.autograd.backward(out, grad)
-                samples[0].append(forward_s)
-                samples[1].append(time.perf_counter() - t0)
-                continue
-            torch.autograd.backward(out, grad, inputs=[x_in], retain_graph=True)
-            t1 = time.perf_counter()
-            if params:
-                torch.autograd.backward(out, grad, inputs=params)
-            samples[2].append(t1 - t0)
-            samples[3].append(time.perf_counter() - t1)
+            _, *seconds = _timed_pass(chunk, x0.detach().requires_grad_(True), params, split)
+            for kind, s in zip((2, 3) if split else (0, 1), seconds[1:] if split else seconds):
+                samples[kind].append(s)
     model.zero_grad(set_to_none=True)
     f, b, i, w = (statistics.median(s) for s in samples)
     return f, b, i, w
