@@ -20,8 +20,17 @@ def _cell(text: str) -> str:
 
 
 def _load_average(result: SuiteResult) -> str:
+    """The suite's machine/load_average records, else the range of the 1-minute load averages its records'
+    configs carry (loadavg_1min*: one number or a [before, after] pair)."""
     loads = [r.value for r in result.records if r.name.startswith("machine/load_average")]
-    return ", ".join(f"{v:.1f}" for v in loads) if loads else "not recorded"
+    if loads:
+        return ", ".join(f"{v:.1f}" for v in loads)
+    seen = []
+    for r in result.records:
+        for key, value in (r.config or {}).items():
+            if key.startswith("loadavg_1min"):
+                seen += [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
+    return f"{min(seen):.1f}-{max(seen):.1f} (1-minute, as its records saw it)" if seen else "not recorded"
 
 
 def suite_section(result: SuiteResult, json_name: str) -> str:

@@ -363,6 +363,15 @@ def test_a_suite_whose_code_changed_while_it_ran_is_stamped_dirty():
     assert moved.versions["git_commit_at_end"] == now
 
 
+def test_readme_reports_the_load_averages_a_suites_records_carry():
+    from sysopt.bench_report import suite_section
+
+    records = (Record("a", 1.0, "s", 1, 1.0, 1.0, {"loadavg_1min_before_after": [1.04, 2.15]}),
+               Record("b", 1.0, "s", 1, 1.0, 1.0, {"loadavg_1min_before": 0.5, "loadavg_1min_after": 0.7}))  # fmt: skip
+    result = SuiteResult("toy", "2025-01-02T00:00:00+00:00", {}, {"git_commit": "x"}, records, ())
+    assert "load average during the run: 0.5-2.1 (1-minute" in suite_section(result, "toy.json")
+
+
 def test_readme_keeps_the_dirty_mark_of_a_shortened_commit():
     from sysopt.bench_report import suite_section
 
