@@ -297,7 +297,8 @@ class BenchContext:
         profile = profile if profile is not None else self.profile
         profile_dict = profile.to_dict() if hasattr(profile, "to_dict") else dict(profile or {})
         stamp = versions()
-        if self.started_commit is not None and stamp["git_commit"] != self.started_commit:
+        end = stamp["git_commit"]
+        if self.started_commit is not None and end is not None and end != self.started_commit:
             # the code changed while the suite ran (an edit, a commit): the figures are of the code it started
             # with, which no commit holds for certain: that one, marked dirty, and the one at the end beside it
             stamp["git_commit_at_end"] = stamp["git_commit"]

@@ -350,7 +350,7 @@ def test_git_commit_is_dirty_for_code_changes_not_for_benchmark_outputs(tmp_path
     assert git_commit(tmp_path) == clean + "-dirty"
 
 
-def test_a_suite_whose_code_changed_while_it_ran_is_stamped_dirty():
+def test_a_suite_whose_code_changed_while_it_ran_is_stamped_dirty(monkeypatch):
     from sysopt.benchmark import BenchContext, git_commit
 
     now = git_commit()
@@ -361,6 +361,9 @@ def test_a_suite_whose_code_changed_while_it_ran_is_stamped_dirty():
     moved = BenchContext(started_commit="0" * 40).result("s", [], [])  # another commit when it started
     assert moved.versions["git_commit"] == "0" * 40 + "-dirty"
     assert moved.versions["git_commit_at_end"] == now
+    monkeypatch.setattr(benchmark, "git_commit", lambda repo=None: None)  # git gone at the end: not a change
+    unknown = BenchContext(started_commit=now).result("s", [], [])
+    assert unknown.versions["git_commit"] is None and "git_commit_at_end" not in unknown.versions
 
 
 def test_readme_reports_the_load_averages_a_suites_records_carry():

@@ -98,6 +98,15 @@ def test_triton_quantize_launch_grids_fit_cuda_limits(monkeypatch):
     for grid in launches.grids:
         assert len(grid) <= 3 and grid[0] <= 2**31 - 1 and all(n <= 65535 for n in grid[1:]), grid
     monkeypatch.undo()
+    x = _data((1, 3000)).reshape(-1)  # 1-D, several column tiles: the flattened grid covers them all
+    for granularity, block, shaped in (("tensorwise", None, x), ("blockwise", (1, 128), x.view(1, -1)),
+                                       ("blockwise", (3, 40), _data((7, 300)))):  # fmt: skip
+        q_tri, s_tri = quantize_triton.quantize(shaped, torch.float8_e4m3fn, granularity, block)
+        q_ref, s_ref = quantize_ref.quantize(shaped, torch.float8_e4m3fn, granularity, block)
+        assert torch.equal(s_tri, s_ref) and torch.equal(_bits(q_tri), _bits(q_ref))
+    q_tri, s_tri, a_tri = quantize_triton.quantize_with_amax(x, torch.int8, x.abs().max() / 2)
+    q_ref, s_ref, a_ref = quantize_ref.quantize_with_amax(x, torch.int8, x.abs().max() / 2)
+    assert torch.equal(q_tri, q_ref) and torch.equal(s_tri, s_ref) and torch.equal(a_tri, a_ref)
 
 
 def test_triton_gemm_launch_grid_fits_cuda_limits(monkeypatch):
@@ -110,15 +119,6 @@ def test_triton_gemm_launch_grid_fits_cuda_limits(monkeypatch):
     gemm_triton.scaled_mm(a, torch.ones(()), b, torch.ones(()))
     (grid,) = launches.grids
     assert len(grid) == 1 and grid[0] == 2_200_000 // 32 and grid[0] <= 2**31 - 1
-    x = _data((1, 3000)).reshape(-1)  # 1-D, several column tiles: the flattened grid covers them all
-    for granularity, block, shaped in (("tensorwise", None, x), ("blockwise", (1, 128), x.view(1, -1)),
-                                       ("blockwise", (3, 40), _data((7, 300)))):  # fmt: skip
-        q_tri, s_tri = quantize_triton.quantize(shaped, torch.float8_e4m3fn, granularity, block)
-        q_ref, s_ref = quantize_ref.quantize(shaped, torch.float8_e4m3fn, granularity, block)
-        assert torch.equal(s_tri, s_ref) and torch.equal(_bits(q_tri), _bits(q_ref))
-    q_tri, s_tri, a_tri = quantize_triton.quantize_with_amax(x, torch.int8, x.abs().max() / 2)
-    q_ref, s_ref, a_ref = quantize_ref.quantize_with_amax(x, torch.int8, x.abs().max() / 2)
-    assert torch.equal(q_tri, q_ref) and torch.equal(s_tri, s_ref) and torch.equal(a_tri, a_ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

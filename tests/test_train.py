@@ -448,6 +448,14 @@ def test_resume_refuses_another_data_stream_and_warns_of_another_lr_schedule(tmp
     ):
         _check_resumable(longer, tmp_path)
     assert (tmp_path / "job.step_00000002.json").read_text() == job.to_json()
+    (tmp_path / "job.json").write_text(longer.to_json())  # that resume crashed before saving; another comes
+    with pytest.warns(UserWarning, match="learning-rate schedule"):
+        _check_resumable(job, tmp_path)
+    assert (tmp_path / "job.step_00000002.json").read_text() == job.to_json()  # still the job that wrote it
+    (tmp_path / "job.json").write_text(job.to_json())
+    warped = dataclasses.replace(job, data=dataclasses.replace(job.data, rotate_deg=0.0))  # same samples
+    with pytest.warns(UserWarning, match=r"data.rotate_deg=10.0 as data.rotate_deg=0.0: the same samples"):
+        _check_resumable(warped, tmp_path)
     (tmp_path / "job.json").write_text("")  # a machine crash before its data reached the disk
     with pytest.raises(
         ConfigError, match=r"job.json is unreadable .* delete it to resume without that check"
@@ -486,6 +494,26 @@ def test_a_fresh_run_sets_the_earlier_run_aside_and_never_resumes_it(tmp_path, m
     kept = tmp_path / "replaced_runs" / "1"
     assert {name: (kept / name).read_text() for name in earlier} == earlier
     assert latest_checkpoint(kept / "checkpoints").name == "step_00000002"
+
+
+def test_setting_a_run_aside_takes_the_jobs_it_resumed_along():
+    # job.<step>.json describes the earlier run: left beside the new run's step directories, it would not
+    import tempfile
+
+    from sysopt.train.loop import _set_aside_previous_run
+
+    with tempfile.TemporaryDirectory() as tmp, pytest.warns(UserWarning, match="moved the earlier run's"):
+        run = Path(tmp)
+        _bare_checkpoint(run, 2)
+        for name in ("job.json", "job.step_00000002.json", "job.step_00000004.json"):
+            (run / name).write_text("{}")
+        dest = _set_aside_previous_run(run)
+        assert not list(run.glob("job*.json"))
+        assert sorted(p.name for p in dest.glob("job*.json")) == [
+            "job.json",
+            "job.step_00000002.json",
+            "job.step_00000004.json",
+        ]
 
 
 def test_resume_applies_the_jobs_weight_decay_betas_and_eps(tmp_path):

@@ -267,10 +267,11 @@ def quantize_with_amax(
     reduces x's own amax. Where the given amax is not positive and finite, a pass before it takes x's own
     amax for the scale (current scaling); otherwise that pass reads nothing (no host sync decides it)."""
     x2 = _as_2d(x)
-    amax = amax.reshape(()).float()
-    own = _tensorwise_amax(x2, gate=amax)
-    scale = quantize_ref.scale_from_amax(
-        quantize_ref.usable_amax(amax, own), check_dtype(dtype), power_of_two
-    )
-    q, partial = _tensorwise_cast(x2, dtype, scale, write_amax=True)
-    return q.reshape(x.shape), scale, partial.max()
+    amax = amax.reshape(()).float().to(x.device, non_blocking=True)  # a kernel reads it: on x's device
+    with on_device(x):
+        own = _tensorwise_amax(x2, gate=amax)
+        scale = quantize_ref.scale_from_amax(
+            quantize_ref.usable_amax(amax, own), check_dtype(dtype), power_of_two
+        )
+        q, partial = _tensorwise_cast(x2, dtype, scale, write_amax=True)
+        return q.reshape(x.shape), scale, partial.max()

@@ -137,6 +137,11 @@ RESUME_KEYS = (
 )  # with the model's fields: what a checkpoint fixes
 
 
+# data fields that change how a drawn sample is warped, not which samples a step draws (label_noise changes
+# answers, and with packing their lengths, so which samples share a row: refused with the others)
+LOOKS = ("shift_px", "rotate_deg", "scale")
+
+
 def _check_resumable(job: JobConfig, out_dir: Path) -> None:
     """Before any rank starts: a checkpoint in `out_dir` written by a job with another model or tp/pp/vpp
     layout (its job.json says which) cannot resume into this one; say so, with both ways out. (dp may change:
@@ -192,10 +197,15 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
             f"checkpoint {found} lacks {', '.join(missing)}; delete {found} to resume from the checkpoint "
             f"before it, if there is one, {start_over}"
         )
-    # the training stream is a function of the data config, the global batch and the step: with another one
-    # the resumed run would skip or repeat samples (n_eval_per_task only sizes the held-out eval)
+    # which samples a step draws is a function of the data config, the global batch and the step: with another
+    # one the resumed run would skip or repeat samples (n_eval_per_task only sizes the held-out eval; the
+    # augmentation changes how drawn samples look, warned below)
     stream = lambda j: {  # noqa: E731
-        **{f"data.{k}": v for k, v in dataclasses.asdict(j.data).items() if k != "n_eval_per_task"},
+        **{
+            f"data.{k}": v
+            for k, v in dataclasses.asdict(j.data).items()
+            if k not in ("n_eval_per_task", *LOOKS)
+        },
         "train.global_batch": j.train.global_batch,
     }
     if diff := _differences(stream, old, job):
@@ -208,6 +218,12 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
         warnings.warn(
             f"resuming {found.name} of a run with precision.recipe={old.precision.recipe} as "
             f"precision.recipe={job.precision.recipe}: the model is converted afresh",
+            stacklevel=3,
+        )
+    if diff := _differences(lambda j: {f"data.{k}": getattr(j.data, k) for k in LOOKS}, old, job):
+        warnings.warn(
+            f"resuming {found.name} of a run trained with {diff[0]} as {diff[1]}: the same samples, augmented "
+            "otherwise from the resumed step on",
             stacklevel=3,
         )
     schedule = lambda j: {  # noqa: E731 - the learning-rate curve: warmup, then cosine to step max_steps
@@ -224,8 +240,9 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
             "moves from the resumed step on, as if this job had run from the start",
             stacklevel=3,
         )
-    if old != job:  # keep the job that wrote the checkpoint: job.json becomes this one
-        atomic_write_text(out_dir / f"job.{found.name}.json", text)
+    kept = out_dir / f"job.{found.name}.json"
+    if old != job and not kept.exists():  # the job that wrote the checkpoint (job.json becomes this one): the
+        atomic_write_text(kept, text)  # first resume from it knows; a later one may follow a crashed resume
 
 
 def _differences(view: Callable[[JobConfig], dict], old: JobConfig, new: JobConfig) -> tuple[str, str] | None:
@@ -256,7 +273,7 @@ def _stage_placement(job: JobConfig) -> str | None:
 
 def _set_aside_previous_run(out_dir: Path) -> Path | None:
     """train.resume=false into a directory an earlier run wrote: move that run's checkpoints, metrics,
-    summary, job.json and logs to <out_dir>/replaced_runs/<n>/ (nothing is deleted), so that this run starts
+    summary, job.json (and the job.<step>.json of the jobs it resumed) and logs to <out_dir>/replaced_runs/<n>/ (nothing is deleted), so that this run starts
     clean and a relaunch of it after a crash can never resume the earlier run's checkpoint."""
     outputs = ("checkpoints", "metrics.jsonl", "summary.json")
     if not any((out_dir / name).exists() for name in outputs):
@@ -266,7 +283,7 @@ def _set_aside_previous_run(out_dir: Path) -> Path | None:
     dest = parent / str(max(taken, default=0) + 1)
     dest.mkdir(parents=True)
     moved = []
-    for name in (*outputs, "job.json", "logs"):
+    for name in (*outputs, "job.json", *(p.name for p in sorted(out_dir.glob("job.step_*.json"))), "logs"):
         if (out_dir / name).exists():
             os.replace(out_dir / name, dest / name)
             moved.append(name)
