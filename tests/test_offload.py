@@ -657,6 +657,35 @@ def test_a_profile_gives_rates_but_not_the_free_memory_placement_checks_against(
     assert opt.costs.host_params_per_s == 1e9  # the rates are still the profile's
 
 
+def test_pinned_host_state_is_checked_as_the_caching_host_allocator_rounds_it():
+    # torch's caching host allocator rounds each pinned request up to a power of two: a plan whose exact
+    # bytes fit the host could fail in cudaHostAlloc (or swap) once its buffers are pinned
+    from sysopt.offload.optimizer import pinned_allocation_bytes
+    from sysopt.offload.placement import PlacementPlan, check_plan
+    from sysopt.offload.subgroups import partition
+
+    assert [pinned_allocation_bytes(n) for n in (1, 4, 5, 4096, 4097, 180 << 20)] == [
+        1,
+        4,
+        8,
+        4096,
+        8192,
+        256 << 20,
+    ]
+    params = [nn.Parameter(torch.empty(300_000)) for _ in range(2)]  # 1.2 MB buffers: 2 MiB each when pinned
+    subs = partition([params], subgroup_bytes=1 << 40)
+    plan = PlacementPlan("host", ("host",) * len(subs), tuple(range(len(subs))), 0)
+    exact = sum(s.host_state_bytes for s in subs)
+    check_plan(plan, subs, 0, free_host_bytes=exact)
+    pinned = lambda s: 2 * 4 * (2 << 20) + 2 * 4  # noqa: E731 - two params x four 2 MiB buffers, two steps
+    with pytest.raises(
+        ValueError, match=r"on the host \(as pinned buffers, each rounded up to a power of two\)"
+    ):
+        check_plan(plan, subs, 0, free_host_bytes=exact, host_bytes_of=pinned)
+    opt = OffloadAdamW(params, lr=1e-3, strategy="host")
+    assert sum(opt._pinned_bytes(s) for s in opt.subgroups) == pinned(None)  # what CUDA would allocate
+
+
 def test_a_consumed_gradient_is_not_kept_alive_after_step():
     # fp32 parameters kept their gradient's copy record past step(), and with it the gradient itself, until
     # the optimizer's own zero_grad: a loop that frees gradients through the model kept them through the

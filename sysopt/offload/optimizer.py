@@ -89,6 +89,11 @@ def _sample_index(numel: int, device: torch.device) -> torch.Tensor:
     return torch.linspace(0, numel - 1, min(numel, SAMPLE_ELEMENTS)).round().long().unique().to(device)
 
 
+def pinned_allocation_bytes(nbytes: int) -> int:
+    """Bytes torch's caching host allocator takes for a pinned request of `nbytes`: the next power of two."""
+    return 1 << max(0, nbytes - 1).bit_length()
+
+
 def _check_group_flags(group: dict[str, Any], where: str) -> None:
     """AdamW variants OffloadAdamW does not run: amsgrad, maximize, L2 (coupled) weight decay (torch.optim.Adam's
     decoupled_weight_decay=False), differentiable. Refused, never silently run as plain AdamW."""
@@ -335,7 +340,23 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _check(self, plan: PlacementPlan, free_bytes: int | None) -> None:
         # Host memory is checked once, before any state exists (later, our own buffers would count).
         free_host = None if self._built else free_device_bytes(torch.device("cpu"))
-        check_plan(plan, self.subgroups, self._budget_limit, free_bytes, free_host)
+        pinned = self._pinned_bytes if self.device.type == "cuda" else None
+        check_plan(plan, self.subgroups, self._budget_limit, free_bytes, free_host, host_bytes_of=pinned)
+
+    def _pinned_bytes(self, subgroup: Subgroup) -> int:
+        """Host memory subgroup's buffers take as pinned allocations: torch's caching host allocator rounds
+        each one up to a power of two (CachingHostAllocator.h, unless pinned_max_round_threshold is set), so
+        a 180 MB moment takes 256 MB. Moments, master, gradient buffer and step, per parameter."""
+        total = 0
+        for p in self._members[subgroup.index]:
+            n = p.numel()
+            sizes = (2 * [n * self.state_dtype.itemsize]) + [
+                n * self.master_dtype.itemsize,
+                n * p.element_size(),
+                4,
+            ]
+            total += sum(pinned_allocation_bytes(b) for b in sizes)
+        return total
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._built and self._given_plan is not None:

@@ -4,7 +4,7 @@ model that predicts an iteration's time for a plan, one planner per strategy, an
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -287,8 +287,11 @@ def check_plan(
     device_budget_bytes: int,
     free_device_bytes: int | None = None,
     free_host_bytes: int | None = None,
+    host_bytes_of: Callable[[Subgroup], int] | None = None,
 ) -> None:
-    """Raise ValueError, with the numbers, if a plan does not fit the subgroups, the budget or the memory."""
+    """Raise ValueError, with the numbers, if a plan does not fit the subgroups, the budget or the memory.
+    `host_bytes_of(subgroup)`: the host memory a subgroup's buffers take as allocated (pinned buffers are
+    rounded up), where that is more than its host_state_bytes."""
     if device_budget_bytes < 0:
         raise ValueError(f"device_budget_bytes={device_budget_bytes} must be >= 0")
     if len(plan.placements) != len(subgroups):
@@ -315,9 +318,11 @@ def check_plan(
             f"strategy={plan.strategy!r} places {need} bytes of optimizer state on the device but only "
             f"{free_device_bytes} bytes are free there; offload more (strategy='interleaved' or 'host')"
         )
-    host_need = sum(s.host_state_bytes for s, p in zip(subgroups, plan.placements) if p == HOST)
+    size = host_bytes_of or (lambda s: s.host_state_bytes)
+    host_need = sum(size(s) for s, p in zip(subgroups, plan.placements) if p == HOST)
     if free_host_bytes is not None and host_need > free_host_bytes:
+        allocated = " (as pinned buffers, each rounded up to a power of two)" if host_bytes_of else ""
         raise ValueError(
-            f"strategy={plan.strategy!r} places {host_need} bytes of optimizer state on the host but only "
-            f"{free_host_bytes} bytes of host memory are free; keep more on the device or add host memory"
+            f"strategy={plan.strategy!r} places {host_need} bytes of optimizer state on the host{allocated} but "
+            f"only {free_host_bytes} bytes of host memory are free; keep more on the device or add host memory"
         )
