@@ -112,8 +112,13 @@ def test_crashed_run_resumes_bit_exactly(tmp_path, monkeypatch):
     job = small_job(max_steps=20, checkpoint_every=19)
     done = _run_then_crash(job, tmp_path, monkeypatch, 19)
     assert latest_checkpoint(tmp_path / "crashed" / "checkpoints").name == "step_00000019"
+    stale = (
+        tmp_path / "crashed" / "checkpoints" / ".tmp_step_00000077"
+    )  # a save that crashed before its commit
+    stale.mkdir()
+    (stale / "model_tp0_pp0.pt").write_bytes(b"torn")
     resumed = run_training(job, tmp_path / "crashed")
-    assert resumed["resumed_from_step"] == 19
+    assert resumed["resumed_from_step"] == 19 and not stale.exists()
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     again = read_metrics(tmp_path / "crashed" / "metrics.jsonl")
     assert [r["step"] for r in again] == list(range(20))  # no duplicated or missing steps

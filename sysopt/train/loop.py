@@ -94,6 +94,10 @@ def _prepare_run_dir(job: JobConfig, out_dir: Path, *, calibrate: bool = True) -
                 "on this machine (or use parallel.tp_overlap=chunked)"
             )
     out_dir.mkdir(parents=True, exist_ok=True)
+    # staging directories of saves that crashed before their commit: never a checkpoint, and a step this run
+    # does not save again would keep its files forever (the caller holds run.lock: no live run stages here)
+    for stale in sorted((out_dir / "checkpoints").glob(".tmp_step_*")):
+        shutil.rmtree(stale, ignore_errors=True)
     if not job.train.resume:
         _set_aside_previous_run(out_dir)
     else:
