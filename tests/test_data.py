@@ -276,6 +276,16 @@ def test_shuffled_images_keep_text_and_pixels_but_move_them(held_out):
     assert moved > 0.8 * sum(a.images.shape[0] for a in plain)
 
 
+def test_the_shuffled_image_control_on_eval_depends_on_split_seed_only(held_out):
+    # eval data depends on split_seed only, so runs with other training seeds score the same questions:
+    # the shuffled-image control must too (it used to draw its permutation from the training seed)
+    other_seed = DigitsDataset(dataclasses.replace(SMALL, seed=SMALL.seed + 1), "eval")
+    for a, b in zip(
+        eval_batches(held_out, 100, shuffle_images=True), eval_batches(other_seed, 100, shuffle_images=True)
+    ):
+        _assert_batches_equal(a, b)
+
+
 def test_eval_split_has_fixed_counts_per_task(held_out):
     counts = np.bincount(held_out.task_ids, minlength=len(TASKS))
     assert counts.tolist() == [SMALL.n_eval_per_task] * len(TASKS)

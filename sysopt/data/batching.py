@@ -268,7 +268,8 @@ class BatchSampler:
             raise ValueError(f"batch_size={batch_size} must lie in [1, {len(dataset)}] (the dataset size)")
         self.dataset, self.batch_size = dataset, batch_size
         self.shuffle, self.shuffle_images = shuffle, shuffle_images
-        self.seed = dataset.config.seed
+        # eval batches depend on split_seed only (DigitsDataset): so does their shuffled-image control
+        self.seed = dataset.config.seed if dataset.split == "train" else dataset.config.split_seed
         self.pack_len = dataset.config.pack_len if dataset.split == "train" else 0
         self._cached_order: tuple[int, np.ndarray] = (-1, np.arange(0))
         self._cached_rows: dict[int, list[list[int]]] = {}  # the last two epochs packed

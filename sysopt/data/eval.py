@@ -15,9 +15,11 @@ def evaluate(model: Callable[[Batch], torch.Tensor], batches: Iterable[Batch]) -
     """{task: share of samples whose every answer token is the argmax prediction}.
 
     Teacher-forced: each answer token is predicted from the true tokens before it (for a two-digit sum
-    the second digit sees the true first digit), which equals greedy decoding whenever the sample counts
-    as correct, so exact match is the same as with generation. `model(batch)` returns [B, T, vocab]
-    logits; an nn.Module is put in eval mode (and left there)."""
+    the second digit sees the true first digit), which equals greedy decoding of the answer's digits
+    whenever the sample counts as correct. Where the answer stops is not scored (the "." after it is
+    neither trained nor scored): a greedy decoder could run on with another digit (after a sum's "1" it
+    has learnt that a digit often follows), so this is answer-digit accuracy, not generation accuracy.
+    `model(batch)` returns [B, T, vocab] logits; an nn.Module is put in eval mode (and left there)."""
     if isinstance(model, torch.nn.Module):
         model.eval()
     correct = torch.zeros(len(TASKS), dtype=torch.float64)

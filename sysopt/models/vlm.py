@@ -118,7 +118,11 @@ class VLM(nn.Module):
     def forward(self, batch) -> torch.Tensor:
         """Logits [B, T, vocab] for batch.tokens, each position predicting the next token."""
         if batch.tokens.shape[1] > self.config.max_seq:
-            raise ValueError(f"sequence length {batch.tokens.shape[1]} exceeds max_seq={self.config.max_seq}")
+            raise ValueError(
+                f"sequence length {batch.tokens.shape[1]} exceeds max_seq={self.config.max_seq}; raise "
+                f"model.max_seq to {batch.tokens.shape[1]}, or shorten the rows (data.pack_len, "
+                "data.max_relation_images)"
+            )
         x = None
         for block in self.blocks:
             x = block(x, batch)
