@@ -219,8 +219,9 @@ _OUTPUTS = (":!bench/results", ":!bench/README.md")  # pathspecs of what the ben
 
 def git_commit(repo: Path | None = None) -> str | None:
     """HEAD of the checkout holding sysopt (with '-dirty' when it has local changes, untracked files
-    included: a new module not yet added runs too), or None. The benchmarks' own outputs (bench/results/, bench/README.md's table) do not count: a suite writing its
-    plots before it is stamped would otherwise mark every run dirty."""
+    included: a new module not yet added runs too), or None. The benchmarks' own outputs (bench/results/,
+    bench/README.md's table) do not count: a suite writing its plots before it is stamped would otherwise
+    mark every run dirty."""
     import sysopt
 
     repo = repo or Path(sysopt.__file__).resolve().parents[1]

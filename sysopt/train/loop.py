@@ -163,10 +163,7 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
     try:
         text = old_path.read_text()
         json.loads(text)
-    except (
-        OSError,
-        ValueError,
-    ) as exc:  # empty or torn (a crash of the machine before its data reached disk)
+    except (OSError, ValueError) as exc:  # empty or torn: the machine crashed before its data reached disk
         raise ConfigError(
             f"{old_path} is unreadable ({type(exc).__name__}: {exc}) beside the checkpoint {found}: it says which "
             "model and layout wrote that checkpoint; put back a good copy, delete it to resume without that "
@@ -193,7 +190,7 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
     # every rank loads its shard: one missing would fail that rank alone while the others wait in a collective
     # (until train.timeout_s under a launcher that does not kill the job on the first failure)
     p = job.parallel
-    wanted = ["trainer", *(f"{kind}_tp{t}_pp{s}" for kind in ("model", "optimizer")
+    wanted = ["trainer", *(f"{kind}_{_shard(t, s)}" for kind in ("model", "optimizer")
                            for t in range(p.tp) for s in range(p.pp))]  # fmt: skip
     missing = [f"{name}.pt" for name in wanted if not (found / f"{name}.pt").is_file()]
     if missing:
@@ -418,8 +415,13 @@ def _plain(value: Any) -> Any:
 def _shard_name(job: JobConfig, groups: ParallelGroups | None) -> str:
     """Checkpoint file stem of this rank's model shard (dp replicas share one)."""
     if groups is None:
-        return "tp0_pp0"
-    return f"tp{groups.coords.tp}_pp{groups.coords.pp}"
+        return _shard(0, 0)
+    return _shard(groups.coords.tp, groups.coords.pp)
+
+
+def _shard(tp_rank: int, pp_rank: int) -> str:
+    """The file stem of the model shard of tensor-parallel rank `tp_rank`, pipeline rank `pp_rank`."""
+    return f"tp{tp_rank}_pp{pp_rank}"
 
 
 def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
