@@ -139,8 +139,10 @@ def _t(values: list[float]) -> float | None:
     return statistics.mean(values) / (statistics.stdev(values) / len(values) ** 0.5)
 
 
-def main(root: Path, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def summarise(root: Path) -> dict:
+    """The runs under root (one directory each, named <variant>[@seed<k>]), each compared with fp32 of the same
+    seed; per variant the paired differences over seeds; the noise floors. `curves` holds each run's logged
+    training losses (for plot(); main() leaves them out of summary.json)."""
     runs: dict[tuple[str, int], dict] = {}
     for d in sorted(p for p in root.iterdir() if (p / "summary.json").is_file()):
         variant, _, seed = d.name.partition("@seed")
@@ -190,8 +192,18 @@ def main(root: Path, out_dir: Path) -> None:
         "variants": variants,
         "noise_floor_fp32_between_seeds_max_abs": noise,
         "noise_floor_paired_null_max_abs": paired_noise,
+        "curves": {f"{v}@seed{s}": r["curve"] for (v, s), r in sorted(runs.items())},
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Loss curves of every run, and each seed's paired final-loss difference per variant."""
+    runs = {(k.partition("@seed")[0], int(k.partition("@seed")[2])): r for k, r in summary["runs"].items()}
+    for key, curve in summary["curves"].items():
+        variant, _, seed = key.partition("@seed")
+        runs[(variant, int(seed))] = {**runs[(variant, int(seed))], "curve": curve}
+    variants = summary["variants"]
 
     fig, (ax, dots) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [3, 2]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -205,7 +217,7 @@ def main(root: Path, out_dir: Path) -> None:
             )
             ax.plot(*r["curve"], color=colors[i % len(colors)], lw=2.0 if variant == "fp32" else 1.0, alpha=0.8,
                     label=label)  # fmt: skip
-    noise_level = next(iter(noise_levels))
+    noise_level = next(iter({r["label_noise"] for r in runs.values()}))
     floors = sorted({r["train_loss_floor"] for r in runs.values()})
     if floors[-1] > 0:
         ax.axhline(
@@ -213,9 +225,10 @@ def main(root: Path, out_dir: Path) -> None:
         )
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (logged every 25 steps)")
+    ax.set_ylabel("training loss (as logged: every train.log_every steps)")
     job = "default job" + (f" with data.label_noise={noise_level}" if noise_level else "")
-    ax.set_title(f"{job}, 1,500 steps, dp=2: each variant and seed")
+    steps = sorted({r["steps"] for r in runs.values()})
+    ax.set_title(f"{job}, {'/'.join(f'{n:,}' for n in steps)} steps: each variant and seed")
     ax.legend(fontsize=8)
     # each seed's paired difference from fp32 in the final loss (the whole-run mean for older runs)
     field = "final_loss_mean_rel" if all("final_loss_mean_rel" in v["over_seeds"] for v in variants.values()) \
@@ -239,8 +252,18 @@ def main(root: Path, out_dir: Path) -> None:
     dots.set_title("paired differences: one dot per seed, bar = mean")
     dots.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=100)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
+
+def print_table(summary: dict) -> None:
+    """The paired differences per variant (mean [min, max] over seeds), t values and the noise floors."""
+    variants = summary["variants"]
+    runs = summary["runs"]
+    noise, paired_noise = (
+        summary["noise_floor_fp32_between_seeds_max_abs"],
+        summary["noise_floor_paired_null_max_abs"],
+    )
     columns = [
         ("mean_loss_whole_run_rel", "mean loss, whole run", 100, "%"),
         ("mean_loss_second_half_rel", "2nd half", 100, "%"),
@@ -269,7 +292,7 @@ def main(root: Path, out_dir: Path) -> None:
             a = v["over_seeds"][field]
             if a["t"] is not None:
                 print(f"  {variant}: t={a['t']:+.2f}, {a['positive_seeds']}/{len(v['seeds'])} seeds above")
-    fp32_runs = {s: runs[("fp32", s)] for s in fp32_seeds}
+    fp32_runs = {k.partition("@seed")[2]: r for k, r in runs.items() if k.partition("@seed")[0] == "fp32"}
     if any(r["train_loss_floor"] > 0 for r in fp32_runs.values()):
         excess = {
             s: round(1000 * (r["final_loss_mean"] - r["train_loss_floor"]), 1) for s, r in fp32_runs.items()
@@ -284,6 +307,16 @@ def main(root: Path, out_dir: Path) -> None:
             "paired noise floor (null variants vs fp32, max |difference|):",
             {k: round(x, 4) for k, x in paired_noise.items()},
         )
+
+
+def main(root: Path, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarise(root)
+    plot(summary, out_dir / "loss.png")
+    print_table(summary)
+    (out_dir / "summary.json").write_text(
+        json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from sysopt.benchmark import BenchContext, Record, SuiteResult, goal_ratio, register_suite
+from sysopt.cli.train import compose_job
 from sysopt.hardware import intraop_threads
-from sysopt.train import JobConfig, build_job, run_training, warmup_cosine_lr
+from sysopt.train import JobConfig, run_training, warmup_cosine_lr
 
 STEPS, QUICK_STEPS = 60, 30
 OVERHEAD_TARGET, MEGATRON_TARGET = "<= 1.10", ">= 1.0"
@@ -43,14 +44,7 @@ DECODER_SPLIT = [0, 4, 5, 6, 7]
 
 def job_from(overrides: list[str]) -> JobConfig:
     """The job `sysopt-train OVERRIDES` would run (configs/train.yaml composed by Hydra)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from sysopt.cli.train import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    return build_job(OmegaConf.to_container(cfg, resolve=True))
+    return compose_job(overrides)
 
 
 def steady_median_s(step_times: list[float]) -> float:

@@ -1,213 +1,182 @@
-"""Precision training parity: the VLM trained single-process (1 thread) for a fixed number of steps in fp32 and
-with each named sysopt.precision recipe; eval exact match per task and final loss against the fp32 run.
+"""Precision training parity: the default training job (`sysopt-train`: the VLM, 1,500 steps, dp=2) run in fp32,
+with each of the issue's named recipes, and with a null control, for SEEDS seeds; every run is compared with
+the fp32 run of the same seed.
 
-Conversion: `convert(model, recipe, filter_fn=...)` with a filter that takes every nn.Linear except the LM head
-(the default filter would skip them all: the VLM's linears have fewer than MIN_FEATURES=256 features). The
-suite fails unless at least MIN_CONVERTED linears were converted. Everything else is the same in every run:
-initial weights (VLMConfig.seed), batches (BatchSampler is a pure function of the step), AdamW and the
-warmup + cosine LR of sysopt.train (OptimConfig defaults, warmup scaled to the run length), gradient clipping,
-and steps whose low-precision operands were non-finite are skipped (sysopt.precision.check_finite).
+Why this job and these comparisons:
+- The job is the default one with `data.label_noise=0.1`: a tenth of the training answers are drawn at random,
+  so the training loss has a known floor above zero (`DigitsDataset.label_noise_floor()`, ~0.45 nats) and the
+  final loss can be compared. On the noiseless job it falls to ~0, where a relative difference is noise.
+  Eval answers stay clean.
+- A seed sets the initial weights, the data and its order, and the trainer's RNG (`model.seed data.seed
+  train.seed`). A run is paired with fp32 of the same seed, so the difference is the recipe's, not the seed's.
+- Any perturbation, however small, sends a run down another trajectory within some hundred steps. The null
+  control (`null_lr_x1.0001`: fp32 with the learning rate 1.0001x) measures how far that alone moves the
+  paired figures; its rows are informative.
 
-Goals per recipe: |mean eval exact match - fp32's| <= 0.01 and |final loss / fp32's - 1| <= 0.02, final loss
-being the mean training loss of the last 20 steps. A control run, fp32 from other initial weights, gets the
-same comparisons (informative): how far the figures move under any perturbation, i.e. the noise floor. Full mode trains STEPS steps; quick mode trains QUICK_STEPS,
-too few for the model to learn the tasks, so its numbers check the plumbing and are not the parity claim.
+Goals per recipe, on the mean over seeds of the paired differences: |final loss / fp32's - 1| <= 0.02
+(final loss: the trainer's mean training loss over the last 10% of steps) and |eval exact match - fp32's|
+<= 1 point (the mean over the three tasks of the held-out split).
+
+The runs go to ~/.cache/sysopt/precision_parity/<commit>/<variant>@seed<k> (SYSOPT_PARITY_DIR overrides the
+parent). A run finished there for the same job at the same clean commit is reused, so an interrupted suite
+picks up where it stopped; any other tree runs everything in a fresh temporary directory. Quick mode trains
+QUICK_STEPS steps of one seed: too few to learn the tasks, so its figures check the plumbing only.
+`bench/_full_job_parity.py` summarises the runs (JSON + loss curves); it also summarises runs started by
+hand, with more variants.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
+import json
 import os
+import shutil
 import statistics
-import time
-from dataclasses import dataclass
+import sys
+import tempfile
+from pathlib import Path
 
-import torch
-from torch import nn
+from sysopt.benchmark import BenchContext, Record, SuiteResult, git_commit, goal, register_suite
+from sysopt.cli.train import compose_job
+from sysopt.train import JobConfig, run_training
 
-import sysopt.precision as P
-from sysopt.benchmark import BenchContext, Record, SuiteResult, goal, register_suite
-from sysopt.data import BatchSampler, DigitsDataset, DigitsTaskConfig, eval_batches, evaluate
-from sysopt.hardware import intraop_threads
-from sysopt.models import VLM, LMHead, VLMConfig, vlm_loss
-from sysopt.train.config import OptimConfig, TrainConfig
-from sysopt.train.lr import warmup_cosine_lr
-
-STEPS = 150
-QUICK_STEPS = 15
-LOSS_WINDOW = 20  # final loss: mean over the last LOSS_WINDOW steps
-MIN_CONVERTED = 20  # of the VLM's 21 linears, all but the LM head
-ACC_TARGET = "<= 0.01"
-LOSS_TARGET = "<= 0.02"
-THREADS = 1
-CONTROL_SEED = 1  # an fp32 run from other initial weights: the noise floor of the comparison
-CONTROL = f"fp32_seed{CONTROL_SEED}"
+SEEDS, QUICK_SEEDS = 3, 1
+QUICK_STEPS = 20
+LABEL_NOISE = 0.1
+RECIPES = ("fp8_tensorwise_delayed", "fp8_rowwise", "fp8_blockwise", "int8_rowwise", "int8_tensorwise")
+NULL = "null_lr_x1.0001"
+LR_FACTOR = 1.0001
+LOSS_TARGET, ACC_TARGET = "<= 0.02", "<= 1.0"
+SUMMARY_JSON, LOSS_PNG = "precision_parity_runs.json", "precision_parity_loss.png"
 
 
-def head_fqns(model: nn.Module) -> set[str]:
-    """Fully qualified names of the LM head's linear layers."""
+def variants(base: JobConfig) -> dict[str, list[str]]:
+    """Each variant's overrides beyond the seed's: fp32 (the reference), the recipes, the null control."""
     return {
-        f"{name}.{child}" if name else child
-        for name, module in model.named_modules()
-        if isinstance(module, LMHead)
-        for child, sub in module.named_children()
-        if isinstance(sub, nn.Linear)
+        "fp32": [],
+        **{name: [f"precision={name}"] for name in RECIPES},
+        NULL: [f"optim.lr={base.optim.lr * LR_FACTOR!r}"],
     }
 
 
-def convert_all_but_head(model: nn.Module, recipe: str) -> int:
-    """Convert every nn.Linear except the LM head to `recipe`; returns how many were converted."""
-    skip = head_fqns(model)
-    P.convert(model, recipe, filter_fn=lambda module, fqn: fqn not in skip)
-    return sum(isinstance(m, P.LowPrecisionLinear) for m in model.modules())
+def job_overrides(variant_overrides: list[str], seed: int, quick: bool) -> list[str]:
+    """`sysopt-train` overrides of one run: the label-noise job, the seed, the variant (quick: few steps)."""
+    out = [f"data.label_noise={LABEL_NOISE}", f"model.seed={seed}", f"data.seed={seed}", f"train.seed={seed}"]
+    if quick:
+        out += [f"train.max_steps={QUICK_STEPS}", "train.log_every=5", "optim.warmup_steps=2"]
+    return out + variant_overrides
 
 
-@dataclass(frozen=True)
-class TrainRun:
-    """One training run: per-step losses, eval exact match per task, wall time and skipped steps."""
-
-    recipe: str
-    losses: tuple[float, ...]
-    accuracy: dict
-    train_s: float
-    converted: int
-    skipped_steps: int
-
-    @property
-    def final_loss(self) -> float:
-        return statistics.fmean(self.losses[-LOSS_WINDOW:])
+def same_job(run_dir: Path, job: JobConfig) -> bool:
+    """Whether run_dir's job.json is `job`."""
+    try:
+        return JobConfig.from_json((run_dir / "job.json").read_text()) == job
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
-def _optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)  # as sysopt.train
+def finished(run_dir: Path, job: JobConfig) -> bool:
+    """Whether run_dir holds this job, trained to its last step (summary.json is written after the final eval)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        same_job(run_dir, job) and summary.get("steps") == job.train.max_steps and "eval_accuracy" in summary
+    )
 
 
-def train_vlm(
-    recipe: str | None,
-    steps: int,
-    train_set: DigitsDataset | None = None,
-    eval_set: list | None = None,
-    init_seed: int | None = None,
-) -> tuple[nn.Module, TrainRun]:
-    """Train VLM(VLMConfig()) for `steps` steps (recipe None: fp32) on `train_set` (default: the digits tasks'
-    training split) and evaluate it on the batches `eval_set` (default: the held-out split). `init_seed`
-    replaces VLMConfig's seed (the noise-floor control). Returns (model, TrainRun)."""
-    o, batch_size = OptimConfig(), TrainConfig().global_batch
-    train_set = train_set or DigitsDataset(DigitsTaskConfig(), "train")
-    if eval_set is None:
-        eval_set = eval_batches(DigitsDataset(train_set.config, "eval"), TrainConfig().eval_batch)
-    warmup = max(1, round(o.warmup_steps * steps / TrainConfig().max_steps))
-    config = VLMConfig() if init_seed is None else dataclasses.replace(VLMConfig(), seed=init_seed)
-    model = VLM(config)
-    converted = 0 if recipe is None else convert_all_but_head(model, recipe)
-    if recipe is not None and converted < MIN_CONVERTED:
-        raise RuntimeError(
-            f"recipe {recipe}: only {converted} linears were converted, expected >= {MIN_CONVERTED}; "
-            "check convert()'s filter_fn"
-        )
-    optimizer = _optimizer(model, o)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    sampler = BatchSampler(train_set, batch_size)
-    losses, skipped = [], 0
-    model.train()
-    start = time.perf_counter()
-    for step in range(steps):
-        lr = warmup_cosine_lr(
-            step, lr=o.lr, warmup_steps=warmup, max_steps=steps, min_lr_ratio=o.min_lr_ratio
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = sampler.global_batch(step)
-        loss = vlm_loss(model(batch), batch)
-        loss.backward()
-        if P.check_finite(model):
-            torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-            optimizer.step()
-        else:
-            skipped += 1
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    train_s = time.perf_counter() - start
-    accuracy = evaluate(model, eval_set)
-    label = (recipe or "fp32") + ("" if init_seed is None else f"_seed{init_seed}")
-    return model, TrainRun(label, tuple(losses), accuracy, train_s, converted, skipped)
+def _runs_root(quick: bool) -> tuple[Path, bool]:
+    """Where the runs go, and whether that directory is a temporary one to delete afterwards."""
+    commit = git_commit()
+    if quick or commit is None or commit.endswith("-dirty"):
+        return Path(tempfile.mkdtemp(prefix="sysopt_parity_")), True
+    parent = Path(os.environ.get("SYSOPT_PARITY_DIR", Path.home() / ".cache" / "sysopt" / "precision_parity"))
+    return parent / commit, False
 
 
-def records_for(run: TrainRun, steps: int) -> list[Record]:
-    config = {"steps": steps, "threads": THREADS, "converted_linears": run.converted,
-              "skipped_steps": run.skipped_steps, "loadavg_1min": os.getloadavg()[0]}  # fmt: skip
-    window = run.losses[-LOSS_WINDOW:]
-    prefix = f"parity/{run.recipe}"
-    records = [
-        Record(f"{prefix}/final_loss", run.final_loss, "loss", len(window), min(window), max(window), config),
-        Record(f"{prefix}/train_s", run.train_s, "s", 1, run.train_s, run.train_s, config),
-    ]
-    for task, acc in run.accuracy.items():
-        records.append(Record(f"{prefix}/eval_exact_match/{task}", acc, "accuracy", 1, acc, acc, config))
-    mean = statistics.fmean(run.accuracy.values())
-    records.append(Record(f"{prefix}/eval_exact_match/mean", mean, "accuracy", 1, mean, mean, config))
-    return records
+def _summariser():
+    """bench/_full_job_parity.py, loaded from its file (bench/ is not a package)."""
+    name = "sysopt_bench_suites._full_job_parity"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_full_job_parity.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def goals_for(runs: list[TrainRun]) -> list:
-    """Per recipe against the fp32 run (runs[0]); the control (fp32, another init seed) gets the same two
-    comparisons, marked as the noise floor: what any perturbation of the run moves these figures by."""
-    base = runs[0]
-    base_acc = statistics.fmean(base.accuracy.values())
+def records_and_goals(summary: dict, config: dict) -> tuple[list[Record], list]:
+    """Records of every run and of each variant's paired differences over seeds; the goals on the latter.
+
+    `summary` is what bench/_full_job_parity.py writes: per run its figures and its differences from fp32 of
+    the same seed (`vs_fp32`), per variant those differences for every seed."""
+    records = []
+    for key, run in summary["runs"].items():
+        variant, _, seed = key.partition("@seed")
+        prefix = f"parity/{variant}/seed{seed or 0}"
+        cfg = {**config, "steps": run["steps"], "label_noise": run["label_noise"]}
+        acc = run["mean_eval_accuracy"]
+        records += [
+            Record(f"{prefix}/final_loss", run["final_loss_mean"], "loss", 1, run["final_loss_mean"],
+                   run["final_loss_mean"], {**cfg, "train_loss_floor": run["train_loss_floor"]}),
+            Record(f"{prefix}/eval_exact_match", acc, "accuracy", 1, acc, acc, cfg),
+            Record(f"{prefix}/step_time_s", run["step_time_s"], "s", 1, run["step_time_s"], run["step_time_s"], cfg),
+        ]  # fmt: skip
     goals = []
-    for run in runs[1:]:
-        label = run.recipe if run.recipe != CONTROL else f"control {CONTROL} (noise floor, informative)"
-        acc = statistics.fmean(run.accuracy.values())
-        names = [f"parity/{r}/eval_exact_match/mean" for r in (run.recipe, base.recipe)]
-        goals.append(goal(f"{label}: |eval exact match - fp32|", abs(acc - base_acc), ACC_TARGET, names))
-        names = [f"parity/{r}/final_loss" for r in (run.recipe, base.recipe)]
-        ratio = abs(run.final_loss / base.final_loss - 1.0)
-        goals.append(goal(f"{label}: |final loss / fp32 - 1|", ratio, LOSS_TARGET, names))
-    return goals
+    for variant, v in summary["variants"].items():
+        if variant == "fp32":
+            continue
+        unpaired = [
+            s
+            for s in v["per_seed"]
+            if summary["runs"][f"{variant}@seed{s}"]["paired_with"] != f"fp32 seed {s}"
+        ]
+        if unpaired:
+            raise ValueError(f"{variant}: seeds {unpaired} have no fp32 run of the same seed to pair with")
+        seeds = sorted(v["per_seed"], key=int)
+        label = variant if variant != NULL else f"control {NULL} (noise floor, informative)"
+        for field, name, unit, target in (
+            ("final_loss_mean_rel", "final_loss_vs_fp32", "rel", LOSS_TARGET),
+            ("eval_accuracy_points", "eval_exact_match_vs_fp32", "points", ACC_TARGET),
+        ):
+            values = [v["per_seed"][s][field] for s in seeds]
+            mean = statistics.fmean(values)
+            rec = Record(f"parity/{variant}/{name}", mean, unit, len(values), min(values), max(values),
+                         {**config, "seeds": [int(s) for s in seeds], "per_seed": values})  # fmt: skip
+            records.append(rec)
+            what = "final loss / fp32 - 1" if unit == "rel" else "eval exact match - fp32, points"
+            goals.append(goal(f"{label}: |{what}|, mean of {len(values)} paired seeds", abs(mean), target,
+                              [rec.name]))  # fmt: skip
+    return records, goals
 
 
 @register_suite("precision_parity")
 def run(ctx: BenchContext) -> SuiteResult:
-    steps = QUICK_STEPS if ctx.quick else STEPS
-    runs: list[TrainRun] = []
-    train_set = DigitsDataset(DigitsTaskConfig(), "train")
-    eval_set = eval_batches(DigitsDataset(DigitsTaskConfig(), "eval"), TrainConfig().eval_batch)
-    with intraop_threads(THREADS):
-        for recipe in ctx.track([None, *sorted(P.RECIPES)], "precision parity: training"):
-            runs.append(train_vlm(recipe, steps, train_set, eval_set)[1])
-        runs.append(train_vlm(None, steps, train_set, eval_set, init_seed=CONTROL_SEED)[1])
-    records = [r for run_ in runs for r in records_for(run_, steps)]
-    result = ctx.result("precision_parity", records, goals_for(runs))
-    _plot_losses(runs, steps, ctx.out_dir / "precision_parity_loss.png")
-    return result
-
-
-def _plot_losses(runs: list[TrainRun], steps: int, path) -> None:
-    """Training loss per step of every run (a 10-step moving average), fp32 in black."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.subplots()
-    for run_ in runs:
-        losses = torch.tensor(run_.losses)
-        k = min(10, len(losses))
-        smooth = losses.unfold(0, k, 1).mean(1)
-        style = {"linewidth": 1}
-        if run_.recipe == "fp32":
-            style = {"color": "black", "linewidth": 2}
-        elif run_.recipe == CONTROL:
-            style = {"color": "gray", "linewidth": 1.5, "linestyle": "--"}
-        ax.plot(range(k - 1, len(losses)), smooth, label=run_.recipe, **style)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss ({min(10, steps)}-step mean)")
-    ax.set_title(
-        f"VLM loss parity, {steps} steps, 1 thread, all linears but the LM head converted", fontsize=9
-    )
-    ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    seeds = range(QUICK_SEEDS if ctx.quick else SEEDS)
+    base = compose_job([])
+    root, temporary = _runs_root(ctx.quick)
+    plan = [(name, seed, over) for seed in seeds for name, over in variants(base).items()]
+    load = []
+    try:
+        for name, seed, over in ctx.track(plan, "precision parity: training runs"):
+            job = compose_job(job_overrides(over, seed, ctx.quick))
+            run_dir = root / f"{name}@seed{seed}"
+            if finished(run_dir, job):
+                continue
+            if run_dir.exists() and not same_job(run_dir, job):
+                shutil.rmtree(run_dir)  # another job's run (this suite's cache): start over
+            load.append(os.getloadavg()[0])
+            run_training(job, run_dir)  # an interrupted run of this job resumes from its checkpoint
+        summariser = _summariser()
+        summary = summariser.summarise(root)
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        summariser.plot(summary, ctx.out_dir / LOSS_PNG)
+    finally:
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+    summary.pop("curves")
+    (ctx.out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    config = {"loadavg_1min_before_runs": load, "runs_dir": str(root) if not temporary else None}
+    records, goals = records_and_goals(summary, config)
+    return ctx.result("precision_parity", records, goals)

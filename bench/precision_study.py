@@ -1,7 +1,7 @@
 """Quantisation study: SQNR of INT8, FP8-E4M3 and FP8-E5M2 at tensorwise, rowwise and blockwise (1x32)
 granularity, on synthetic Gaussian, Laplace and Student-t tensors and on the VLM's real weights, activations
 (inputs of every nn.Linear), output gradients (dy of every nn.Linear) and weight gradients after a short fp32
-training run (precision_parity.train_vlm).
+training run (train_fp32_vlm).
 
 It checks the qualitative finding of van Baalen et al. 2023 ("FP8 versus INT8 for efficient deep learning
 inference"): with one scale per tensor, INT8 matches or beats FP8-E4M3 on well-behaved (Gaussian, Laplace)
@@ -21,10 +21,7 @@ channel for weights and per token for activations and gradients.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,10 +30,11 @@ from sysopt import kernels
 from sysopt.benchmark import BenchContext, Record, SuiteResult, goal, register_suite
 from sysopt.data import BatchSampler, DigitsDataset, DigitsTaskConfig
 from sysopt.kernels.formats import FORMAT_DTYPES, dequantize
-from sysopt.models import vlm_loss
+from sysopt.models import VLM, VLMConfig, vlm_loss
 from sysopt.precision import GEMMS, RECIPES, diagnostics, gemm_sqnr, recipe
 from sysopt.precision.convert import default_filter
-from sysopt.train.config import TrainConfig
+from sysopt.train.config import OptimConfig, TrainConfig
+from sysopt.train.lr import warmup_cosine_lr
 
 FORMATS = ("int8", "e4m3", "e5m2")
 GRANULARITIES = ("tensorwise", "rowwise", "blockwise")
@@ -78,24 +76,42 @@ def amax_over_rms(x: torch.Tensor) -> float:
     return float(x.abs().max() / x.pow(2).mean().sqrt())
 
 
-def _parity_module():
-    """bench/precision_parity.py (its train_vlm), loaded as the bench CLI loads suites."""
-    name = "sysopt_bench_suites.precision_parity"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("precision_parity.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def train_fp32_vlm(steps: int, train_set: DigitsDataset) -> nn.Module:
+    """VLM(VLMConfig()) trained in fp32, single process, for `steps` steps: batches of the trainer's default
+    global batch, fused AdamW with decay on matrices only, warmup + cosine LR (OptimConfig's defaults, warmup
+    scaled to the run length) and gradient clipping, as sysopt.train does."""
+    o, batch_size = OptimConfig(), TrainConfig().global_batch
+    warmup = max(1, round(o.warmup_steps * steps / TrainConfig().max_steps))
+    model = VLM(VLMConfig())
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sampler = BatchSampler(train_set, batch_size)
+    model.train()
+    for step in range(steps):
+        lr = warmup_cosine_lr(
+            step, lr=o.lr, warmup_steps=warmup, max_steps=steps, min_lr_ratio=o.min_lr_ratio
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = sampler.global_batch(step)
+        vlm_loss(model(batch), batch).backward()
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model
 
 
 def vlm_tensors(steps: int) -> tuple[dict[str, list[torch.Tensor]], list[tuple[torch.Tensor, ...]]]:
     """Train the VLM in fp32 for `steps` steps, then run one more batch and collect, for every nn.Linear, its
     weight, its input, the gradient at its output and its weight gradient (each 2-D). Also returns the
     (input, weight, grad_output) of each linear that convert() would make low precision, for gemm_sqnr."""
-    parity = _parity_module()
     train_set = DigitsDataset(DigitsTaskConfig(), "train")
-    model, _ = parity.train_vlm(None, steps, train_set)
+    model = train_fp32_vlm(steps, train_set)
     model.train()
     flat = lambda t: t.detach().reshape(-1, t.shape[-1]).clone()  # noqa: E731
     linears = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -7,18 +7,14 @@ import sys
 import time
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
-from sysopt.cli.train import config_dir
+from sysopt.cli.train import compose_job
 from sysopt.train import ConfigError, build_job
 
 
 def job_from(overrides):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    return build_job(OmegaConf.to_container(cfg, resolve=True))
+    return compose_job(overrides)
 
 
 def test_default_config_is_valid_and_data_parallel():

@@ -712,12 +712,8 @@ def test_cli_ranks_and_writes_json(tmp_path, capsys, monkeypatch):
 def test_the_printed_train_command_trains_the_planned_model_and_data(tmp_path, capsys, monkeypatch):
     """explain's sysopt-train line carries the model.* / data.* settings given to sysopt-plan (and a
     --model YAML's values): composed as sysopt-train composes it, it trains the model that was planned."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from sysopt.cli import plan
-    from sysopt.cli.train import config_dir
-    from sysopt.train import build_job
+    from sysopt.cli.train import compose_job
 
     def train_line(argv):
         assert plan.main(argv) == 0
@@ -728,18 +724,12 @@ def test_the_printed_train_command_trains_the_planned_model_and_data(tmp_path, c
     args += ["--precision", "none", "--where", "pp=1"]
     overrides = train_line([*args, "model.layers=3", "data.pack_len=32", "model.dim=96", "model.heads=6"])
     assert {"model.layers=3", "data.pack_len=32", "model.dim=96"} <= set(overrides)
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        job = build_job(
-            OmegaConf.to_container(compose(config_name="train", overrides=overrides), resolve=True)
-        )
+    job = compose_job(overrides)
     assert (job.model.layers, job.model.dim, job.model.heads, job.data.pack_len) == (3, 96, 6, 32)
     yaml_model = tmp_path / "tiny.yaml"
     yaml_model.write_text("vision_dim: 32\nvision_layers: 1\nlayers: 1\ndim: 64\nheads: 2\nvision_heads: 2\n")
     overrides = train_line([*args, "--model", str(yaml_model)])
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        job = build_job(
-            OmegaConf.to_container(compose(config_name="train", overrides=overrides), resolve=True)
-        )
+    job = compose_job(overrides)
     assert (job.model.vision_layers, job.model.layers, job.model.dim) == (1, 1, 64)
     assert not any(o.startswith("model=") for o in train_line(args))  # the default model: nothing to add
 

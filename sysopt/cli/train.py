@@ -23,6 +23,18 @@ def config_dir() -> str:
     return str(path)
 
 
+def compose_job(overrides: list[str]):
+    """The JobConfig that `sysopt-train OVERRIDES` would run: configs/train.yaml composed by Hydra with the
+    overrides, then validated (a ConfigError names what is wrong)."""
+    from hydra import compose, initialize_config_dir
+
+    from sysopt.train import build_job
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return build_job(OmegaConf.to_container(cfg, resolve=True))
+
+
 def _run(cfg: DictConfig) -> None:
     from sysopt.train import ConfigError, build_job, run_training
 
