@@ -402,3 +402,55 @@ def test_cli_json_elsewhere_keeps_the_suites_artefacts_beside_it(tmp_path, monke
     assert bench_cli.main(["artefact", "--json", str(elsewhere / "artefact.json")]) == 0
     assert (elsewhere / "side.txt").is_file() and (elsewhere / "artefact.json").is_file()
     assert not (folder / "results" / "side.txt").exists()
+
+
+# ---- precision_parity: pairing by seed, goals on the mean, reuse of finished runs --------------------------
+
+
+def test_precision_parity_pairs_runs_by_seed_and_reuses_finished_ones(tmp_path, monkeypatch):
+    import sys
+
+    suite = bench_cli.load_suite("precision_parity", bench_cli.bench_dir())
+    mod = sys.modules["sysopt_bench_suites.precision_parity"]
+    fp32 = {0: (0.50, 0.90), 1: (0.60, 0.80)}  # seed -> (final loss, mean eval accuracy)
+    off = {"fp8_rowwise": {0: (1.04, 0.01), 1: (0.97, 0.0)}}  # relative loss, accuracy offset vs fp32
+    calls = []
+
+    def fake_training(job, run_dir):
+        run_dir = Path(run_dir)
+        calls.append(run_dir.name)
+        variant, seed = run_dir.name.split("@seed")
+        loss, acc = fp32[int(seed)]
+        rel, dacc = off.get(variant, {}).get(int(seed), (1.0, 0.0))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "job.json").write_text(job.to_json())
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 3.0}) + "\n")
+        summary = {"final_loss": loss * rel, "final_loss_mean": loss * rel, "train_loss_floor": 0.45,
+                   "eval_loss": 0.2, "eval_accuracy": {"a": acc + dacc, "b": acc + dacc},
+                   "step_time_s": 0.05, "steps": job.train.max_steps}  # fmt: skip
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(mod, "run_training", fake_training)
+    monkeypatch.setattr(mod, "SEEDS", 2)
+    monkeypatch.setattr(mod, "git_commit", lambda: "abc123")  # a clean commit: runs go to the reusable cache
+    monkeypatch.setenv("SYSOPT_PARITY_DIR", str(tmp_path / "cache"))
+    stale = tmp_path / "cache" / "abc123" / "int8_rowwise@seed1"  # another job's run in the cache
+    stale.mkdir(parents=True)
+    (stale / "job.json").write_text(mod.compose_job([]).to_json())
+    (stale / "summary.json").write_text(json.dumps({"steps": 1500, "eval_accuracy": {}}))
+    ctx = benchmark.BenchContext(repeats=1, out_dir=tmp_path / "out")
+    result = suite(ctx)
+    assert len(calls) == 2 * len(mod.variants(mod.compose_job([])))  # the stale run was trained again
+    goals = {g.name: g for g in result.goals}
+    loss = goals["fp8_rowwise: |final loss / fp32 - 1|, mean of 2 paired seeds"]
+    assert loss.value == pytest.approx(abs((0.04 - 0.03) / 2)) and loss.met  # each seed against its own fp32
+    acc = goals["fp8_rowwise: |eval exact match - fp32, points|, mean of 2 paired seeds"]
+    assert acc.value == pytest.approx(0.5) and acc.met
+    assert result.record("parity/fp8_rowwise/final_loss_vs_fp32").max == pytest.approx(0.04)
+    assert any("control null_lr_x1.0001" in g.name and "informative" in g.name for g in result.goals)
+    assert (ctx.out_dir / mod.SUMMARY_JSON).is_file() and (ctx.out_dir / mod.LOSS_PNG).is_file()
+    calls.clear()
+    off["fp8_rowwise"][0] = (1.10, 0.0)  # not seen again: the finished runs of the same jobs are reused
+    again = {g.name: g.value for g in suite(ctx).goals}
+    assert calls == [] and again[loss.name] == pytest.approx(loss.value)
