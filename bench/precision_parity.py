@@ -40,7 +40,7 @@ from sysopt.benchmark import BenchContext, Record, SuiteResult, git_commit, goal
 from sysopt.cli.train import compose_job
 from sysopt.train import JobConfig, run_training
 
-SEEDS, QUICK_SEEDS = 3, 1
+SEEDS, QUICK_SEEDS = 4, 1
 QUICK_STEPS = 20
 LABEL_NOISE = 0.1
 RECIPES = ("fp8_tensorwise_delayed", "fp8_rowwise", "fp8_blockwise", "int8_rowwise", "int8_tensorwise")
