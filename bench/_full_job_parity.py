@@ -292,7 +292,9 @@ def print_table(summary: dict) -> None:
             a = v["over_seeds"][field]
             if a["t"] is not None:
                 print(f"  {variant}: t={a['t']:+.2f}, {a['positive_seeds']}/{len(v['seeds'])} seeds above")
-    fp32_runs = {k.partition("@seed")[2]: r for k, r in runs.items() if k.partition("@seed")[0] == "fp32"}
+    fp32_runs = {
+        int(k.partition("@seed")[2]): r for k, r in runs.items() if k.partition("@seed")[0] == "fp32"
+    }
     if any(r["train_loss_floor"] > 0 for r in fp32_runs.values()):
         excess = {
             s: round(1000 * (r["final_loss_mean"] - r["train_loss_floor"]), 1) for s, r in fp32_runs.items()
@@ -312,11 +314,11 @@ def print_table(summary: dict) -> None:
 def main(root: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(root)
-    plot(summary, out_dir / "loss.png")
-    print_table(summary)
     (out_dir / "summary.json").write_text(
         json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=2) + "\n"
     )
+    plot(summary, out_dir / "loss.png")
+    print_table(summary)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ Goals per recipe, on the mean over seeds of the paired differences: |final loss 
 (final loss: the trainer's mean training loss over the last 10% of steps) and |eval exact match - fp32's|
 <= 1 point (the mean over the three tasks of the held-out split).
 
-The runs go to ~/.cache/sysopt/precision_parity/<commit>/<variant>@seed<k> (SYSOPT_PARITY_DIR overrides the
-parent). A run finished there for the same job at the same clean commit is reused, so an interrupted suite
-picks up where it stopped; any other tree runs everything in a fresh temporary directory. Quick mode trains
+The runs go to ~/.cache/sysopt/precision_parity/<commit>_<host>_torch<version>/<variant>@seed<k>
+(SYSOPT_PARITY_DIR overrides the parent). A run finished there for the same job is reused (its figures, step
+time included, are those of its first launch), so a suite interrupted at a clean commit starts again at the run
+it was in; that run starts over, as the job checkpoints only at its end. A dirty tree runs everything in a
+fresh temporary directory, deleted afterwards. Quick mode trains
 QUICK_STEPS steps of one seed: too few to learn the tasks, so its figures check the plumbing only.
 `bench/_full_job_parity.py` summarises the runs (JSON + loss curves); it also summarises runs started by
 hand, with more variants.
@@ -31,10 +33,13 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 from sysopt.benchmark import BenchContext, Record, SuiteResult, git_commit, goal, register_suite
 from sysopt.cli.train import compose_job
@@ -43,6 +48,7 @@ from sysopt.train import JobConfig, run_training
 SEEDS, QUICK_SEEDS = 4, 1
 QUICK_STEPS = 20
 LABEL_NOISE = 0.1
+# the issue's five named recipes (sysopt's int8_rowwise_full, int8 in all three GEMMs, is left out for time)
 RECIPES = ("fp8_tensorwise_delayed", "fp8_rowwise", "fp8_blockwise", "int8_rowwise", "int8_tensorwise")
 NULL = "null_lr_x1.0001"
 LR_FACTOR = 1.0001
@@ -92,7 +98,7 @@ def _runs_root(quick: bool) -> tuple[Path, bool]:
     if quick or commit is None or commit.endswith("-dirty"):
         return Path(tempfile.mkdtemp(prefix="sysopt_parity_")), True
     parent = Path(os.environ.get("SYSOPT_PARITY_DIR", Path.home() / ".cache" / "sysopt" / "precision_parity"))
-    return parent / commit, False
+    return parent / f"{commit}_{socket.gethostname()}_torch{torch.__version__}", False
 
 
 def _summariser():
@@ -167,7 +173,9 @@ def run(ctx: BenchContext) -> SuiteResult:
             if run_dir.exists() and not same_job(run_dir, job):
                 shutil.rmtree(run_dir)  # another job's run (this suite's cache): start over
             load.append(os.getloadavg()[0])
-            run_training(job, run_dir)  # an interrupted run of this job resumes from its checkpoint
+            run_training(
+                job, run_dir
+            )  # an interrupted run of this job starts over (no checkpoint before its end)
         summariser = _summariser()
         summary = summariser.summarise(root)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
