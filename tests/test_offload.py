@@ -1174,3 +1174,33 @@ def test_frozen_parameters_get_state_only_once_they_train():
         torch.equal(opt2.state[p]["exp_avg"], opts["offload"].state[q]["exp_avg"])
         for p, q in zip(frozen2, frozen)
     )
+
+
+def test_replan_budget_counts_state_it_moved_off_that_the_caching_allocator_keeps(monkeypatch):
+    """A simulated CUDA caching allocator: blocks freed by moving state to the host stay reserved, so the
+    driver's free memory does not grow back. Once outside pressure goes away, a re-plan must see the budget it
+    had before and restore the first placement (counting only driver-free memory plus the state in use, each
+    move to the host shrank every later budget by what it freed)."""
+    import sysopt.offload.optimizer as optimizer_module
+
+    sim = {"total": 10**6, "outside": 0, "high": 0, "opt": None}  # high: reserved by state, never returned
+
+    def in_use():
+        return sim["opt"].plan.device_state_bytes if sim["opt"] is not None else 0
+
+    monkeypatch.setattr(
+        optimizer_module, "free_device_bytes", lambda d: sim["total"] - sim["outside"] - sim["high"]
+    )
+    monkeypatch.setattr(optimizer_module, "cached_device_bytes", lambda d: sim["high"] - in_use())
+    model, opt, sched = offload("interleaved", costs=replace(GPU_LIKE, free_device_bytes=None),
+                                measure=True, device_budget_bytes=None, replan_interval_steps=None)  # fmt: skip
+    sim["opt"] = opt
+    first = opt.plan
+    assert first.device_subgroups, "the test needs state on the device to move"
+    sim["high"] = first.device_state_bytes
+    sim["total"] = first.device_state_bytes + 64  # from now on the first placement just fits
+    sim["outside"] = first.device_state_bytes // 2  # another allocation takes half of it
+    assert opt.replan(force=True) and opt.plan.device_state_bytes < first.device_state_bytes
+    sim["outside"] = 0  # and frees it again
+    opt.replan(force=True)
+    assert opt.plan.placements == first.placements

@@ -112,6 +112,14 @@ def free_device_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def cached_device_bytes(device: torch.device) -> int:
+    """Device memory torch's caching allocator holds but no tensor uses (0 off CUDA: the CPU allocator hands
+    freed memory back). Free to this process's allocations, though the driver counts it as used."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return max(int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)), 0)
+    return 0
+
+
 def copy_thread_has_core() -> bool:
     """CPU-only: whether the background copy thread can run beside torch's compute threads."""
     return torch.get_num_threads() < (os.cpu_count() or 1)

@@ -20,6 +20,7 @@ from torch import nn
 
 from sysopt.offload.costs import (
     CostInputs,
+    cached_device_bytes,
     cost_inputs_from_profile,
     default_cost_inputs,
     free_device_bytes,
@@ -230,6 +231,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._transfers = make_transfers(self.device)
         self._generator = torch.Generator().manual_seed(seed)
         self.costs = self._resolve_costs(costs, profile)
+        self._device_state_high = 0  # the most device state any placement has held (see _free_now)
         self._free_device_bytes = (
             self.costs.free_device_bytes
             if self.costs and self.costs.free_device_bytes is not None
@@ -390,6 +392,20 @@ class OffloadAdamW(torch.optim.Optimizer):
             for p in members:
                 self._place(p, plan.placements[s.index])
         self.plan = plan
+        self._device_state_high = max(self._device_state_high, plan.device_state_bytes)
+
+    def _free_now(self) -> int:
+        """Device memory a new placement may take: (with live measurement) what is free now, plus the state this
+        optimizer holds there, plus the state it has moved off the device that the caching allocator still
+        keeps (at most what it keeps unused). CUDA's allocator holds freed blocks without returning them, so
+        without that last term every move to the host would shrink each later budget by what it freed.
+        Other cached blocks are left out: after a step they are mostly the activations' working set, which
+        the next forward takes again."""
+        if not self._measure:
+            return self._free_device_bytes
+        in_use = self.plan.device_state_bytes
+        moved_off = self._device_state_high - in_use
+        return free_device_bytes(self.device) + in_use + min(moved_off, cached_device_bytes(self.device))
 
     def _alloc(self, where: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         if where == DEVICE:
@@ -860,9 +876,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         host_order = tuple(i for i in self._ready_order if self.plan.placements[i] == HOST)
         if host_order != self.plan.transfer_order:
             reasons.append("ready_order")
-        in_use = self.plan.device_state_bytes
-        free = (free_device_bytes(self.device) + in_use) if self._measure else self._free_device_bytes
-        free = self._agreed_min(free)  # every replica reaches this point: no collective behind a condition
+        free = self._agreed_min(self._free_now())  # every replica gets here: no collective behind a condition
         plan = None
         if reasons or force:
             plan = make_plan(
@@ -1007,10 +1021,8 @@ class OffloadAdamW(torch.optim.Optimizer):
             tuple(saved["transfer_order"]),
             sum(s.device_state_bytes for s, where in zip(self.subgroups, placements) if where == DEVICE),
         )
-        in_use = self.plan.device_state_bytes
-        free = (free_device_bytes(self.device) + in_use) if self._measure else self._free_device_bytes
         try:  # against what every replica has free: the replicas adopt it all or none
-            self._check(plan, self._agreed_min(free))
+            self._check(plan, self._agreed_min(self._free_now()))
         except ValueError as exc:
             warnings.warn(f"the checkpoint's placement does not fit here ({exc}); keeping this optimizer's own plan",
                           stacklevel=3)  # fmt: skip
