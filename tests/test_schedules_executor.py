@@ -265,3 +265,29 @@ def test_receives_ahead_rejects_a_bad_window():
 
     with pytest.raises(ValueError, match="computes=0"):
         receives_ahead(add_comms(build("1f1b", 2, 1, 4)).actions[0], 0)
+
+
+def _run_mismatched_message(case):
+    """Stage 0 sends a tensor unlike the buffer stage 1 posts: another shape, or another dtype."""
+    schedule = build("1f1b", dist.get_world_size(), 1, 2)
+    rank = dist.get_rank()
+    modules = {s: _stage_module(s) for s in schedule.stages_of(rank)}
+    options = {"boundary_shape": (ROWS + 1, WIDTH)} if case == "shape" else {"dtype": torch.float64}
+    executor = ScheduleExecutor(schedule, modules, _loss, **({"boundary_shape": (ROWS, WIDTH)} | options))
+    inputs, targets = _data(2)
+    executor.step(inputs if rank == 0 else None, targets)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("case", ["shape", "dtype"])
+def test_a_message_unlike_the_receivers_buffer_fails_on_the_sender(case):
+    """Before, a larger message failed inside gloo on the receiver and a smaller one left part of its buffer
+    uninitialised; the sender now names both shapes and dtypes and the fix."""
+    from sysopt.dist import LaunchError
+
+    with pytest.raises(LaunchError) as info:
+        launch(_run_mismatched_message, 2, args=(case,), timeout_s=60)
+    assert info.value.rank == 0
+    message = str(info.value)
+    assert "stage 0 microbatch 0: its output has shape (3, 8)" in message and "boundary_shape" in message
+    assert ("buffer of shape (4, 8)" in message) if case == "shape" else ("dtype torch.float64" in message)

@@ -228,6 +228,10 @@ def _worker(
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
         text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
         results.put((rank, "error", _deposit(result_dir, rank, text.encode())))
+        # into the pipe before the group closes below: the peers it leaves waiting fail on the closed
+        # connections, and their errors must not reach the parent first (it reports the first error)
+        results.close()
+        results.join_thread()
     finally:
         if dist.is_initialized():
             try:

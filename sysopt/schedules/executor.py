@@ -213,11 +213,25 @@ class ScheduleExecutor:
     # ---- communication --------------------------------------------------------------------------
     def _send_f(self, a: Action) -> None:
         tensor = self.stage_out[(a.stage, a.microbatch)].detach()
+        self._check_message(tensor, a, "output", self.shape_of(a.stage, a.microbatch))
         self._isend(tensor, a.stage + 1, self._tag("F", a.stage, a.microbatch))
 
     def _send_b(self, a: Action) -> None:
         tensor = self.grad_in.pop((a.stage, a.microbatch))
+        self._check_message(tensor, a, "input gradient", self.shape_of(a.stage - 1, a.microbatch))
         self._isend(tensor, a.stage - 1, self._tag("B", a.stage, a.microbatch))
+
+    def _check_message(self, tensor: torch.Tensor, a: Action, what: str, shape: Shape) -> None:
+        """The receiver posts a buffer of `shape` and the executor's dtype. A larger message fails inside gloo
+        (often killing the receiving process), a smaller one leaves the rest of the buffer uninitialised:
+        both are caught here, on the sender, where the cause is known."""
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != self.dtype:
+            raise ValueError(
+                f"stage {a.stage} microbatch {a.microbatch}: its {what} has shape {tuple(tensor.shape)} and dtype "
+                f"{tensor.dtype}, but the receiving stage posts a buffer of shape {tuple(shape)} and dtype "
+                f"{self.dtype}; pass the executor a boundary_shape (a shape, or a function of (stage, "
+                f"microbatch)) and a dtype that match what each stage returns"
+            )
 
     def _recv_f(self, a: Action) -> None:  # input of stage a.stage from stage a.stage - 1
         shape = self.shape_of(a.stage - 1, a.microbatch)
