@@ -674,3 +674,43 @@ def test_gemm_sqnr_measures_each_gemm_of_the_recipe():
     assert rowwise > tensorwise + 10
     with pytest.raises(ValueError, match=r"weight \(96, 128\), dy \(256, 95\)"):
         P.gemm_sqnr(P.recipe("int8_rowwise"), x, w, dy[:, :95])
+
+
+@pytest.mark.parametrize("name", sorted(P.RECIPES))
+def test_an_input_with_no_rows_runs_like_nn_linear_and_leaves_the_scaling_state(name):
+    """nn.Linear takes an input with no rows (an expert that received no tokens); tensorwise and rowwise
+    recipes used to fail on it (the amax of an empty tensor)."""
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 128)
+    layer = P.LowPrecisionLinear.from_linear(copy.deepcopy(dense), P.recipe(name))
+    history = layer.scaling_state.amax_history.clone()
+    x = torch.randn(0, 3, 256, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 3, 128) and x.grad.shape == x.shape
+    assert torch.equal(layer.weight.grad, torch.zeros_like(dense.weight))
+    assert torch.equal(layer.bias.grad, torch.zeros_like(dense.bias))
+    assert torch.equal(layer.scaling_state.amax_history, history)
+
+
+@pytest.mark.parametrize("granularity", ["tensorwise", "rowwise", "blockwise"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_quantize_returns_data_not_a_graph(dtype, granularity):
+    """On a tensor that requires grad (a Parameter), q and scale carried autograd graphs (fp8 q had a grad_fn)."""
+    from sysopt.kernels import quantize_ref
+
+    w = nn.Parameter(torch.randn(4, 256))
+    for fn in (kernels.quantize, quantize_ref.quantize):
+        q, scale = fn(w, dtype, granularity, (1, 128) if granularity == "blockwise" else None)
+        assert not q.requires_grad and not scale.requires_grad and q.grad_fn is None
+    q, scale, amax = kernels.quantize_with_amax(w, dtype, torch.tensor(2.0))
+    assert not (q.requires_grad or scale.requires_grad or amax.requires_grad)
+
+
+def test_convert_swaps_a_model_that_is_one_linear_by_default():
+    """The docstring's "the new module when the model itself is a linear": the default first/last rule kept
+    the only layer in high precision, so convert() returned the nn.Linear unchanged."""
+    got = P.convert(nn.Linear(256, 256), "int8_rowwise")
+    assert isinstance(got, P.LowPrecisionLinear)
+    model = P.convert(nn.Sequential(*(nn.Linear(256, 256) for _ in range(3))), "int8_rowwise")
+    assert [type(m).__name__ for m in model] == ["Linear", "LowPrecisionLinear", "Linear"]  # still kept there

@@ -12,6 +12,7 @@ from .dispatch import backend_for, kernel_module, triton_available
 from .formats import DEFAULT_BLOCK, GRANULARITIES, QMAX, dequantize, expand_scale
 
 
+@torch.no_grad()  # quantised values and scales are data, not a graph (x may be a Parameter)
 def quantize(
     x: torch.Tensor,
     dtype: torch.dtype,
@@ -32,6 +33,7 @@ def quantize(
     )
 
 
+@torch.no_grad()  # quantised values and scales are data, not a graph (x may be a Parameter)
 def quantize_with_amax(
     x: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor, *, power_of_two: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

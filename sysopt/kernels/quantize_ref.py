@@ -119,6 +119,7 @@ def _column_amax(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(hi, -lo)
 
 
+@torch.no_grad()
 def quantize(
     x: torch.Tensor,
     dtype: torch.dtype,
@@ -143,6 +144,7 @@ def quantize(
     return cast_scaled(x, full, dtype, clamp=False), scale
 
 
+@torch.no_grad()
 def quantize_with_amax(
     x: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor, *, power_of_two: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

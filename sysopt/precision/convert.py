@@ -61,6 +61,7 @@ def default_filter(
 ) -> FilterFn:
     """The default choice: skip the first and last swappable layers (in registration order) and small GEMMs."""
     ends = {candidates[0][0], candidates[-1][0]} if keep_first_last and candidates else set()
+    ends.discard("")  # a model that is itself one linear has no first or last layer to keep
 
     def keep_low(module: nn.Module, fqn: str) -> bool:
         in_features, out_features = _SWAPS[type(module)].features(module)

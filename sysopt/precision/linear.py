@@ -209,7 +209,12 @@ def low_precision_linear(
 
     Under torch.autocast the operands are cast to the autocast dtype (differentiably: fp32 parameters get
     fp32 grads) and the function runs with autocast off, so the output has the dtype nn.Linear gives there
-    and the reference kernels' fp32 accumulations are not themselves autocast to 16 bits."""
+    and the reference kernels' fp32 accumulations are not themselves autocast to 16 bits.
+
+    An input with no rows (nn.Linear takes those, e.g. an expert that received no tokens) runs nn.Linear's
+    math: there is nothing to quantise, and the scaling state is left alone."""
+    if x.numel() == 0:
+        return torch.nn.functional.linear(x, weight, bias)
     dtype = autocast_dtype(x)
     if dtype is None:
         return LowPrecisionLinearFunction.apply(x, weight, bias, state)
