@@ -455,3 +455,32 @@ def test_a_rank_killed_while_sending_a_large_result_never_hangs_the_launch():
     except LaunchError as exc:
         assert "died with exit code -9" in str(exc)
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.timeout(60)
+def test_launch_refuses_a_function_the_ranks_cannot_unpickle_before_spawning(monkeypatch):
+    """A lambda used to fail inside the spawn with a bare pickling error."""
+    import importlib
+
+    launch_module = importlib.import_module("sysopt.dist.launch")
+    monkeypatch.setattr(launch_module, "_context", lambda: pytest.fail("spawned before checking fn"))
+    with pytest.raises(TypeError, match="pass a module-level function"):
+        launch(lambda: 1, 2, timeout_s=30)
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_cannot_start_leaves_no_directory_behind(monkeypatch, tmp_path):
+    import importlib
+    import tempfile
+
+    launch_module = importlib.import_module("sysopt.dist.launch")
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(
+        launch_module.tempfile,
+        "mkdtemp",
+        lambda **kw: made.append(real_mkdtemp(dir=tmp_path, **kw)) or made[-1],
+    )
+    with pytest.raises(Exception, match="pickle"):
+        launch(_rank_and_sum, 2, args=(lambda: 0,), timeout_s=30)  # args the ranks cannot receive
+    assert len(made) == 1 and not os.path.exists(made[0])

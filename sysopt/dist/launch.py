@@ -334,70 +334,43 @@ def launch(
             'ranks on one GPU fail in NCCL ("Duplicate GPU detected"); use at most one rank per GPU, or '
             "backend='gloo' for CPU tensors"
         )
+    try:  # each rank unpickles fn: fail here, clearly, not in a spawn with earlier ranks already waiting
+        pickle.dumps(fn)
+    except Exception as exc:  # noqa: BLE001 - pickling raises several types
+        raise TypeError(
+            f"fn={fn!r} cannot be sent to the ranks ({type(exc).__name__}: {exc}); pass a module-level function "
+            "(not a lambda, a closure or a method of a local object) and give it its data through args"
+        ) from exc
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
     result_dir = tempfile.mkdtemp(prefix="sysopt-launch-")
     procs = []
-    for rank in range(world_size):
-        p = ctx.Process(
-            target=_worker,
-            args=(
-                rank,
-                world_size,
-                fn,
-                tuple(args),
-                backend,
-                port,
-                timeout_s,
-                threads,
-                None if log_dir is None else str(log_dir),
-                console_rank,
-                results,
-                dict(os.environ),
-                result_dir,
-            ),
-            daemon=True,
-        )
-        p.start()
-        procs.append(p)
-
     values: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(values) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = sorted(set(range(world_size)) - set(values))
-                raise LaunchTimeout(
-                    f"launch of {fn.__name__} on {world_size} ranks exceeded timeout_s={timeout_s}; "
-                    f"ranks {missing} had not finished (a hang or a deadlock); raise timeout_s if the "
-                    f"work is genuinely longer"
-                )
-            try:
-                rank, status, path = results.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                dead = _died_silently(procs, values)
-                if dead:
-                    raise _death_error(fn, dead[0], procs[dead[0]].exitcode) from None
-                continue
-            payload = Path(path).read_bytes()
-            if status == "error":
-                payload = payload.decode(errors="replace")
-                # a peer's death shows up on the survivors as a connection error: give the dead rank a
-                # moment to be noticed and report it as the cause, with the survivor's error beside it
-                grace_end = time.monotonic() + 2.0
-                while time.monotonic() < grace_end and not _died_silently(procs, values, reported=rank):
-                    time.sleep(0.05)
-                dead = _died_silently(procs, values, reported=rank)
-                if dead:
-                    raise _death_error(
-                        fn, dead[0], procs[dead[0]].exitcode, f"\nrank {rank} then failed with:\n{payload}"
-                    ) from None
-                raise LaunchError(
-                    f"rank {rank} of {fn.__name__} failed:\n{payload}", rank=rank, remote_traceback=payload
-                )
-            values[rank] = pickle.loads(payload)
+        for rank in range(world_size):
+            p = ctx.Process(
+                target=_worker,
+                args=(
+                    rank,
+                    world_size,
+                    fn,
+                    tuple(args),
+                    backend,
+                    port,
+                    timeout_s,
+                    threads,
+                    None if log_dir is None else str(log_dir),
+                    console_rank,
+                    results,
+                    dict(os.environ),
+                    result_dir,
+                ),
+                daemon=True,
+            )
+            p.start()
+            procs.append(p)
+        _collect(fn, procs, values, world_size, timeout_s, results)
     finally:
         for p in procs:
             p.join(timeout=5.0 if len(values) == world_size else 0.1)
@@ -408,3 +381,41 @@ def launch(
         results.close()
         shutil.rmtree(result_dir, ignore_errors=True)
     return [values[r] for r in range(world_size)]
+
+
+def _collect(fn, procs, values, world_size, timeout_s, results) -> None:
+    """Wait for every rank's result into values; raise on the first failure, a silent death or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while len(values) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(world_size)) - set(values))
+            raise LaunchTimeout(
+                f"launch of {fn.__name__} on {world_size} ranks exceeded timeout_s={timeout_s}; "
+                f"ranks {missing} had not finished (a hang or a deadlock); raise timeout_s if the "
+                f"work is genuinely longer"
+            )
+        try:
+            rank, status, path = results.get(timeout=min(remaining, 0.5))
+        except queue.Empty:
+            dead = _died_silently(procs, values)
+            if dead:
+                raise _death_error(fn, dead[0], procs[dead[0]].exitcode) from None
+            continue
+        payload = Path(path).read_bytes()
+        if status == "error":
+            payload = payload.decode(errors="replace")
+            # a peer's death shows up on the survivors as a connection error: give the dead rank a
+            # moment to be noticed and report it as the cause, with the survivor's error beside it
+            grace_end = time.monotonic() + 2.0
+            while time.monotonic() < grace_end and not _died_silently(procs, values, reported=rank):
+                time.sleep(0.05)
+            dead = _died_silently(procs, values, reported=rank)
+            if dead:
+                raise _death_error(
+                    fn, dead[0], procs[dead[0]].exitcode, f"\nrank {rank} then failed with:\n{payload}"
+                ) from None
+            raise LaunchError(
+                f"rank {rank} of {fn.__name__} failed:\n{payload}", rank=rank, remote_traceback=payload
+            )
+        values[rank] = pickle.loads(payload)
