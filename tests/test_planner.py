@@ -189,6 +189,18 @@ def test_a_valid_config_has_no_violations_and_overrides_name_every_knob():
     assert PlanConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
+def test_the_printed_command_for_no_offload_runs_torch_adamw_as_measured_and_fitted():
+    """off:device is modelled, measured (planner --measure) and fitted with torch's fused AdamW; the printed
+    command ran OffloadAdamW(strategy='device') instead."""
+    from sysopt.cli.train import compose_job
+    from sysopt.planner.measure import trainer_overrides
+
+    c = PlanConfig(dp=2, micro_batch_size=8, offload="device")
+    printed = compose_job(c.to_overrides())
+    assert printed.offload.strategy == "none"
+    assert compose_job(trainer_overrides(c)).offload == printed.offload  # the same job as --measure runs
+
+
 # ---- cost model --------------------------------------------------------------------------------
 
 
@@ -839,6 +851,8 @@ def test_cli_where_reads_values_as_the_field_holds_them():
         ("--devices", "0", "0 must be >= 1 (devices to plan for); leave --devices out"),
         ("--repeats", "0", "0 must be >= 1"),
         ("--steps", "0", "0 must be >= 1"),
+        ("--op-overhead-s", "nan", "nan must be a finite number of seconds >= 0"),
+        ("--op-overhead-s", "-0.5", "-0.5 must be a finite number of seconds >= 0"),
     ],
 )
 def test_cli_rejects_counts_out_of_range_naming_the_value_and_the_fix(flag, value, fragment, capsys):
@@ -1156,6 +1170,14 @@ def test_plan_cli_names_bad_inputs_instead_of_planning_nothing(tmp_path, capsys)
         (["--profile", h100, "--schedules", "zbvv"], r"--schedules: \['zbvv'\] not among \[.*'zbv'"),
         (["--profile", h100, "--where", "offload=hots"], r"--where 'offload=hots': \['hots'\] not among"),
         (["--profile", h100, "--where", "schedule=zbvv"], r"\['zbvv'\] not among schedule's"),
+        (
+            ["--profile", h100, "--where", "tp=3"],
+            r"no configuration matches --where tp=3 \(of \d+ enumerated",
+        ),
+        (
+            ["--profile", h100, "model.heads=3"],
+            r"sysopt-train would refuse these model/data settings: .*heads=3",
+        ),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as info:
@@ -1191,3 +1213,20 @@ def test_block_times_are_scaled_to_add_up_to_the_chunk_a_stage_runs(monkeypatch)
     job = base_job_for(VLMConfig(), DigitsTaskConfig(), 16, 2)
     for times in layer_times._time_blocks(job.to_json(), 4, 1, None):
         assert times == [1.0, 1.0, 3.0]
+
+
+def test_plan_cli_rejects_chunked_configs_a_profile_without_collective_fits_cannot_model(tmp_path):
+    """A one-device calibration has no all-reduce fit: choosing the TP chunk count used to raise out of the
+    enumeration (a traceback); now ranking rejects those configurations and says why."""
+    from sysopt.cli import plan
+
+    profile = cpu_profile()
+    profile = dataclasses.replace(
+        profile, calibration=dataclasses.replace(profile.calibration, allreduce=None)
+    )
+    out = tmp_path / "plan.json"
+    argv = ["--profile", write_profile(tmp_path, profile), "--devices", "2", "--global-batch", "16"]
+    argv += ["--precision", "none", "--no-calibration", "--where", "tp=2", "--json", str(out)]
+    assert plan.main(argv) in (0, 1)
+    rejected = json.loads(out.read_text())["rejected"]
+    assert rejected and all("cannot be modelled" in r["reason"] for r in rejected)

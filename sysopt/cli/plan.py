@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -32,6 +33,18 @@ def _int_at_least(minimum: int, meaning: str, fix: str):
         return value
 
     return parse
+
+
+def _finite_at_least_zero(text: str) -> float:
+    """An argparse type: a finite float >= 0 (a NaN would make every predicted step time NaN and the ranking
+    arbitrary; a negative cost would reward configurations that dispatch more ops)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds >= 0, e.g. 5e-6")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibration", action="store_true", help="ignore any planner calibration")
     p.add_argument(
         "--op-overhead-s",
-        type=float,
+        type=_finite_at_least_zero,
         help="host cost per dispatched op to assume (default: the fit here; on a GPU profile without one, "
         f"{NOMINAL_GPU_OP_OVERHEAD_S * 1e6:.0f} us, a CUDA launch + dispatch)",
     )
@@ -548,6 +561,12 @@ def main(argv: list[str] | None = None) -> int:
         machine = dataclasses.replace(machine, kernel_backend=backend_for("cpu"))
     workload = Workload.from_data(model_cfg, data_cfg, args.global_batch)
     base_job = measuring.base_job_for(model_cfg, data_cfg, args.global_batch, args.steps)
+    from sysopt.train import ConfigError, validate
+
+    try:  # the model and data settings themselves, as sysopt-train checks them (every config shares them)
+        validate(base_job)
+    except ConfigError as exc:
+        raise SystemExit(f"sysopt-plan: sysopt-train would refuse these model/data settings: {exc}") from None
     schedules = tuple(s.strip() for s in args.schedules.split(",")) if args.schedules else None
     if schedules and (unknown := sorted(set(schedules) - set(_allowed("schedule")))):
         raise SystemExit(f"sysopt-plan: --schedules: {unknown} not among {sorted(_allowed('schedule'))}")
@@ -556,16 +575,33 @@ def main(argv: list[str] | None = None) -> int:
         max_microbatches=args.max_microbatches,
         precisions=precisions(args.precision, profile),
     )
-    # the TP chunk choice reads the profile only, so the space does not depend on the calibration
-    chooser = CostModel(workload, machine, min_features=args.min_features).choose_tp_chunks
+    try:  # the TP chunk choice reads the profile only, so the space does not depend on the calibration
+        chunk_model = CostModel(workload, machine, min_features=args.min_features)
+    except ValueError as exc:  # a figure the optimizer-offload model needs is missing from the profile
+        raise SystemExit(
+            f"sysopt-plan: the hardware profile cannot be planned with: {exc}; calibrate it on the machine "
+            "(sysopt.hardware.load_or_calibrate) or pass --profile with a complete one"
+        ) from None
+
+    def chooser(tp: int, micro_batch_size: int) -> int:
+        try:
+            return chunk_model.choose_tp_chunks(tp, micro_batch_size)
+        except ValueError:  # no collective fit (a one-device calibration): ranking rejects chunked configs,
+            return 4  # saying why, as it does every config the profile cannot model
+
     keep = where_filter(args.where)
-    space = [
-        c
-        for c in enumerate_configs(
+    every = list(
+        enumerate_configs(
             model_cfg, machine.devices, args.global_batch, options, chooser, row_len=data_cfg.row_len
         )
-        if keep(c)
-    ]
+    )
+    space = [c for c in every if keep(c)]
+    if every and not space:
+        raise SystemExit(
+            f"sysopt-plan: no configuration matches --where {' '.join(args.where)} (of {len(every)} enumerated for "
+            f"{machine.devices} devices and global batch {args.global_batch}, e.g. {every[0].label()}); "
+            "loosen or correct the --where filters"
+        )
     fit_inputs = None
     if args.fit:  # with --measure, one round now: the references are measured again beside the picked configs
         rounds = 1 if args.measure else None

@@ -20,7 +20,7 @@ NEUTRAL = {
     "parallel.vpp": 1,
     "parallel.tp_overlap": "none",
     "parallel.tp_chunks": 1,
-    "offload.strategy": "device",
+    "offload.strategy": "none",
     "precision.recipe": None,
 }
 
@@ -91,8 +91,8 @@ def trainer_overrides(
     """config.to_overrides() without knobs at their neutral value (nor the schedule at pp=1, m=1), and
     with `boundaries` (pp > 1) the pipeline split to run, so that the run is the planned one.
 
-    offload=device is left out too: the trainer then runs torch's fused AdamW on the device, the
-    update the profile's optimizer rate was measured with."""
+    offload=device (printed as the trainer's offload.strategy=none) is left out too: the trainer then runs torch's
+    fused AdamW on the device, the update the profile's optimizer rate was measured with."""
     keep = []
     for item in config.to_overrides(min_features, boundaries):
         key, _, value = item.partition("=")
