@@ -1230,3 +1230,21 @@ def test_plan_cli_rejects_chunked_configs_a_profile_without_collective_fits_cann
     assert plan.main(argv) in (0, 1)
     rejected = json.loads(out.read_text())["rejected"]
     assert rejected and all("cannot be modelled" in r["reason"] for r in rejected)
+
+
+def test_plan_cli_names_a_profile_without_the_offload_models_figures(tmp_path):
+    """A calibration without a host optimizer rate raised a ValueError out of the planner's cost model."""
+    from sysopt.cli import plan
+
+    profile = cpu_profile()
+    cal = dataclasses.replace(profile.calibration, optimizer_params_per_s={})
+    argv = [
+        "--profile",
+        write_profile(tmp_path, dataclasses.replace(profile, calibration=cal)),
+        "--devices",
+        "2",
+    ]
+    with pytest.raises(
+        SystemExit, match="cannot be planned with: profile calibration lacks optimizer_params_per_s"
+    ):
+        plan.main([*argv, "--global-batch", "16", "--no-calibration"])
