@@ -53,7 +53,8 @@ RECIPES = ("fp8_tensorwise_delayed", "fp8_rowwise", "fp8_blockwise", "int8_rowwi
 NULL = "null_lr_x1.0001"
 LR_FACTOR = 1.0001
 LOSS_TARGET, ACC_TARGET = "<= 0.02", "<= 1.0"
-SUMMARY_JSON, LOSS_PNG = "precision_parity_runs.json", "precision_parity_loss.png"
+# beside precision_parity.json, not in bench/results itself: every JSON there is read as a suite's result
+SUMMARY_JSON, LOSS_PNG = "precision_parity/runs.json", "precision_parity_loss.png"
 
 
 def variants(base: JobConfig) -> dict[str, list[str]]:
@@ -184,6 +185,7 @@ def run(ctx: BenchContext) -> SuiteResult:
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
     summary.pop("curves")
+    (ctx.out_dir / SUMMARY_JSON).parent.mkdir(parents=True, exist_ok=True)
     (ctx.out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     config = {"loadavg_1min_before_runs": load, "runs_dir": str(root) if not temporary else None}
     records, goals = records_and_goals(summary, config)

@@ -459,6 +459,10 @@ def test_precision_parity_pairs_runs_by_seed_and_reuses_finished_ones(tmp_path, 
     assert result.record("parity/fp8_rowwise/final_loss_vs_fp32").min == pytest.approx(-0.04)
     assert any("control null_lr_x1.0001" in g.name and "informative" in g.name for g in result.goals)
     assert (ctx.out_dir / mod.SUMMARY_JSON).is_file() and (ctx.out_dir / mod.LOSS_PNG).is_file()
+    from sysopt.bench_report import results_markdown
+
+    benchmark.write_result(result, ctx.out_dir / "precision_parity.json")
+    assert "### precision_parity" in results_markdown(ctx.out_dir)  # its runs' JSON is not read as a result
     calls.clear()
     off["fp8_rowwise"][0] = (1.10, 0.0)  # not seen again: the finished runs of the same jobs are reused
     again = {g.name: g.value for g in suite(ctx).goals}
