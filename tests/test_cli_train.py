@@ -21,6 +21,8 @@ def test_default_config_is_valid_and_data_parallel():
     job = job_from([])
     assert (job.parallel.dp, job.parallel.tp, job.parallel.pp) == (2, 1, 1)
     assert job.world_size == 2
+    # a multi-rank run has no wall-time limit by default; a hang is caught per collective
+    assert job.train.timeout_s is None and job.train.collective_timeout_s == 600
 
 
 @pytest.mark.parametrize(
@@ -52,6 +54,8 @@ def test_default_config_is_valid_and_data_parallel():
         (["train.log_every=0"], r"train.log_every=0 must be >= 1 .*; use 1"),
         (["train.global_batch=0"], r"train.global_batch=0 must be >= 1 rows per step; use e.g. 64"),
         (["train.eval_batch=0"], r"train.eval_batch=0 must be >= 1 held-out samples"),
+        (["train.timeout_s=0"], r"train.timeout_s=0 must be > 0 seconds, or null for no limit"),
+        (["train.collective_timeout_s=0"], r"train.collective_timeout_s=0 must be > 0 seconds .*; use e.g. 600"),
         (
             ["train.checkpoint_every=-1"],
             r"train.checkpoint_every=-1 must be >= 0 .*; use 0 for only the final",

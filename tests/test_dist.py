@@ -55,6 +55,72 @@ def test_hang_becomes_timeout():
     assert time.monotonic() - start < 30
 
 
+def _all_reduce_that_rank_one_skips():
+    if dist.get_rank() == 0:
+        dist.all_reduce(torch.ones(4))  # rank 1 never joins: a deadlock
+    else:
+        time.sleep(600)
+    return "unreachable"
+
+
+@pytest.mark.timeout(60)
+def test_a_collective_that_never_completes_fails_after_collective_timeout_s_naming_it():
+    """The process groups took the launch's timeout, so a deadlocked trainer (train.timeout_s) surfaced only
+    as a bare LaunchTimeout when the whole run's limit ran out. The collective's own timeout now fails the
+    waiting rank first, with the backend's error, and the launch reports that rank."""
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as info:
+        launch(_all_reduce_that_rank_one_skips, 2, timeout_s=50, collective_timeout_s=2)
+    assert not isinstance(info.value, LaunchTimeout)
+    assert info.value.rank == 0
+    assert "all_reduce" in info.value.remote_traceback and "Timed out" in info.value.remote_traceback
+    assert time.monotonic() - start < 30
+
+
+def _exit_cleanly_on_rank_one():
+    if dist.get_rank() == 1:
+        os._exit(0)
+    return "rank 0"
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_exits_with_status_0_without_a_result_fails_the_launch_fast():
+    """Only a non-zero exit counted as a death: a rank gone with status 0 (os._exit inside fn) left the launch
+    waiting for its result until timeout_s."""
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="rank 1 .* exited with status 0 without returning a result"):
+        launch(_exit_cleanly_on_rank_one, 2, timeout_s=40)
+    assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(timeout_s=0), "timeout_s=0 must be > 0"),
+        (dict(timeout_s=-1.0), "timeout_s=-1.0 must be > 0"),
+        (dict(timeout_s=10, collective_timeout_s=0), "collective_timeout_s=0 must be > 0"),
+    ],
+)
+def test_launch_refuses_timeouts_that_are_not_positive(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        launch(_rank_and_sum, 2, **kwargs)
+
+
+def test_collective_timeout_defaults_to_the_launch_timeout_then_600_s():
+    from sysopt.dist.launch import DEFAULT_COLLECTIVE_TIMEOUT_S, collective_timeout
+
+    assert collective_timeout(30.0, None) == 30.0
+    assert collective_timeout(30.0, 7.0) == 7.0
+    assert collective_timeout(None, 7.0) == 7.0
+    assert collective_timeout(None, None) == DEFAULT_COLLECTIVE_TIMEOUT_S == 600.0
+
+
+@pytest.mark.timeout(60)
+def test_a_launch_without_a_time_limit_still_returns():
+    out = launch(_rank_and_sum, 2, timeout_s=None, collective_timeout_s=30)
+    assert [total for _, total, _ in out] == [3.0, 3.0]
+
+
 @pytest.mark.parametrize("tp,pp,dp", [(1, 1, 1), (2, 1, 1), (1, 2, 3), (2, 2, 2), (4, 2, 1), (2, 3, 2)])
 def test_coords_are_a_bijection(tp, pp, dp):
     topo = Topology(tp=tp, pp=pp, dp=dp)

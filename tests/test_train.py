@@ -619,8 +619,9 @@ def test_train_seed_seeds_the_trainers_own_randomness(tmp_path):
 
 
 def test_process_groups_get_the_configured_timeout(tmp_path, monkeypatch):
-    """build_groups used its fixed 120 s default, so train.timeout_s never reached the tp/pp/dp groups: a
-    collective waiting on a rank in a long eval or save failed after 2 minutes whatever the config said."""
+    """build_groups used its fixed 120 s default, so the config never reached the tp/pp/dp groups: a
+    collective waiting on a rank in a long eval or save failed after 2 minutes whatever the config said. They
+    get train.collective_timeout_s, not the run's wall-time limit train.timeout_s."""
     import sysopt.train.loop as loop
 
     seen = {}
@@ -632,8 +633,8 @@ def test_process_groups_get_the_configured_timeout(tmp_path, monkeypatch):
     monkeypatch.setattr(loop.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(loop, "build_groups", record)
     with pytest.raises(KeyboardInterrupt, match="recorded"):
-        loop.train_rank(tiny_job(timeout_s=987.0).to_json(), str(tmp_path))
-    assert seen == {"timeout_s": 987.0}
+        loop.train_rank(tiny_job(timeout_s=987.0, collective_timeout_s=43.0).to_json(), str(tmp_path))
+    assert seen == {"timeout_s": 43.0}
 
 
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):

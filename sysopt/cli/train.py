@@ -58,7 +58,7 @@ def _run(cfg: DictConfig) -> None:
         sys.exit(2)
     except LaunchTimeout as exc:  # the message names timeout_s: the job's key is train.timeout_s
         print(
-            f"sysopt-train: {exc} (train.timeout_s={job.train.timeout_s} bounds the whole run)",
+            f"sysopt-train: {exc} (train.timeout_s={job.train.timeout_s} bounds the whole run; null: no bound)",
             file=sys.stderr,
         )
         sys.exit(1)

@@ -2,12 +2,15 @@
 
 `launch(fn, world_size, args)` spawns one process per rank (gloo on CPU, NCCL when CUDA is
 present), waits with a deadline, and turns a failing rank into a `LaunchError` carrying that
-rank's traceback. Under torchrun, or srun with several tasks, the ranks come from the environment instead.
+rank's traceback. Two limits: `timeout_s` bounds the whole launch (None: no bound), and
+`collective_timeout_s` bounds each collective, so a rank left waiting by a peer fails with the operation
+named instead of the launch timing out as a whole. Under torchrun, or srun with several tasks, the ranks come from the environment instead.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import pickle
 import queue
@@ -34,6 +37,19 @@ class LaunchError(RuntimeError):
         super().__init__(message)
         self.rank = rank
         self.remote_traceback = remote_traceback
+
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # a collective's limit when neither timeout is given (as Megatron's 10 min)
+
+
+def collective_timeout(timeout_s: float | None, collective_timeout_s: float | None) -> float:
+    """The process groups' timeout: `collective_timeout_s`, else the launch's `timeout_s`, else 600 s."""
+    for name, value in (("collective_timeout_s", collective_timeout_s), ("timeout_s", timeout_s)):
+        if value is not None:
+            if not value > 0:
+                raise ValueError(f"{name}={value} must be > 0 seconds (or None)")
+            return float(value)
+    return DEFAULT_COLLECTIVE_TIMEOUT_S
 
 
 class LaunchTimeout(LaunchError):
@@ -189,7 +205,7 @@ def _worker(
     args: Sequence[Any],
     backend: str,
     port: int,
-    timeout_s: float,
+    group_timeout_s: float,
     threads: int,
     log_dir: str | None,
     console_rank: int | None,
@@ -218,7 +234,7 @@ def _worker(
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
     try:
-        init_process_group(rank, world_size, backend=backend, timeout_s=timeout_s, local_rank=rank)
+        init_process_group(rank, world_size, backend=backend, timeout_s=group_timeout_s, local_rank=rank)
         value = fn(*args)
         try:  # plain pickle: tensors travel by value, not as shared-memory handles that die with us
             payload = pickle.dumps(value)
@@ -291,7 +307,8 @@ def launch(
     args: Sequence[Any] = (),
     *,
     backend: str | None = None,
-    timeout_s: float = 120.0,
+    timeout_s: float | None = 120.0,
+    collective_timeout_s: float | None = None,
     threads: int = 1,
     log_dir: str | os.PathLike | None = None,
     console_rank: int | None = 0,
@@ -300,12 +317,17 @@ def launch(
 
     `fn` must be a module-level function. With `log_dir`, each rank's output goes to
     log_dir/rank<N>.log, and `console_rank`'s is also kept on this terminal. Raises `LaunchError` with the first failing rank's
-    traceback, or `LaunchTimeout` when the group runs past `timeout_s` (all ranks are killed).
+    traceback, or `LaunchTimeout` when the group runs past `timeout_s` (all ranks are killed; None: no
+    limit). Each collective waits at most `collective_timeout_s` (default: `timeout_s`, else 600 s); a rank
+    that waits longer fails with its backend's timeout error, which the LaunchError carries.
     """
     if not callable(fn):
         raise TypeError(f"fn={fn!r} is not callable; pass a module-level function")
     if int(world_size) < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s} must be > 0 seconds, or None for no limit on the launch")
+    group_timeout_s = collective_timeout(timeout_s, collective_timeout_s)
     backend = backend or default_backend()
     found = env_world()
     if found is not None:  # torchrun / SLURM: this process is one rank already
@@ -323,7 +345,7 @@ def launch(
                 f"parallel sizes to match"
             )
         if not dist.is_initialized():
-            init_process_group(rank, world_size, backend=backend, timeout_s=timeout_s, local_rank=local_rank)
+            init_process_group(rank, world_size, backend=backend, timeout_s=group_timeout_s, local_rank=local_rank)
         return [fn(*args)]
 
     if (
@@ -358,7 +380,7 @@ def launch(
                     tuple(args),
                     backend,
                     port,
-                    timeout_s,
+                    group_timeout_s,
                     threads,
                     None if log_dir is None else str(log_dir),
                     console_rank,
@@ -383,9 +405,14 @@ def launch(
     return [values[r] for r in range(world_size)]
 
 
+EXITED_CLEAN_GRACE_S = 2.0  # how long a rank that exited with status 0 may take to have its result read
+
+
 def _collect(fn, procs, values, world_size, timeout_s, results) -> None:
-    """Wait for every rank's result into values; raise on the first failure, a silent death or the timeout."""
-    deadline = time.monotonic() + timeout_s
+    """Wait for every rank's result into values; raise on the first failure, a silent death, a rank that
+    exited cleanly without a result, or the timeout (None: none)."""
+    deadline = math.inf if timeout_s is None else time.monotonic() + timeout_s
+    exited_clean: dict[int, float] = {}  # rank -> when it was first seen gone with status 0 and no result
     while len(values) < world_size:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -401,6 +428,18 @@ def _collect(fn, procs, values, world_size, timeout_s, results) -> None:
             dead = _died_silently(procs, values)
             if dead:
                 raise _death_error(fn, dead[0], procs[dead[0]].exitcode) from None
+            now = time.monotonic()
+            for r, p in enumerate(procs):
+                if p.exitcode == 0 and r not in values:
+                    # its result left with it (the pipe is flushed before a clean exit): after a grace for
+                    # this loop to read it, nothing will come, and waiting for the timeout would only hang
+                    if now - exited_clean.setdefault(r, now) > EXITED_CLEAN_GRACE_S:
+                        raise LaunchError(
+                            f"rank {r} of {fn.__name__} exited with status 0 without returning a result "
+                            "(os._exit or a library calling it inside fn?); fn must return (or raise) on "
+                            "every rank",
+                            rank=r,
+                        )
             continue
         payload = Path(path).read_bytes()
         if status == "error":

@@ -128,7 +128,7 @@ class ParallelGroups:
 
 def build_groups(topology: Topology, *, timeout_s: float = 120.0) -> ParallelGroups:
     """Create every tp, pp and dp group (collectively: all ranks must call this in step); their collectives
-    fail after `timeout_s` (the trainer passes train.timeout_s)."""
+    fail after `timeout_s` (the trainer passes train.collective_timeout_s)."""
     if not dist.is_initialized():
         raise RuntimeError("build_groups needs torch.distributed initialised; use sysopt.dist.launch")
     topology.check_world(dist.get_world_size())

@@ -154,7 +154,7 @@ def _time_cases(cases: list[tuple[str, int]], repeats: int) -> list[tuple[list[f
     groups = None
     if dist.is_initialized() and cases:
         job = JobConfig.from_json(cases[0][0])
-        groups = build_groups(job.parallel.topology, timeout_s=job.train.timeout_s)
+        groups = build_groups(job.parallel.topology, timeout_s=job.train.collective_timeout_s)
     return [_time_blocks(job_json, size, repeats, groups) for job_json, size in cases]
 
 

@@ -58,7 +58,11 @@ class TrainConfig:
     # continue from <run dir>/checkpoints/latest when it exists; false starts over, first moving an earlier
     # run's outputs in the run dir to <run dir>/replaced_runs/<n>/
     resume: bool = True
-    timeout_s: float = 1800.0  # the whole launch; a hung rank fails the run after this
+    # a wall-clock limit on a multi-rank run (None: none); hangs are caught per collective, below
+    timeout_s: float | None = None
+    # the longest any collective waits (the process groups' timeout, megatron-core's included): a rank left
+    # waiting by a peer that died, hung or skipped the collective fails the run after this, naming the op
+    collective_timeout_s: float = 600.0
     nproc: int | None = None  # ranks to launch; None means parallel.tp * pp * dp
 
 
@@ -358,7 +362,18 @@ def _validate_ranges(job: JobConfig) -> None:
             t.checkpoint_every >= 0,
             "must be >= 0 (a checkpoint every N steps); use 0 for only the final checkpoint",
         ),
-        ("train.timeout_s", t.timeout_s, t.timeout_s > 0, "must be > 0 seconds; use e.g. 1800"),
+        (
+            "train.timeout_s",
+            t.timeout_s,
+            t.timeout_s is None or t.timeout_s > 0,
+            "must be > 0 seconds, or null for no limit on the run's wall time",
+        ),
+        (
+            "train.collective_timeout_s",
+            t.collective_timeout_s,
+            t.collective_timeout_s > 0,
+            "must be > 0 seconds (the longest any collective waits); use e.g. 600",
+        ),
         (
             "optim.grad_clip",
             o.grad_clip,

@@ -63,7 +63,8 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
     validate(job)  # in this process, before any rank starts
     if job.world_size > 1 and env_world() is not None:
         return launch(_env_rank_training, job.world_size, args=(job.to_json(), str(out_dir)), backend="gloo",
-                      timeout_s=job.train.timeout_s)[0]  # fmt: skip
+                      timeout_s=job.train.timeout_s,
+                      collective_timeout_s=job.train.collective_timeout_s)[0]  # fmt: skip
     out_dir = Path(out_dir)
     with run_lock(out_dir):  # one run per directory (run.lock; a dead run's lock is taken over)
         _prepare_run_dir(job, out_dir)
@@ -75,6 +76,7 @@ def run_training(job: JobConfig, out_dir: str | Path) -> dict[str, Any]:
             args=(job.to_json(), str(out_dir)),
             backend="gloo",  # the trainer's model and collectives are on the CPU, GPUs present or not
             timeout_s=job.train.timeout_s,
+            collective_timeout_s=job.train.collective_timeout_s,
             log_dir=out_dir / "logs",
         )
         return results[0]
@@ -188,7 +190,7 @@ def _check_resumable(job: JobConfig, out_dir: Path) -> None:
             f"resume with the earlier values, {start_over}"
         )
     # every rank loads its shard: one missing would fail that rank alone while the others wait in a collective
-    # (until train.timeout_s under a launcher that does not kill the job on the first failure)
+    # (until train.collective_timeout_s under a launcher that does not kill the job on the first failure)
     p = job.parallel
     wanted = ["trainer", *(f"{kind}_{_shard(t, s)}" for kind in ("model", "optimizer")
                            for t in range(p.tp) for s in range(p.pp))]  # fmt: skip
@@ -432,9 +434,11 @@ def train_rank(job_json: str, out_dir: str) -> dict[str, Any]:
     # rank seeds alike and draws alike (nothing in a step draws per rank: no dropout), so the checkpoint keeps
     # rank 0's generator and every rank restores it; a per-rank draw added later needs per-rank states saved
     torch.manual_seed(job.train.seed)
-    # the groups' collectives wait as long as the launch does (a rank may be in a long eval or save)
+    # a collective waits at most train.collective_timeout_s (a rank in a longer eval or save needs it raised)
     groups = (
-        build_groups(job.parallel.topology, timeout_s=job.train.timeout_s) if dist.is_initialized() else None
+        build_groups(job.parallel.topology, timeout_s=job.train.collective_timeout_s)
+        if dist.is_initialized()
+        else None
     )
     dp_rank, dp_size = _dp_coords(groups)
     is_main = groups is None or groups.rank == 0

@@ -49,7 +49,8 @@ def init_megatron_parallel_state(groups: ParallelGroups, timeout_s: float = 1800
             pipeline_model_parallel_size=t.pp,
             virtual_pipeline_model_parallel_size=vpp,
             create_gloo_process_groups=False,
-            # its groups' collectives give up when sysopt's do (train.timeout_s), not after its default 30 min
+            # its groups' collectives give up when sysopt's do (train.collective_timeout_s), not after its
+            # default 30 min
             distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
         )
     theirs = torch.distributed.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
@@ -216,7 +217,7 @@ def time_schedules(job_json: str, schedules: list[str], boundaries: list[int], s
     from sysopt.train.parallel import ParallelVLM
 
     job = JobConfig.from_json(job_json)
-    groups = build_groups(job.parallel.topology, timeout_s=job.train.timeout_s)
+    groups = build_groups(job.parallel.topology, timeout_s=job.train.collective_timeout_s)
     sampler = BatchSampler(DigitsDataset(job.data, "train"), job.train.global_batch)
     runtimes = {}
     for name in schedules:

@@ -302,7 +302,7 @@ class ParallelVLM:
                 microbatches=self.microbatches,
                 hidden_size=self.job.model.dim,
                 num_attention_heads=self.job.model.heads,
-                timeout_s=self.job.train.timeout_s,
+                timeout_s=self.job.train.collective_timeout_s,
             )
             return
         self.executor = ScheduleExecutor(
