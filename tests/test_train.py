@@ -637,6 +637,24 @@ def test_process_groups_get_the_configured_timeout(tmp_path, monkeypatch):
     assert seen == {"timeout_s": 43.0}
 
 
+def test_a_multi_rank_run_passes_both_timeouts_to_launch(tmp_path, monkeypatch):
+    """The launch's default group (the one the data-parallel all-reduce of dp-only jobs uses) gets
+    train.collective_timeout_s; train.timeout_s bounds the launch as a whole (None: no bound)."""
+    import sysopt.train.loop as loop
+
+    seen = {}
+
+    def record(fn, world_size, **kwargs):
+        seen.update(kwargs, world_size=world_size)
+        raise KeyboardInterrupt("recorded")
+
+    monkeypatch.setattr(loop, "launch", record)
+    job = dataclasses.replace(tiny_job(timeout_s=None, collective_timeout_s=43.0), parallel=ParallelConfig(dp=2))
+    with pytest.raises(KeyboardInterrupt, match="recorded"):
+        run_training(job, tmp_path)
+    assert (seen["world_size"], seen["timeout_s"], seen["collective_timeout_s"]) == (2, None, 43.0)
+
+
 def test_evaluate_checkpoint_refuses_sharded_or_untrained_runs(tmp_path):
     job = dataclasses.replace(small_job(), parallel=ParallelConfig(tp=2))
     (tmp_path / "job.json").write_text(job.to_json())
