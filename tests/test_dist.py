@@ -93,6 +93,23 @@ def test_a_rank_that_exits_with_status_0_without_a_result_fails_the_launch_fast(
     assert time.monotonic() - start < 20
 
 
+@pytest.mark.timeout(60)
+def test_launch_survives_the_port_it_found_free_being_taken(monkeypatch):
+    """launch() found a free port, closed it, and the ranks bound it later: another process taking it in
+    between failed the launch with "address already in use". Now the ranks meet at a store the parent keeps
+    bound; here every port free_port() names is already taken."""
+    import importlib
+    import socket
+
+    launch_module = importlib.import_module("sysopt.dist.launch")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(launch_module, "free_port", lambda: taken.getsockname()[1])
+        out = launch(_rank_and_sum, 2, timeout_s=50)
+    assert [total for _, total, _ in out] == [3.0, 3.0]
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [

@@ -78,7 +78,8 @@ class _Tee:
 
 
 def free_port() -> int:
-    """A TCP port on localhost that was free a moment ago."""
+    """A TCP port on localhost that was free a moment ago (another process may take it before it is used;
+    launch() does not use this: its ranks meet at a store it keeps bound)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -165,15 +166,16 @@ def init_process_group(
     backend: str | None = None,
     timeout_s: float = 120.0,
     local_rank: int | None = None,
+    store: dist.Store | None = None,
 ) -> None:
-    """Initialise the default group from MASTER_ADDR/MASTER_PORT (under srun, derived from the SLURM
-    variables where unset), binding the GPU of `local_rank` (default: LOCAL_RANK, else SLURM_LOCALID of an
-    srun step, else `rank`)."""
+    """Initialise the default group from `store`, else from MASTER_ADDR/MASTER_PORT (under srun, derived from
+    the SLURM variables where unset), binding the GPU of `local_rank` (default: LOCAL_RANK, else SLURM_LOCALID
+    of an srun step, else `rank`)."""
     backend = backend or default_backend()
-    if _slurm_step_world() is not None:
+    if _slurm_step_world() is not None and store is None:
         slurm_rendezvous_env()
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
+    if missing and store is None:
         raise ValueError(
             f"{' and '.join(missing)} not set for rank {rank} of {world_size}: set MASTER_ADDR (the host of "
             f"rank 0) and MASTER_PORT (a free port there), or start the ranks with torchrun, srun, or launch()"
@@ -195,6 +197,7 @@ def init_process_group(
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
+        store=store,
     )
 
 
@@ -234,7 +237,14 @@ def _worker(
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
     try:
-        init_process_group(rank, world_size, backend=backend, timeout_s=group_timeout_s, local_rank=rank)
+        # a client of the store launch() holds open: its port was bound all along, so nothing could take it
+        # between choosing it and the ranks' rendezvous (as with a port merely found free)
+        store = dist.TCPStore(
+            "127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=group_timeout_s)
+        )
+        init_process_group(
+            rank, world_size, backend=backend, timeout_s=group_timeout_s, local_rank=rank, store=store
+        )
         value = fn(*args)
         try:  # plain pickle: tensors travel by value, not as shared-memory handles that die with us
             payload = pickle.dumps(value)
@@ -365,7 +375,15 @@ def launch(
         ) from exc
     ctx = _context()
     results = ctx.Queue()
-    port = free_port()
+    # the ranks' rendezvous, served from here on a port the OS picks and this store keeps bound
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=group_timeout_s),
+    )
+    port = store.port
     result_dir = tempfile.mkdtemp(prefix="sysopt-launch-")
     procs = []
     values: dict[int, Any] = {}
@@ -402,6 +420,7 @@ def launch(
                 p.join(timeout=5.0)
         results.close()
         shutil.rmtree(result_dir, ignore_errors=True)
+        del store  # after the ranks are gone: they used it to the end (destroying their groups)
     return [values[r] for r in range(world_size)]
 
 
