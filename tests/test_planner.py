@@ -201,6 +201,30 @@ def test_the_printed_command_for_no_offload_runs_torch_adamw_as_measured_and_fit
     assert compose_job(trainer_overrides(c)).offload == printed.offload  # the same job as --measure runs
 
 
+def test_the_printed_command_for_interleaved_offload_carries_the_budget_its_plan_assumed():
+    """The planner plans offload=interleaved against the device memory left after weights, gradients and
+    activations; its command left offload.device_budget_bytes out, so OffloadAdamW planned against all free
+    memory measured before any activation existed, a different (and on a GPU, an optimistic) placement."""
+    from sysopt.cli.train import compose_job
+
+    model = cost_model(gpu_profile(1 << 30), devices=2)
+    c = PlanConfig(dp=2, micro_batch_size=8, offload="interleaved")
+    p = model.predict(c)
+    m = p.memory  # dp=2: both ranks hold the same
+    assert p.offload_budget_bytes == model.machine.memory_bytes - (
+        m.params_bytes + m.grads_bytes + m.activations_bytes
+    )
+    assert m.optimizer_bytes <= p.offload_budget_bytes
+    assert model.predict(dataclasses.replace(c, offload="host")).offload_budget_bytes is None
+    text = explain(rank(model, [c]))
+    assert f"offload.device_budget_bytes={p.offload_budget_bytes}" in text
+    printed = compose_job(c.to_overrides(None, None, p.offload_budget_bytes))
+    assert printed.offload.strategy == "interleaved"
+    assert printed.offload.device_budget_bytes == p.offload_budget_bytes
+    host = dataclasses.replace(c, offload="host").to_overrides(None, None, 123)
+    assert not any(o.startswith("offload.device_budget_bytes") for o in host)  # only interleaved plans with it
+
+
 # ---- cost model --------------------------------------------------------------------------------
 
 

@@ -122,6 +122,9 @@ class Prediction:
     memory: Memory  # of the rank with the most memory
     host_memory_bytes: int  # offloaded optimizer state over all ranks
     boundaries: tuple[int, ...]  # chunk c holds layers boundaries[c]:boundaries[c+1]
+    # offload=interleaved: the device budget for optimizer state its plans assumed (the least over ranks:
+    # the trainer's offload.device_budget_bytes is one value for every rank); None for other strategies
+    offload_budget_bytes: int | None = None
 
     def breakdown(self) -> dict[str, float]:
         return {
@@ -143,6 +146,7 @@ class Prediction:
             "memory": self.memory.to_dict(),
             "host_memory_bytes": self.host_memory_bytes,
             "boundaries": list(self.boundaries),
+            "offload_budget_bytes": self.offload_budget_bytes,
         }
 
 
@@ -422,6 +426,9 @@ class CostModel:
             memory=fullest["memory"],
             host_memory_bytes=sum(r["memory"].host_bytes for r in ranks) * config.tp * config.dp,
             boundaries=pipe.boundaries,
+            offload_budget_bytes=(
+                min(r["offload_budget_bytes"] for r in ranks) if config.offload == "interleaved" else None
+            ),
         )
 
     def _rank(self, c: PlanConfig, pipe: _Pipeline, rank: int) -> dict[str, Any]:
@@ -491,4 +498,5 @@ class CostModel:
             "dp_s": dp_s,
             "optimizer_s": optimizer_s,
             "memory": memory,
+            "offload_budget_bytes": plan_budget,
         }

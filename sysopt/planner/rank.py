@@ -139,7 +139,13 @@ def explain(ranking: Ranking, min_features: int | None = None, workload_override
         f"  peak memory {top.peak_memory_bytes / MIB:.1f} MiB per device of "
         f"{ranking.memory_bytes / GIB:.1f} GiB; layers per pipeline chunk "
         f"{[b - a for a, b in zip(top.boundaries, top.boundaries[1:])]}",
-        f"  sysopt-train {' '.join([*workload_overrides, *top.config.to_overrides(min_features, top.boundaries)])}",
+        "  sysopt-train "
+        + " ".join(
+            [
+                *workload_overrides,
+                *top.config.to_overrides(min_features, top.boundaries, top.offload_budget_bytes),
+            ]
+        ),
     ]
     ties = [
         p for p in ranking.ranked[1:] if p.step_s == top.step_s and all(

@@ -43,11 +43,16 @@ class PlanConfig:
         return self.dp * self.microbatches * self.micro_batch_size
 
     def to_overrides(
-        self, min_features: int | None = None, boundaries: tuple[int, ...] | None = None
+        self,
+        min_features: int | None = None,
+        boundaries: tuple[int, ...] | None = None,
+        device_budget_bytes: int | None = None,
     ) -> list[str]:
         """Hydra overrides for sysopt-train that run this configuration; `min_features` (with a
         precision recipe) is the narrowest linear converted, as the planner modelled it; `boundaries`
-        (with pp > 1) the pipeline split to run, e.g. the one the planner predicted."""
+        (with pp > 1) the pipeline split to run, e.g. the one the planner predicted; `device_budget_bytes`
+        (with offload=interleaved) the optimizer-state budget its plan assumed. Without it OffloadAdamW
+        plans against all free device memory, measured before any activation exists."""
         out = [
             f"parallel.tp={self.tp}",
             f"parallel.pp={self.pp}",
@@ -67,6 +72,8 @@ class PlanConfig:
             out.append(f"precision.min_features={min_features}")
         if boundaries is not None and self.pp > 1:
             out.append(f"parallel.boundaries=[{','.join(str(int(x)) for x in boundaries)}]")
+        if device_budget_bytes is not None and self.offload == "interleaved":
+            out.append(f"offload.device_budget_bytes={int(device_budget_bytes)}")
         return out
 
     def label(self) -> str:
