@@ -55,7 +55,10 @@ def test_default_config_is_valid_and_data_parallel():
         (["train.global_batch=0"], r"train.global_batch=0 must be >= 1 rows per step; use e.g. 64"),
         (["train.eval_batch=0"], r"train.eval_batch=0 must be >= 1 held-out samples"),
         (["train.timeout_s=0"], r"train.timeout_s=0 must be > 0 seconds, or null for no limit"),
-        (["train.collective_timeout_s=0"], r"train.collective_timeout_s=0 must be > 0 seconds .*; use e.g. 600"),
+        (
+            ["train.collective_timeout_s=0"],
+            r"train.collective_timeout_s=0 must be > 0 seconds .*; use e.g. 600",
+        ),
         (
             ["train.checkpoint_every=-1"],
             r"train.checkpoint_every=-1 must be >= 0 .*; use 0 for only the final",

@@ -222,7 +222,9 @@ def test_the_printed_command_for_interleaved_offload_carries_the_budget_its_plan
     assert printed.offload.strategy == "interleaved"
     assert printed.offload.device_budget_bytes == p.offload_budget_bytes
     host = dataclasses.replace(c, offload="host").to_overrides(None, None, 123)
-    assert not any(o.startswith("offload.device_budget_bytes") for o in host)  # only interleaved plans with it
+    assert not any(
+        o.startswith("offload.device_budget_bytes") for o in host
+    )  # only interleaved plans with it
 
 
 # ---- cost model --------------------------------------------------------------------------------

@@ -649,7 +649,9 @@ def test_a_multi_rank_run_passes_both_timeouts_to_launch(tmp_path, monkeypatch):
         raise KeyboardInterrupt("recorded")
 
     monkeypatch.setattr(loop, "launch", record)
-    job = dataclasses.replace(tiny_job(timeout_s=None, collective_timeout_s=43.0), parallel=ParallelConfig(dp=2))
+    job = dataclasses.replace(
+        tiny_job(timeout_s=None, collective_timeout_s=43.0), parallel=ParallelConfig(dp=2)
+    )
     with pytest.raises(KeyboardInterrupt, match="recorded"):
         run_training(job, tmp_path)
     assert (seen["world_size"], seen["timeout_s"], seen["collective_timeout_s"]) == (2, None, 43.0)
