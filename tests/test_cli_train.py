@@ -60,6 +60,10 @@ def test_default_config_is_valid_and_data_parallel():
             r"train.collective_timeout_s=0 must be > 0 seconds .*; use e.g. 600",
         ),
         (
+            ["train.collective_timeout_s=null"],
+            r"train.collective_timeout_s=None must be > 0 seconds .*cannot be null",
+        ),
+        (
             ["train.checkpoint_every=-1"],
             r"train.checkpoint_every=-1 must be >= 0 .*; use 0 for only the final",
         ),

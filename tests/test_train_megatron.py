@@ -100,7 +100,7 @@ def test_megatron_pipeline_gradients_with_fixed_and_variable_p2p_shapes():
 
 
 def test_megatron_groups_give_up_when_the_trainers_do(monkeypatch):
-    """megatron-core's process groups default to a 30-minute timeout: they get train.timeout_s instead."""
+    """megatron-core's process groups default to a 30-minute timeout: they get train.collective_timeout_s instead."""
     from types import SimpleNamespace
 
     from megatron.core import parallel_state as ps

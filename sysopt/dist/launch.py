@@ -39,7 +39,7 @@ class LaunchError(RuntimeError):
         self.remote_traceback = remote_traceback
 
 
-DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # a collective's limit when neither timeout is given (as Megatron's 10 min)
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # a collective's limit when neither timeout is given (Megatron-LM's 10 min)
 
 
 def collective_timeout(timeout_s: float | None, collective_timeout_s: float | None) -> float:

@@ -371,8 +371,9 @@ def _validate_ranges(job: JobConfig) -> None:
         (
             "train.collective_timeout_s",
             t.collective_timeout_s,
-            t.collective_timeout_s > 0,
-            "must be > 0 seconds (the longest any collective waits); use e.g. 600",
+            isinstance(t.collective_timeout_s, (int, float)) and t.collective_timeout_s > 0,
+            "must be > 0 seconds (the longest any collective waits; it cannot be null: a hang would then "
+            "never end); use e.g. 600",
         ),
         (
             "optim.grad_clip",
