@@ -581,6 +581,21 @@ def test_auto_recipe_per_hardware_and_shape():
     )
 
 
+def test_auto_and_the_planner_read_the_same_memory_rate_from_a_calibrated_cpu():
+    """auto counts the bytes quantisation reads plus writes and divided them by the memcpy fit's rate, which
+    counts a copied byte once (a copy reads and writes it): quantising cost twice what the planner charges."""
+    import dataclasses
+
+    from sysopt.hardware.profile import LinkFit
+    from sysopt.planner.context import Machine
+    from sysopt.precision.auto import _memory_bytes_per_s
+
+    base = _profile(rates={"fp32": 2e11, "bf16": 8e11, "int8": 1.8e12})
+    cal = dataclasses.replace(base.calibration, copy={"memcpy": LinkFit(1e-6, 7.5e9)})
+    profile = dataclasses.replace(base, calibration=cal)
+    assert _memory_bytes_per_s(profile) == Machine.from_profile(profile, 1).memory_touch_bytes_per_s
+
+
 FP8_GPUS = ["NVIDIA H100 80GB HBM3", "NVIDIA GH200 480GB", "NVIDIA L4", "NVIDIA L40S", "NVIDIA GeForce RTX 4090",
             "NVIDIA RTX 6000 Ada Generation", "NVIDIA GeForce RTX 5090", "NVIDIA B200"]  # fmt: skip
 NO_FP8_GPUS = ["Quadro RTX 4000", "Quadro RTX 5000", "NVIDIA RTX A6000", "NVIDIA A100-SXM4-80GB", "Tesla T4",

@@ -73,9 +73,11 @@ def _gemm_time_s(profile, m: int, n: int, k: int, rate_name: str) -> float:
 
 
 def _memory_bytes_per_s(profile) -> float:
+    """Bytes per second read plus written (what _QUANT_BYTES and _EPILOGUE_BYTES count): twice the calibrated
+    memcpy rate on a CPU, as a copy of n bytes reads n and writes n (the planner's memory_touch_bytes_per_s)."""
     cal = profile.calibration
     if cal is not None and not _on_gpu(profile) and "memcpy" in cal.copy:
-        return cal.copy["memcpy"].bytes_per_s
+        return 2 * cal.copy["memcpy"].bytes_per_s
     return (_NOMINAL_GPU if _on_gpu(profile) else _NOMINAL_CPU)["memory"]
 
 
