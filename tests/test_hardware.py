@@ -502,6 +502,16 @@ def test_cache_is_used_on_second_call(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="unreadable profile cache"):
         assert load_or_calibrate(path, quick=True) == first
     assert len(calls) == 3
+    # JSON of another shape too (these raised AttributeError out of every reader of the cache)
+    shapeless = json.loads(path.read_text())
+    shapeless["calibration"]["copy"] = None
+    for n, text in enumerate(["null", "[]", json.dumps(shapeless)]):
+        path.write_text(text)
+        with pytest.warns(UserWarning, match="unreadable profile cache"):
+            assert cache_module.load_cached(path) is None
+        with pytest.warns(UserWarning, match="unreadable profile cache"):
+            assert load_or_calibrate(path, quick=True) == first
+        assert len(calls) == 4 + n
 
 
 def test_a_quick_calibration_at_an_explicit_path_does_not_stand_in_for_a_full_one(tmp_path, monkeypatch):

@@ -570,6 +570,39 @@ def test_a_missing_calibration_file_is_an_error_not_an_uncalibrated_plan(tmp_pat
         plan.main([*args, "--calibration", str(tmp_path / "nope.json")])
 
 
+@pytest.mark.parametrize("text", ['{"op_overhead_s": 1e-', "null", "[]"])
+def test_a_torn_calibration_is_a_clear_error_when_named_and_ignored_when_cached(
+    tmp_path, monkeypatch, capsys, text
+):
+    """PlannerCalibration.save wrote in place, so a --fit killed mid-write left half a file, and every later
+    sysopt-plan failed on it with a bare JSONDecodeError."""
+    import sysopt.planner
+    from sysopt.cli import plan
+
+    torn = tmp_path / "planner-fit.json"
+    torn.write_text(text)
+    args = ["--devices", "2", "--global-batch", "16"]
+    with pytest.raises(SystemExit, match=r"--calibration .*planner-fit.json is not a planner calibration"):
+        plan.main([*args, "--profile", write_profile(tmp_path, cpu_profile()), "--calibration", str(torn)])
+    monkeypatch.setattr(sysopt.planner, "default_calibration_path", lambda: torn)
+    monkeypatch.setattr(plan, "load_profile", lambda args: cpu_profile())
+    plan.main(args)  # this host's cached fit: planned without it, saying why
+    err = capsys.readouterr().err
+    assert f"ignoring {torn} is not a planner calibration" in err and "run --fit" in err
+
+
+def test_a_planner_calibration_is_written_atomically(tmp_path, monkeypatch):
+    from sysopt.planner import PlannerCalibration
+
+    path = tmp_path / "fit.json"
+    PlannerCalibration(op_overhead_s=1e-5).save(path)
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("killed mid-write")))
+    with pytest.raises(OSError, match="killed mid-write"):
+        PlannerCalibration(op_overhead_s=2e-5).save(path)
+    assert PlannerCalibration.load(path).op_overhead_s == 1e-5  # the previous fit, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["fit.json"]  # no temporary left behind
+
+
 def test_joint_fit_recovers_known_overheads_from_several_runs():
     """Runs 'measured' by the model itself under known terms: the joint fit finds terms that reproduce all
     of them (the terms themselves are not identifiable beyond what the runs constrain)."""

@@ -218,7 +218,7 @@ def load_profile(args):
             profile = HardwareProfile.load(args.profile)
         except FileNotFoundError:
             raise SystemExit(f"sysopt-plan: --profile {args.profile}: no such file") from None
-        except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a HardwareProfile's fields
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # unreadable, or not a profile
             raise SystemExit(
                 f"sysopt-plan: --profile {args.profile} is not a HardwareProfile JSON ({type(exc).__name__}: "
                 f"{exc}); write one with sysopt-probe --calibrate --json > PATH"
@@ -314,8 +314,16 @@ def resolve_calibration(args, profile, machine, workload=None):
             "(by default under ~/.cache/sysopt), or leave --calibration out"
         )
     path = args.calibration or (default_calibration_path() if args.profile is None else None)
+    found = None
     if not args.no_calibration and path is not None and path.is_file():
-        found = PlannerCalibration.load(path)
+        try:
+            found = PlannerCalibration.load(path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # torn, or not a fit's JSON
+            why = f"{path} is not a planner calibration ({type(exc).__name__}: {exc})"
+            if args.calibration is not None:
+                raise SystemExit(f"sysopt-plan: --calibration {why}; give a JSON that --fit wrote") from None
+            print(f"sysopt-plan: ignoring {why}; run --fit to write it again", file=sys.stderr)
+    if found is not None:
         same_workload = workload is not None and found.workload_key == workload.key()
         # low-precision block times depend on which linears were converted
         other_min_features = found.min_features not in (None, args.min_features)

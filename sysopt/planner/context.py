@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sysopt.hardware.profile import HardwareProfile
+from sysopt.hardware.profile import HardwareProfile, write_text_atomic
 from sysopt.kernels.dispatch import BACKENDS as KERNEL_BACKENDS
 from sysopt.models import VLMConfig
 from sysopt.planner.layer_times import LayerTimes
@@ -170,10 +170,8 @@ class PlannerCalibration:
         return cls(**{**kept, "layer_times": None if times is None else LayerTimes.from_dict(times)})
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        """Atomically: a --fit killed while writing leaves the previous fit, not half a file."""
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PlannerCalibration:
