@@ -381,6 +381,20 @@ def test_int8_gemm_exact_for_k_of_one_and_beyond_the_int32_range(monkeypatch):
     assert torch.equal(gemm_ref.scaled_mm(a, sa, b, sb, bias=torch.ones(6)), whole)
 
 
+def test_int8_gemm_exact_for_one_row_operands_that_only_look_contiguous():
+    """A (1, K) operand with strides (1, 1) (the transpose of a (K, 1) column: what an int8 linear with one
+    output feature hands its grad-weight GEMM) counts as contiguous, and oneDNN's _int_mm summed garbage for
+    it; both orders, several K, each checked against exact int64 sums."""
+    g = torch.Generator().manual_seed(1)
+    for k in (8, 64, 200):
+        column = torch.randint(-128, 128, (k, 1), dtype=torch.int8, generator=g)
+        one_row = column.t()
+        assert one_row.stride() == (1, 1) and one_row.is_contiguous()
+        other = torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g)
+        for a, b in ((one_row, other), (other, one_row), (one_row, one_row)):
+            assert torch.equal(gemm_ref.accumulate_mm(a, b).long(), a.long() @ b.long().t()), (k, a.shape)
+
+
 def test_triton_gemm_k_step_is_at_least_32_for_8bit_operands():
     """tl.dot of 8-bit operands needs K >= 32 per dot on NVIDIA GPUs: the K step is a power of two >= 32
     dividing the blockwise K block size, and a K block that allows none is refused, naming the fix."""

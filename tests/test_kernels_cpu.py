@@ -127,10 +127,13 @@ def test_nan_and_inf_cast_as_in_the_reference_in_the_vector_body_and_the_tail():
 
 @pytest.mark.parametrize("ga", ["rowwise", "tensorwise"])
 @pytest.mark.parametrize("gb", ["rowwise", "tensorwise"])
-@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True, "scalar", "full"])
 def test_int8_epilogue_matches_reference_bitwise(ga, gb, with_bias):
+    """Every bias the reference broadcasts: one per column, and (falling back to the reference, whose
+    epilogue broadcasts it) a scalar or a full (M, N) one, which the C++ epilogue refused."""
     a, b = _data((37, 96), seed=5), _data((45, 96), seed=6)
-    bias = torch.randn(45) if with_bias else None
+    shape = {False: None, True: (45,), "scalar": (), "full": (37, 45)}[with_bias]
+    bias = None if shape is None else torch.randn(shape)
     qa, sa = quantize_ref.quantize(a, torch.int8, ga)
     qb, sb = quantize_ref.quantize(b, torch.int8, gb)
     got = cpu.scaled_mm(qa, sa, qb, sb, bias=bias)
@@ -138,7 +141,7 @@ def test_int8_epilogue_matches_reference_bitwise(ga, gb, with_bias):
     assert got.dtype == torch.float32 and torch.equal(got, ref)
     got16 = cpu.scaled_mm(qa, sa, qb, sb, bias=bias, out_dtype=torch.bfloat16)
     assert torch.equal(got16, gemm_ref.scaled_mm(qa, sa, qb, sb, bias=bias, out_dtype=torch.bfloat16))
-    rel = (got - a @ b.t() - (bias if with_bias else 0)).norm() / (a @ b.t()).norm()
+    rel = (got - a @ b.t() - (0 if bias is None else bias)).norm() / (a @ b.t()).norm()
     assert rel < 0.05  # and it is the product: a wrong scale would be off by orders of magnitude
 
 
@@ -189,6 +192,49 @@ def test_low_precision_linear_same_bits_under_cpp_and_torch(name, monkeypatch):
     for got, ref in zip(results["cpp"], results["torch"]):
         assert torch.equal(got, ref)
     assert not torch.equal(results["cpp"][0], base(x).detach())  # int8 really ran
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_an_int8_linear_with_one_output_feature_gets_its_weight_gradient(backend, monkeypatch):
+    """The grad-weight GEMM of a linear with out_features=1 reuses the quantised dy transposed: a (1, T)
+    operand with strides (1, 1), which oneDNN's _int_mm misread (errors of ~1e6 on gradients of ~10)."""
+    import sysopt.precision as P
+
+    monkeypatch.setenv("SYSOPT_KERNEL_BACKEND", backend)
+    torch.manual_seed(0)
+    base = nn.Linear(64, 1)
+    x, dy = torch.randn(50, 64), torch.randn(50, 1)
+    layer = P.LowPrecisionLinear.from_linear(copy.deepcopy(base), P.recipe("int8_tensorwise"))
+    xi = x.clone().requires_grad_()
+    layer(xi).backward(dy)
+    base(x).backward(dy)
+    error = (layer.weight.grad - base.weight.grad).abs().max().item()
+    assert error <= 0.05 * base.weight.grad.abs().max().item(), error  # int8 rounding, not garbage
+
+
+def test_the_cpp_quantizers_return_data_for_a_tensor_that_requires_grad():
+    x = _data((6, 40), seed=3).requires_grad_()
+    for out in (*cpu.quantize(x, torch.int8, "tensorwise"), *cpu.quantize(x, torch.int8, "rowwise")):
+        assert not out.requires_grad
+    assert not any(t.requires_grad for t in cpu.quantize_with_amax(x, torch.int8, torch.tensor(2.0)))
+
+
+def test_the_build_key_tells_cpus_apart_where_proc_cpuinfo_names_no_x86_flags(tmp_path):
+    """-march=native builds are keyed by the CPU's features; on aarch64 /proc/cpuinfo calls them
+    "Features", which the key (reading only an x86 "flags" line) ignored: a Graviton3 build could serve a
+    Graviton2 sharing TORCH_EXTENSIONS_DIR and die of SIGILL."""
+    from sysopt.kernels.jit import _cpu_flags
+
+    def key(text):
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        return _cpu_flags(str(path))
+
+    neoverse_v1 = "processor\t: 0\nFeatures\t: fp asimd sve sve2 bf16\nCPU part\t: 0xd40\n"
+    neoverse_n1 = "processor\t: 0\nFeatures\t: fp asimd\nCPU part\t: 0xd0c\n"
+    assert key(neoverse_v1) != key(neoverse_n1)
+    assert key(neoverse_v1) == key(neoverse_v1 + neoverse_v1.replace(": 0", ": 1", 1))  # per-core repeats
+    assert key("flags\t: fpu sse avx2\n") != key("flags\t: fpu sse avx2 avx512f\n")
 
 
 def test_scaling_state_keeps_bf16_in_the_quantising_pass(monkeypatch):

@@ -71,6 +71,7 @@ def _cast_int8(x: torch.Tensor, scale: torch.Tensor, clamp: bool) -> torch.Tenso
     return q
 
 
+@torch.no_grad()  # as its twin: quantised values and scales are data, not a graph
 def quantize(
     x: torch.Tensor,
     dtype: torch.dtype,
@@ -93,6 +94,7 @@ def quantize(
     return quantize_ref.quantize(x, dtype, granularity, block, power_of_two=power_of_two)
 
 
+@torch.no_grad()
 def quantize_with_amax(
     x: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor, *, power_of_two: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,7 +125,10 @@ def scaled_mm(
     lb = scale_layout("b", b, b_scale, b_block)
     plain = la.mode in (TENSOR, ROW) and lb.mode in (TENSOR, ROW)
     int32_acc = a.shape[1] <= gemm_ref.INT32_SAFE_K  # longer K accumulates in int64: the reference epilogue
-    if not (plain and int32_acc and a.dtype == torch.int8 and a.device.type == "cpu" and load() is not None):
+    # the C++ epilogue adds one bias per column; the reference broadcasts any other shape
+    per_column_bias = bias is None or tuple(bias.shape) == (b.shape[0],)
+    fast = plain and int32_acc and per_column_bias
+    if not (fast and a.dtype == torch.int8 and a.device.type == "cpu" and load() is not None):
         return gemm_ref.scaled_mm(
             a, a_scale, b, b_scale, a_block=a_block, b_block=b_block, out_dtype=out_dtype, bias=bias
         )

@@ -24,6 +24,15 @@ INT32_SAFE_K = (2**31 - 1) // (128 * 128) // 128 * 128  # 130944
 INT_MM_MIN_K = 8
 
 
+def _one_row_row_major(x: torch.Tensor) -> torch.Tensor:
+    """x (2-D) itself, or where it has one row, the same data with row-major strides (K, 1). torch counts a
+    (1, K) tensor with strides (1, 1) (the transpose of a (K, 1) column) as contiguous, and oneDNN's _int_mm
+    reads such an operand wrongly (torch 2.13: sums of uninitialised memory for every K tried)."""
+    if x.shape[0] != 1 or x.stride(1) == 1 and x.stride(0) == x.shape[1]:
+        return x
+    return x.contiguous().view(-1).view(x.shape)
+
+
 def _int32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T in int32 for int8 a, b with K <= INT32_SAFE_K (exact: no sum can overflow)."""
     m, k = a.shape
@@ -32,7 +41,8 @@ def _int32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.double() @ b.double().t()).to(torch.int32)
     if a.is_cuda:
         a, b = a.contiguous(), b.contiguous()  # CUDA wants row-major a and column-major b.T
-    return torch._int_mm(a, b.t())  # CPU (oneDNN) takes any of the four row/column-major layouts
+    # CPU (oneDNN) takes the four row/column-major layouts, but not a single row that only looks contiguous
+    return torch._int_mm(_one_row_row_major(a), _one_row_row_major(b).t())
 
 
 def accumulate_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

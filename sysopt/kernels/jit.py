@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import threading
 import warnings
 from dataclasses import dataclass
@@ -34,13 +35,18 @@ def extensions_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "sysopt" / "torch_extensions"
 
 
-def _cpu_flags() -> str:
-    """-march=native code must not run on another CPU sharing the cache directory: its flags key the build."""
+def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """-march=native code must not run on another CPU sharing the cache directory: its features key the build
+    (x86's "flags" line, aarch64's "Features", with the model/part lines), and the machine and processor names
+    (all a host without /proc/cpuinfo gives, e.g. macOS)."""
+    keys = ("flags", "Features", "model name", "CPU implementer", "CPU part")
+    lines = {platform.machine(), platform.processor()}
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+        with open(cpuinfo) as f:
+            lines |= {line.strip() for line in f if line.startswith(keys)}
     except OSError:
-        return ""
+        pass
+    return "\n".join(sorted(lines))
 
 
 class JitOps:
