@@ -218,7 +218,8 @@ def load_profile(args):
             profile = HardwareProfile.load(args.profile)
         except FileNotFoundError:
             raise SystemExit(f"sysopt-plan: --profile {args.profile}: no such file") from None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # unreadable, or not a profile
+        # unreadable, not JSON, or JSON of another shape
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SystemExit(
                 f"sysopt-plan: --profile {args.profile} is not a HardwareProfile JSON ({type(exc).__name__}: "
                 f"{exc}); write one with sysopt-probe --calibrate --json > PATH"

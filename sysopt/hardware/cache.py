@@ -108,7 +108,8 @@ def _read_calibrated(path: Path) -> HardwareProfile | None:
         return None
     try:
         profile = HardwareProfile.load(path)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # torn, or JSON of another shape
+    # torn, or JSON of another shape
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         warnings.warn(f"ignoring unreadable profile cache {path}: {exc}; it will be rewritten", stacklevel=3)
         return None
     return profile if profile.calibration is not None else None

@@ -22,7 +22,6 @@ _DTYPE_ALIASES = {
 }
 
 
-
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` through a temporary file of its own in the same folder, renamed over `path`: a
     reader (or a writer killed midway, or one running beside it) never leaves or sees half a file."""
@@ -37,6 +36,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
 
 @dataclass(frozen=True)
 class CPUInfo:
