@@ -10,6 +10,7 @@ import re
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,48 @@ def test_probe_reads_gpus_through_nvml(monkeypatch):
     assert [g.compute_capability for g in probe().gpus] == [None, None]
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(init_error=True))
     assert probe().gpus == ()
+
+
+def _torch_sees_two_gpus(monkeypatch):
+    import torch
+
+    cards = [("NVIDIA H100 80GB HBM3", 80 << 30, (9, 0)), ("NVIDIA L4", 24 << 30, (8, 9))]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda i: types.SimpleNamespace(
+            name=cards[i][0], total_memory=cards[i][1], major=cards[i][2][0], minor=cards[i][2][1]
+        ),
+    )
+    return [GPUInfo(i, n, m, m, None, None, 0, None, None, cc) for i, (n, m, cc) in enumerate(cards)]
+
+
+def test_gpus_nvml_cannot_describe_come_from_torch_with_a_warning(monkeypatch):
+    """One card NVML may not read (here its memory query fails, as for a card outside the job's cgroup) made
+    the probe report no GPU at all, silently: the planner and precision=auto then treated an H100 host as a
+    CPU one. So did a GPU host without nvidia-ml-py. torch.cuda names the GPUs instead, with a warning."""
+    expected = _torch_sees_two_gpus(monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    nvml = _fake_nvml()
+
+    def memory(handle):
+        if handle == 1:
+            raise RuntimeError("Insufficient Permissions")
+        return types.SimpleNamespace(total=40 << 30, free=39 << 30)
+
+    nvml.nvmlDeviceGetMemoryInfo = memory
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with pytest.warns(UserWarning, match="Insufficient Permissions.*taking 2 from torch.cuda"):
+        assert probe().gpus == tuple(expected)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no nvidia-ml-py
+    with pytest.warns(UserWarning, match="ModuleNotFoundError.*taking 2 from torch.cuda"):
+        assert probe().gpus == tuple(expected)
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml())  # NVML whole again: its figures, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [g.pcie_gen for g in probe().gpus] == [4, None]
 
 
 def test_probe_respects_cuda_visible_devices(monkeypatch):

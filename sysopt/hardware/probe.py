@@ -7,6 +7,7 @@ import datetime
 import math
 import os
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,16 +202,42 @@ def visible_units(units: list[_Unit], cuda_visible_devices: str | None) -> list[
     return out
 
 
+def gpus_from_torch(why: str) -> tuple[GPUInfo, ...]:
+    """The GPUs torch.cuda sees, where NVML could not describe them (`why`): name, total memory and compute
+    capability, with a warning; no link or clock figures, and the total memory stands in for the free memory
+    (reading it would open a CUDA context on every GPU). () where CUDA sees no GPU: a CPU machine."""
+    import torch
+
+    try:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA install reads as no GPU, as torch itself would
+        count = 0
+    if count == 0:
+        return ()
+    warnings.warn(
+        f"NVML could not describe the GPUs ({why}); taking {count} from torch.cuda without link, clock or "
+        "free-memory figures (install nvidia-ml-py, or check the driver's permissions, for those)",
+        stacklevel=3,
+    )
+    gpus = []
+    for i in range(count):
+        props = torch.cuda.get_device_properties(i)
+        total = int(props.total_memory)
+        gpus.append(GPUInfo(i, props.name, total, total, None, None, 0, None, None, (props.major, props.minor)))
+    return tuple(gpus)
+
+
 def probe_gpus() -> tuple[GPUInfo, ...]:
     """One GPUInfo per GPU this process can use (CUDA_VISIBLE_DEVICES respected, see visible_units),
-    indexed as CUDA numbers them here; a MIG slice reports its own memory and is flagged. () when
-    nvidia-ml-py is missing or NVML cannot start."""
+    indexed as CUDA numbers them here; a MIG slice reports its own memory and is flagged. Where nvidia-ml-py
+    is missing or NVML fails (no driver, or one card it may not read), the GPUs torch.cuda sees, with fewer
+    figures (gpus_from_torch): () only where neither sees a GPU."""
     try:
         import pynvml as nvml
 
         nvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver / no library: a CPU machine
-        return ()
+    except Exception as exc:  # noqa: BLE001 - no driver / no library: a CPU machine, or NVML alone missing
+        return gpus_from_torch(f"{type(exc).__name__}: {exc}")
     try:
         gpus = []
         for ordinal, unit in enumerate(visible_units(_units(nvml), os.environ.get("CUDA_VISIBLE_DEVICES"))):
@@ -238,8 +265,9 @@ def probe_gpus() -> tuple[GPUInfo, ...]:
                 )
             )
         return tuple(gpus)
-    except Exception:  # noqa: BLE001 - a broken driver must not break a CPU-side probe
-        return ()
+    except Exception as exc:  # noqa: BLE001 - a broken driver must not break a CPU-side probe
+        # one card NVML may not read (outside the job's cgroup, lost) used to drop every GPU, silently
+        return gpus_from_torch(f"{type(exc).__name__}: {exc}")
     finally:
         _nvml_value(nvml.nvmlShutdown)
 
