@@ -512,10 +512,11 @@ def test_chunk_overhead_is_host_work_not_the_wait_for_a_late_peer():
 
 
 def measured_as_asked(threads=None, world_size=2, device=None, quick=False, **_) -> HardwareProfile:
-    """handmade_profile() as calibrate(threads=, world_size=, device=, quick=) would measure it here."""
+    """handmade_profile() as calibrate(threads=, world_size=, device=, quick=) would measure it here: on this
+    machine's CPU and GPUs, as probe() sees them."""
     import torch
 
-    p = handmade_profile()
+    p = dataclasses.replace(handmade_profile(), cpu=probe().cpu, gpus=probe().gpus)
     cal = dataclasses.replace(
         p.calibration,
         device=str(device or calibration_module.default_device()),
@@ -600,6 +601,39 @@ def test_default_cache_paths_separate_quick_from_full(tmp_path, monkeypatch):
     assert len(calls) == 2 and cache_module.default_cache_path(quick=False).is_file()
     load_or_calibrate(quick=True)  # ... but a full one serves a quick request
     assert len(calls) == 2
+
+
+def test_a_cached_profile_serves_only_the_hardware_it_was_probed_on(tmp_path, monkeypatch):
+    """The cache file is named by host, device, threads and world size only: a calibration made with four GPUs
+    visible served a process that sees one (CUDA_VISIBLE_DEVICES=0), or another MIG slice, or fewer CPUs
+    (taskset), and the planner planned for devices the process does not have."""
+    import importlib
+
+    probe_module = importlib.import_module("sysopt.hardware.probe")  # (sysopt.hardware.probe is the function)
+    monkeypatch.setenv("SYSOPT_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(calibration_module, "calibrate", counting_calibrate(calls))
+    here = probe()
+    four = tuple(GPUInfo(i, "Fake H100", 80 << 30, 79 << 30, 5, 16, 18, 1980, None, (9, 0)) for i in range(4))
+    seen = {"gpus": four}
+    monkeypatch.setattr(probe_module, "probe_gpus", lambda: seen["gpus"])
+    first = load_or_calibrate(quick=True)
+    assert first.gpus == four and len(calls) == 1
+    assert load_or_calibrate(quick=True) == first and len(calls) == 1  # the same GPUs: served from the cache
+    seen["gpus"] = four[:1]  # CUDA_VISIBLE_DEVICES=0
+    assert cache_module.other_hardware(first) is not None
+    with pytest.warns(UserWarning, match="ignoring cached profile .*probed with .*cuda:3 Fake H100"):
+        assert cache_module.load_cached() is None
+    with pytest.warns(
+        UserWarning, match=r"this process sees \d+ CPU threads, cuda:0 Fake H100\); calibrating again"
+    ):
+        assert load_or_calibrate(quick=True).gpus == four[:1]
+    assert len(calls) == 2
+    fewer_cpus = dataclasses.replace(here.cpu, threads=1, cores=1)
+    monkeypatch.setattr(probe_module, "probe_cpu", lambda: fewer_cpus)  # taskset -c 0
+    with pytest.warns(UserWarning, match="probed with .* CPU threads"):
+        assert load_or_calibrate(quick=True).cpu == fewer_cpus
+    assert len(calls) == 3
 
 
 def test_cache_measured_by_other_code_is_calibrated_again(tmp_path, monkeypatch):

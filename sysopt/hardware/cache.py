@@ -4,7 +4,9 @@ profile measured with all threads never stands in for a one-thread request, nor 
 for a 4-rank one, nor a CPU profile for a GPU. Quick calibrations go to ...-quick.json so they never stand
 in for a full one. A cached calibration records what it was measured with (device, threads, collective
 world size) and a fingerprint of the code that measured it; `load_or_calibrate` returns it only when all
-of them match the request, and measures again otherwise; `load_cached` applies the same checks."""
+of them match the request, and on hardware this process still sees as it was (the CPUs it may use, the
+visible GPUs: CUDA_VISIBLE_DEVICES, MIG slices), and measures again otherwise; `load_cached` applies the same
+checks."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sysopt.hardware import calibration
+from sysopt.hardware.probe import probe
 from sysopt.hardware.profile import HardwareProfile
 
 # the modules whose code is timed or does the timing: GEMMs, copies, collectives (through the TP
@@ -78,6 +81,29 @@ class Request:
         return f"device={self.device} threads={self.threads or '?'} world_size={self.world_size}"
 
 
+def _hardware(profile: HardwareProfile) -> tuple:
+    """What a profile's figures belong to: the CPU (model, and the cores and threads the process may use)
+    and each visible GPU (CUDA index, name, UUID, total memory, MIG slice or not)."""
+    cpu = profile.cpu
+    gpus = tuple((g.index, g.name, g.uuid, g.memory_total_bytes, g.mig) for g in profile.gpus)
+    return (cpu.model, cpu.cores, cpu.threads), gpus
+
+
+def _describe_hardware(profile: HardwareProfile) -> str:
+    gpus = ", ".join(f"cuda:{g.index} {g.name}{' (MIG)' if g.mig else ''}" for g in profile.gpus) or "no GPU"
+    return f"{profile.cpu.threads} CPU threads, {gpus}"
+
+
+def other_hardware(cached: HardwareProfile, here: HardwareProfile | None = None) -> str | None:
+    """How the hardware `cached` was probed on differs from what this process sees now (`here`: probe()),
+    or None. A calibration made with four GPUs visible, or under another CPU affinity, describes devices
+    this process does not have: its device count and memory would plan for them."""
+    here = probe() if here is None else here
+    if _hardware(cached) == _hardware(here):
+        return None
+    return f"probed with {_describe_hardware(cached)}; this process sees {_describe_hardware(here)}"
+
+
 def resolved_device(device=None) -> str:
     """The device calibrate measures on for `device` (None: its default), e.g. 'cpu', 'cuda:0'."""
     return str(calibration.resolve_device(device))
@@ -129,7 +155,8 @@ def load_cached(
     one measured with the current torch thread count and default device is preferred, then the newest."""
     paths = [Path(cache_path)] if cache_path is not None else _cached_paths(quick)
     wanted_device = None if device is None else resolved_device(device)
-    usable, stale = [], []
+    usable, stale, moved = [], [], []
+    here = probe()
     for path in paths:
         if (profile := _read_calibrated(path)) is None:
             continue
@@ -137,6 +164,8 @@ def load_cached(
         assert cal is not None
         if cal.code != calibrating_code():
             stale.append(str(path))
+        elif (why := other_hardware(profile, here)) is not None:
+            moved.append(f"{path} ({why})")
         elif (
             (threads is None or cal.threads == threads)
             and (world_size is None or cal.collective_world_size == world_size)
@@ -144,6 +173,11 @@ def load_cached(
         ):
             usable.append((path.name.endswith("-quick.json"), cal, profile))
     if not usable:
+        if moved:
+            warnings.warn(
+                f"ignoring cached profile {', '.join(moved)}; recalibrate with sysopt-probe --calibrate",
+                stacklevel=2,
+            )
         if stale:
             warnings.warn(
                 f"ignoring cached profile {', '.join(stale)}: measured by other code than this "
@@ -202,6 +236,8 @@ def load_or_calibrate(
         if cached.calibration.code != calibrating_code():
             stale.append(f"{path} (fingerprint {cached.calibration.code or 'none'})")
         elif (why := request.mismatch(cached)) is not None:
+            other.append(f"{path} ({why})")
+        elif (why := other_hardware(cached)) is not None:
             other.append(f"{path} ({why})")
         elif not quick and cached.calibration.quick:  # a quick calibration never stands in for a full one
             other.append(f"{path} (a quick calibration, and a full one was asked for)")

@@ -223,7 +223,9 @@ def gpus_from_torch(why: str) -> tuple[GPUInfo, ...]:
     for i in range(count):
         props = torch.cuda.get_device_properties(i)
         total = int(props.total_memory)
-        gpus.append(GPUInfo(i, props.name, total, total, None, None, 0, None, None, (props.major, props.minor)))
+        gpus.append(
+            GPUInfo(i, props.name, total, total, None, None, 0, None, None, (props.major, props.minor))
+        )
     return tuple(gpus)
 
 
