@@ -479,6 +479,20 @@ def test_a_cpu_profile_on_a_gpu_node_measures_its_collectives_over_gloo(monkeypa
     assert asked == ["gloo", "gloo", "nccl", "gloo"]
 
 
+def test_collective_calibration_inside_a_torchrun_rank_is_skipped_with_the_fix(monkeypatch):
+    """Under torchrun launch() runs its function in this process, as one rank: rank 0 alone got the timings
+    and every other rank failed with a TypeError reading results it does not have."""
+    import sysopt.dist
+    from sysopt.hardware import collectives
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sysopt.dist, "launch", lambda *a, **k: pytest.fail("launched inside a rank"))
+    with pytest.warns(UserWarning, match="one rank of a torchrun/srun job; calibrate outside it"):
+        got = collectives.calibrate_collectives(2, quick=True, repeats=1)
+    assert got[:2] == (None, None) and got[3] == {} and got[4] is None
+
+
 def _chunk_overhead_with_a_late_peer(delay_s: float) -> float | None:
     """Under launch: rank 1 sleeps `delay_s` before each collective of the chunked TP layer, so rank 0
     waits that long per chunk; rank 0 returns the calibrated per-chunk overhead."""

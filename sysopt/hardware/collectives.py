@@ -160,6 +160,15 @@ def calibrate_collectives(
         return None, None, "", {}, None
     backend = collective_backend(device or torch.device("cpu"), world_size)
     sizes = QUICK_SIZES_BYTES if quick else FULL_SIZES_BYTES
+    from sysopt.dist.launch import env_world
+
+    if env_world() is not None:  # launch() would run the worker here, as one rank, and only rank 0 has results
+        warnings.warn(
+            "collective calibration skipped: this process is one rank of a torchrun/srun job; calibrate "
+            "outside it (sysopt-probe --calibrate spawns its own ranks) and the ranks read the cached profile",
+            stacklevel=2,
+        )
+        return None, None, backend, {}, None
     try:
         from sysopt.dist import launch
 

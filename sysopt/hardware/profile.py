@@ -139,7 +139,9 @@ class Calibration:
     # them (asynchronous, issued in bursts), on collective_world_size ranks; n = the full tensor's bytes
     tp_collectives: dict[str, LinkFit] = field(default_factory=dict)
     tp_chunk_overhead_s: float | None = None  # host seconds one more chunk costs a chunked TP layer
-    threads: int | None = None  # torch intra-op threads the figures were measured with; None = not known
+    # torch intra-op threads the GEMM, copy and optimizer figures were measured with (None = not known); the
+    # collective fits and tp_chunk_overhead_s come from launched ranks, one thread each, whatever this says
+    threads: int | None = None
     quick: bool | None = None  # measured by calibrate(quick=True) (fewer sizes and repeats); None = not known
     # fingerprint of the code that measured it (sysopt.hardware.cache.calibrating_code); "" = unknown.
     # Not part of equality: it says which code measured the figures, not what they are
