@@ -162,7 +162,9 @@ def calibrate_collectives(
     sizes = QUICK_SIZES_BYTES if quick else FULL_SIZES_BYTES
     from sysopt.dist.launch import env_world
 
-    if env_world() is not None:  # launch() would run the worker here, as one rank, and only rank 0 has results
+    if (
+        env_world() is not None
+    ):  # launch() would run the worker here, as one rank, and only rank 0 has results
         warnings.warn(
             "collective calibration skipped: this process is one rank of a torchrun/srun job; calibrate "
             "outside it (sysopt-probe --calibrate spawns its own ranks) and the ranks read the cached profile",
