@@ -212,14 +212,14 @@ def workload_overrides(args) -> list[str]:
 
 def load_profile(args):
     from sysopt.hardware import HardwareProfile, load_or_calibrate
+    from sysopt.hardware.profile import LOAD_ERRORS
 
     if args.profile is not None:
         try:
             profile = HardwareProfile.load(args.profile)
         except FileNotFoundError:
             raise SystemExit(f"sysopt-plan: --profile {args.profile}: no such file") from None
-        # unreadable, not JSON, or JSON of another shape
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except LOAD_ERRORS as exc:  # unreadable, not JSON, or JSON of another shape
             raise SystemExit(
                 f"sysopt-plan: --profile {args.profile} is not a HardwareProfile JSON ({type(exc).__name__}: "
                 f"{exc}); write one with sysopt-probe --calibrate --json > PATH"
@@ -306,6 +306,7 @@ def resolve_calibration(args, profile, machine, workload=None):
     """The planner calibration: --calibration, else this host's cached fit when it was made against this
     profile and for this model and data (`workload`: its block times are this model's); a GPU profile
     without one assumes a nominal per-op overhead; --op-overhead-s overrides."""
+    from sysopt.hardware.profile import LOAD_ERRORS
     from sysopt.planner import PlannerCalibration, default_calibration_path
 
     calibration = PlannerCalibration()
@@ -319,7 +320,7 @@ def resolve_calibration(args, profile, machine, workload=None):
     if not args.no_calibration and path is not None and path.is_file():
         try:
             found = PlannerCalibration.load(path)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # torn, or not a fit's JSON
+        except LOAD_ERRORS as exc:  # torn, or not a fit's JSON
             why = f"{path} is not a planner calibration ({type(exc).__name__}: {exc})"
             if args.calibration is not None:
                 raise SystemExit(f"sysopt-plan: --calibration {why}; give a JSON that --fit wrote") from None

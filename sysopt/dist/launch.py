@@ -44,10 +44,8 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # a collective's limit when neither timeou
 
 def collective_timeout(timeout_s: float | None, collective_timeout_s: float | None) -> float:
     """The process groups' timeout: `collective_timeout_s`, else the launch's `timeout_s`, else 600 s."""
-    for name, value in (("collective_timeout_s", collective_timeout_s), ("timeout_s", timeout_s)):
+    for value in (collective_timeout_s, timeout_s):
         if value is not None:
-            if not value > 0:
-                raise ValueError(f"{name}={value} must be > 0 seconds (or None)")
             return float(value)
     return DEFAULT_COLLECTIVE_TIMEOUT_S
 
@@ -335,8 +333,9 @@ def launch(
         raise TypeError(f"fn={fn!r} is not callable; pass a module-level function")
     if int(world_size) < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    if timeout_s is not None and not timeout_s > 0:
-        raise ValueError(f"timeout_s={timeout_s} must be > 0 seconds, or None for no limit on the launch")
+    for name, value in (("timeout_s", timeout_s), ("collective_timeout_s", collective_timeout_s)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name}={value} must be > 0 seconds, or None (see launch's docstring)")
     group_timeout_s = collective_timeout(timeout_s, collective_timeout_s)
     backend = backend or default_backend()
     found = env_world()

@@ -24,7 +24,7 @@ import torch
 
 from sysopt.hardware import calibration
 from sysopt.hardware.probe import probe
-from sysopt.hardware.profile import HardwareProfile
+from sysopt.hardware.profile import LOAD_ERRORS, HardwareProfile
 
 # the modules whose code is timed or does the timing: GEMMs, copies, collectives (through the TP
 # layers' own comm path), the per-chunk cost of a chunked TP layer
@@ -134,8 +134,7 @@ def _read_calibrated(path: Path) -> HardwareProfile | None:
         return None
     try:
         profile = HardwareProfile.load(path)
-    # torn, or JSON of another shape
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except LOAD_ERRORS as exc:  # torn, or JSON of another shape
         warnings.warn(f"ignoring unreadable profile cache {path}: {exc}; it will be rewritten", stacklevel=3)
         return None
     return profile if profile.calibration is not None else None

@@ -22,6 +22,10 @@ _DTYPE_ALIASES = {
 }
 
 
+# what loading a JSON file written by another version, torn, or not the expected object raises
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` through a temporary file of its own in the same folder, renamed over `path`: a
     reader (or a writer killed midway, or one running beside it) never leaves or sees half a file."""

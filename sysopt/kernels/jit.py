@@ -37,10 +37,10 @@ def extensions_dir() -> Path:
 
 def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> str:
     """-march=native code must not run on another CPU sharing the cache directory: its features key the build
-    (x86's "flags" line, aarch64's "Features", with the model/part lines), and the machine and processor names
-    (all a host without /proc/cpuinfo gives, e.g. macOS)."""
+    (x86's "flags" line, aarch64's "Features", with the model/part lines) and the machine name (all a host
+    without /proc/cpuinfo gives, e.g. macOS)."""
     keys = ("flags", "Features", "model name", "CPU implementer", "CPU part")
-    lines = {platform.machine(), platform.processor()}
+    lines = {platform.machine()}
     try:
         with open(cpuinfo) as f:
             lines |= {line.strip() for line in f if line.startswith(keys)}
